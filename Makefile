@@ -1,0 +1,39 @@
+# The two commands: `make demo` runs the whole system, `make test` runs the whole suite.
+# Both need only Python 3.11+ and pip: they create .venv and install from requirements.lock.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test install lock check clean
+
+$(INSTALLED): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
+	@touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) -m console.launcher
+
+# DATABASE_URL / REDIS_URL when set; otherwise embedded servers under .demo/test, stopped afterwards.
+test: $(INSTALLED)
+	$(PY) -m console.devservers --dir .demo/test -- $(PY) -m pytest $(PYTEST_ARGS)
+
+check: $(INSTALLED)
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
+
+# Re-resolve every dependency in a throwaway venv and pin the result.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^neocloud-console' > requirements.lock
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .demo staticfiles .pytest_cache

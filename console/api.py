@@ -1,0 +1,60 @@
+"""Shared pieces of the REST API: pagination and tenant resolution at the boundary."""
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.pagination import PageNumberPagination
+
+from console.errors import Forbidden
+
+
+class Pagination(PageNumberPagination):
+    page_size_query_param = "page_size"
+    max_page_size = 200
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="Stable, machine-readable reason, e.g. not_found, validation_error.")
+    message = serializers.CharField(help_text="What went wrong, for people.")
+    fields = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()), required=False,
+        help_text="Per-field problems on validation errors.",
+    )
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = ErrorDetailSerializer()
+
+
+def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
+    """OpenAPI responses for the error statuses an endpoint can return, all of one shape."""
+    text = {400: "Invalid input.", 401: "Missing or invalid API key.", 403: "Your role does not allow this.",
+            404: "Not found in your organization.", 409: "Conflicts with the current state."}
+    return {code: OpenApiResponse(ErrorSerializer, description=text.get(code, "")) for code in (401, *statuses)}
+
+
+class TenantScopedMixin:
+    """Resolves the tenant once, before the handler runs (Sentry's convert_args pattern).
+
+    ``request.auth`` is the ApiKey when the client sent one; then the key decides the tenant. For
+    session users (the browser), the organization chosen in the portal decides it."""
+
+    tenant = None
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        from marketplace.models import ApiKey
+        from marketplace.selectors.tenancy import tenant_context_for_api_key, tenant_context_for_user
+
+        if isinstance(request.auth, ApiKey):
+            self.tenant = tenant_context_for_api_key(key=request.auth)
+        else:
+            from console.tenancy import SESSION_KEY
+
+            self.tenant = tenant_context_for_user(
+                user=request.user, organization_id=request.session.get(SESSION_KEY) if hasattr(request, "session") else None
+            )
+        if self.tenant is None:
+            raise Forbidden("You are not a member of any organization.", code="no_organization")
+
+
+__all__ = ["ErrorSerializer", "Pagination", "TenantScopedMixin", "error_responses", "extend_schema"]

@@ -1,0 +1,138 @@
+"""The demo world that `make demo` seeds: a small fleet at three sites, a catalog, two tenants.
+
+Everything is created through the services, so the demo exercises the same write paths as
+production. Seeding is idempotent: a database that already has sites is left alone."""
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db import transaction
+
+from marketplace.choices import OfferShape, Role
+from marketplace.services.catalog import offer_create
+from marketplace.services.tenancy import membership_set, organization_create, user_create
+from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
+from provisioning.models import AcceleratorType, Site
+from provisioning.services.fleet import GpuSpec, node_enrol, node_set_inventory, node_transition, rack_create, site_create
+
+DEMO_PASSWORD = "neocloud-demo"
+OPERATOR_EMAIL = "ops@neocloud.example"
+TENANT_USERS = {  # email: role in Acme AI
+    "owner@acme.example": Role.OWNER,
+    "admin@acme.example": Role.ADMIN,
+    "member@acme.example": Role.MEMBER,
+    "viewer@acme.example": Role.VIEWER,
+}
+
+ACCELERATORS = [
+    # slug, vendor, model, GiB, TDP W, interconnect, purpose, driver name
+    ("h100-sxm-80gb", Vendor.NVIDIA, "H100 SXM", 80, 700, "NVLink 4 (900 GB/s)", Purpose.BOTH, "NVIDIA H100 80GB HBM3"),
+    ("h200-sxm-141gb", Vendor.NVIDIA, "H200 SXM", 141, 700, "NVLink 4 (900 GB/s)", Purpose.TRAINING, "NVIDIA H200"),
+    ("mi300x-192gb", Vendor.AMD, "Instinct MI300X", 192, 750, "Infinity Fabric (896 GB/s)", Purpose.BOTH, "AMD Instinct MI300X"),
+    ("l40s-48gb", Vendor.NVIDIA, "L40S", 48, 350, "PCIe 4.0 x16", Purpose.INFERENCE, "NVIDIA L40S"),
+    ("gaudi3-128gb", Vendor.INTEL, "Gaudi 3", 128, 900, "RoCE 24x200GbE", Purpose.TRAINING, "Intel Gaudi 3"),
+]
+
+
+@dataclass(frozen=True)
+class RackPlan:
+    name: str
+    accelerator: str
+    nodes: int
+    power_budget_kw: Decimal
+    nvlink_domain_size: int = 8
+
+
+SITES = [
+    # slug, name, region, kind, location, MW, racks
+    ("fra-hall-1", "Frankfurt Hall 1", "eu-central", SiteKind.HALL, "Frankfurt, DE", Decimal("40"), [
+        RackPlan("r01", "h100-sxm-80gb", 4, Decimal("44")),
+        RackPlan("r02", "h100-sxm-80gb", 4, Decimal("44")),
+        RackPlan("r03", "h200-sxm-141gb", 4, Decimal("44")),
+        RackPlan("r04", "mi300x-192gb", 4, Decimal("48")),
+    ]),
+    ("dal-hall-1", "Dallas Hall 1", "us-central", SiteKind.HALL, "Dallas, US", Decimal("60"), [
+        RackPlan("r01", "h100-sxm-80gb", 4, Decimal("44")),
+        RackPlan("r02", "gaudi3-128gb", 3, Decimal("40")),
+    ]),
+    ("ams-edge-1", "Amsterdam Edge", "eu-west", SiteKind.EDGE, "Amsterdam, NL", Decimal("5"), [
+        RackPlan("e01", "l40s-48gb", 3, Decimal("15")),
+        RackPlan("e02", "h100-sxm-80gb", 2, Decimal("25")),
+    ]),
+]
+
+PRICES = {  # on-demand $/GPU-hour; edge sites cost a little more (close to users, small scale)
+    "h100-sxm-80gb": Decimal("2.49"), "h200-sxm-141gb": Decimal("3.29"), "mi300x-192gb": Decimal("2.19"),
+    "l40s-48gb": Decimal("0.89"), "gaudi3-128gb": Decimal("1.69"),
+}
+EDGE_PREMIUM = Decimal("1.15")
+TERM_DISCOUNTS = {1: Decimal("5"), 3: Decimal("12"), 6: Decimal("20"), 12: Decimal("30")}
+RACK_OFFERS = {("fra-hall-1", "h100-sxm-80gb"), ("fra-hall-1", "h200-sxm-141gb"), ("dal-hall-1", "h100-sxm-80gb")}
+# A few nodes are not available, so the catalog and admin show a fleet that lives.
+NOT_AVAILABLE = {
+    "fra-hall-1-r02-n04": [NodeState.DRAINING],
+    "dal-hall-1-r01-n02": [NodeState.DRAINING, NodeState.MAINTENANCE],
+    "ams-edge-1-e01-n03": [NodeState.OFFLINE],
+}
+
+
+def demo_is_seeded() -> bool:
+    return Site.objects.exists()
+
+
+@transaction.atomic
+def seed_demo() -> bool:
+    """Seed the demo world; returns False if the database already had a fleet."""
+    if demo_is_seeded():
+        return False
+    types = {
+        slug: AcceleratorType.objects.create(slug=slug, vendor=vendor, model=model, memory_gib=gib, tdp_watts=tdp,
+                                             interconnect=link, purpose=purpose, device_name=device)
+        for slug, vendor, model, gib, tdp, link, purpose, device in ACCELERATORS
+    }
+    for slug, name, region, kind, location, megawatts, racks in SITES:
+        site = site_create(slug=slug, name=name, region=region, kind=kind, location=location, power_capacity_mw=megawatts)
+        offered = set()
+        for plan in racks:
+            rack = rack_create(site=site, name=plan.name, power_budget_kw=plan.power_budget_kw,
+                               nvlink_domain_size=plan.nvlink_domain_size)
+            accelerator = types[plan.accelerator]
+            for n in range(1, plan.nodes + 1):
+                hostname = f"{slug}-{plan.name}-n{n:02d}"
+                node = node_enrol(rack=rack, hostname=hostname)
+                node_set_inventory(node=node, gpus=[
+                    GpuSpec(index=i, uuid=f"GPU-{uuid.uuid5(uuid.NAMESPACE_DNS, f'{hostname}.{i}')}",
+                            accelerator_type=accelerator, memory_mib=accelerator.memory_gib * 1024)
+                    for i in range(8)
+                ])
+                node_transition(node=node, target=NodeState.AVAILABLE, actor="demo seed", reason="enrolled")
+                for target in NOT_AVAILABLE.get(hostname, []):
+                    node_transition(node=node, target=target, actor="demo seed", reason="demo: a fleet that lives")
+            offered.add(plan.accelerator)
+        for accelerator_slug in sorted(offered):
+            price = PRICES[accelerator_slug] * (EDGE_PREMIUM if kind == SiteKind.EDGE else 1)
+            shapes = [OfferShape.NODE] + ([OfferShape.RACK] if (slug, accelerator_slug) in RACK_OFFERS else [])
+            for shape in shapes:
+                offer_create(site=site, accelerator_type=types[accelerator_slug], shape=shape,
+                             price_per_gpu_hour=price.quantize(Decimal("0.01")), term_discounts=TERM_DISCOUNTS,
+                             max_duration_hours=24 * 365 if shape == OfferShape.RACK else 24 * 90)
+
+    user_create(email=OPERATOR_EMAIL, password=DEMO_PASSWORD, is_superuser=True, first_name="Fleet", last_name="Operator")
+    users = {email: user_create(email=email, password=DEMO_PASSWORD) for email in TENANT_USERS}
+    acme = organization_create(name="Acme AI", slug="acme", owner=users["owner@acme.example"])
+    for email, role in TENANT_USERS.items():
+        membership_set(organization=acme, user=users[email], role=role)
+    globex_owner = user_create(email="owner@globex.example", password=DEMO_PASSWORD)
+    globex = organization_create(name="Globex Research", slug="globex", owner=globex_owner)
+    # The Acme owner also consults for Globex, so the organization switcher has something to switch.
+    membership_set(organization=globex, user=users["owner@acme.example"], role=Role.MEMBER)
+    return True
+
+
+def demo_credentials() -> list[tuple[str, str, str]]:
+    """(who, email, password) lines for the launcher to print."""
+    lines = [("operator (admin site)", OPERATOR_EMAIL, DEMO_PASSWORD)]
+    lines += [(f"Acme AI {role}", email, DEMO_PASSWORD) for email, role in TENANT_USERS.items()]
+    lines.append(("Globex Research owner", "owner@globex.example", DEMO_PASSWORD))
+    return lines

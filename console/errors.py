@@ -1,0 +1,152 @@
+"""One error type hierarchy for the domain, and one JSON shape for every API error:
+
+    {"error": {"code": "not_found", "message": "No offer 42.", "fields": {...}}}
+
+`code` is stable for programs, `message` is for people, `fields` appears on validation errors.
+"""
+
+import logging
+import uuid
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, JsonResponse
+from django.shortcuts import render
+from rest_framework import exceptions as drf_exceptions
+from rest_framework import status
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    """A refusal that the caller can understand and act on."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    code = "invalid"
+
+    def __init__(self, message: str, *, code: str | None = None, fields: dict | None = None, **details):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.fields = fields
+        self.details = details
+
+
+class NotFound(DomainError):
+    status_code = status.HTTP_404_NOT_FOUND
+    code = "not_found"
+
+
+class Forbidden(DomainError):
+    status_code = status.HTTP_403_FORBIDDEN
+    code = "permission_denied"
+
+
+class Conflict(DomainError):
+    status_code = status.HTTP_409_CONFLICT
+    code = "conflict"
+
+
+def error_body(code: str, message: str, *, fields: dict | None = None, **details) -> dict:
+    body = {"code": code, "message": message}
+    if fields:
+        body["fields"] = fields
+    body.update({k: v for k, v in details.items() if v is not None})
+    return {"error": body}
+
+
+def _flatten(detail) -> dict | list | str:
+    """DRF's nested ErrorDetail structures as plain JSON (lists of strings per field)."""
+    if isinstance(detail, dict):
+        return {key: _flatten(value) for key, value in detail.items()}
+    if isinstance(detail, list):
+        return [_flatten(item) for item in detail]
+    return str(detail)
+
+
+def _first_message(fields: dict) -> str:
+    for name, problems in fields.items():
+        while isinstance(problems, (list, dict)) and problems:
+            problems = problems[0] if isinstance(problems, list) else next(iter(problems.values()))
+        if name in ("non_field_errors", "detail"):
+            return str(problems)
+        return f"{name}: {problems}"
+    return "The request is invalid."
+
+
+def api_exception_handler(exc, context):
+    """DRF's EXCEPTION_HANDLER: every error the API returns goes through here."""
+    if isinstance(exc, DomainError):
+        return Response(
+            error_body(exc.code, exc.message, fields=exc.fields, **exc.details), status=exc.status_code
+        )
+    if isinstance(exc, Http404):
+        message = str(exc) if str(exc) and "No " in str(exc) else "Not found."
+        return Response(error_body("not_found", message), status=404)
+    if isinstance(exc, DjangoPermissionDenied):
+        exc = drf_exceptions.PermissionDenied(str(exc) or None)
+    if isinstance(exc, drf_exceptions.ValidationError):
+        fields = _flatten(exc.detail)
+        if not isinstance(fields, dict):
+            fields = {"non_field_errors": fields if isinstance(fields, list) else [fields]}
+        return Response(error_body("validation_error", _first_message(fields), fields=fields), status=400)
+    if isinstance(exc, drf_exceptions.APIException):
+        headers = {}
+        if getattr(exc, "auth_header", None):
+            headers["WWW-Authenticate"] = exc.auth_header
+        if getattr(exc, "wait", None):
+            headers["Retry-After"] = str(int(exc.wait))
+        codes = exc.get_codes()
+        code = codes if isinstance(codes, str) else exc.default_code
+        return Response(error_body(code, str(_flatten(exc.detail))), status=exc.status_code, headers=headers)
+    reference = uuid.uuid4().hex[:12]
+    logger.exception("Unhandled API error (reference %s)", reference)
+    return Response(
+        error_body("server_error", f"Something went wrong on our side (reference {reference}).", reference=reference),
+        status=500,
+    )
+
+
+def _wants_json(request) -> bool:
+    return request.path.startswith("/api/") or "application/json" in request.headers.get("Accept", "")
+
+
+class DomainErrorMiddleware:
+    """Answers a DomainError raised outside DRF (portal views) with its status: JSON for API
+    clients, the error page for people."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exc):
+        if not isinstance(exc, DomainError):
+            return None
+        if _wants_json(request):
+            return JsonResponse(error_body(exc.code, exc.message, fields=exc.fields), status=exc.status_code)
+        return render(request, "error.html", {"status": exc.status_code, "message": exc.message}, status=exc.status_code)
+
+
+def _page_or_json(request, status_code: int, code: str, message: str):
+    if _wants_json(request):
+        return JsonResponse(error_body(code, message), status=status_code)
+    return render(request, "error.html", {"status": status_code, "message": message}, status=status_code)
+
+
+def handler400(request, exception=None):
+    return _page_or_json(request, 400, "bad_request", "The request could not be understood.")
+
+
+def handler403(request, exception=None):
+    return _page_or_json(request, 403, "permission_denied", "You do not have permission to do that.")
+
+
+def handler404(request, exception=None):
+    return _page_or_json(request, 404, "not_found", f"Nothing at {request.path}.")
+
+
+def handler500(request):
+    return _page_or_json(request, 500, "server_error", "Something went wrong on our side.")

@@ -1,0 +1,140 @@
+"""`make demo`: the whole system on one machine, as real processes.
+
+Starts (or uses) PostgreSQL and Redis, migrates, seeds the demo world, then runs the ASGI server
+(daphne, or uvicorn with --server uvicorn), a Celery worker and Celery beat, each in its own process
+group. SIGINT/SIGTERM, or any child dying, stops every child it started, the embedded servers last.
+
+    python -m console.launcher [--host 127.0.0.1] [--port 8000] [--server daphne|uvicorn]
+"""
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from console.devservers import Stop, data_stores, raise_stop_on_signals, stop_process
+
+logger = logging.getLogger("console.launcher")
+ROOT = Path(__file__).resolve().parent.parent
+CELERY_QUEUES = "default,provisioning,billing,telemetry"
+
+
+def _manage(env: dict, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], env=env, cwd=ROOT, check=True)
+
+
+def _server_command(server: str, host: str, port: int) -> list[str]:
+    if server == "uvicorn":
+        return [sys.executable, "-m", "uvicorn", "console.asgi:application", "--host", host, "--port", str(port),
+                "--workers", "2", "--no-access-log", "--ws", "websockets"]
+    return [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "console.asgi:application"]
+
+
+def _children(host: str, port: int, server: str, data_dir: Path) -> dict[str, list[str]]:
+    celery = [sys.executable, "-m", "celery", "-A", "console"]
+    return {
+        server: _server_command(server, host, port),
+        "celery worker": [*celery, "worker", "-l", "INFO", "-Q", CELERY_QUEUES, "--concurrency", "2",
+                          "--without-gossip", "--without-mingle"],
+        "celery beat": [*celery, "beat", "-l", "INFO", "--schedule", str(data_dir / "celerybeat-schedule")],
+    }
+
+
+def _wait_healthy(url: str, processes: dict[str, subprocess.Popen], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
+def _banner(base: str) -> str:
+    from console.demo import demo_credentials
+
+    lines = [
+        "",
+        "Neocloud Console is running.",
+        f"  Portal      {base}/",
+        f"  Admin       {base}/admin/",
+        f"  API docs    {base}/api/v1/docs/",
+        f"  API schema  {base}/api/v1/schema/",
+        "",
+        "Demo accounts:",
+        *[f"  {who:<24} {email:<26} {password}" for who, email, password in demo_credentials()],
+        "",
+        "An API key for scripts (from another shell):",
+        f"  DATABASE_URL={os.environ['DATABASE_URL']} REDIS_URL={os.environ['REDIS_URL']} \\",
+        "    .venv/bin/python manage.py create_api_key acme --user member@acme.example --name my-script",
+        "Press Ctrl-C to stop everything.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace, stores: dict[str, str], processes: dict[str, subprocess.Popen]) -> None:
+    env = {**os.environ, **stores, "PYTHONUNBUFFERED": "1"}
+    os.environ.update(stores)  # this process reads settings too (the banner)
+    _manage(env, "migrate", "--noinput")
+    if not args.no_seed:
+        _manage(env, "seed_demo")
+    for name, command in _children(args.host, args.port, args.server, Path(args.dir).resolve()).items():
+        processes[name] = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdin=subprocess.DEVNULL)
+        logger.info("started %s (pid %s)", name, processes[name].pid)
+    base = f"http://{args.host}:{args.port}"
+    _wait_healthy(f"{base}/healthz", processes)
+    import django
+
+    django.setup()
+    print(_banner(base), flush=True)
+    while True:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}; stopping everything")
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--server", choices=["daphne", "uvicorn"], default=os.environ.get("ASGI_SERVER", "daphne"))
+    parser.add_argument("--dir", default=os.environ.get("DEMO_DIR", ".demo"), help="Data of embedded servers.")
+    parser.add_argument("--no-seed", action="store_true", help="Do not seed the demo world.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="launcher: %(message)s")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings.development")
+    raise_stop_on_signals()
+
+    processes: dict[str, subprocess.Popen] = {}
+    exit_code = 0
+    try:
+        with data_stores(Path(args.dir).resolve()) as stores:
+            try:
+                _run(args, stores, processes)
+            finally:
+                # Children first, while PostgreSQL and Redis still answer; the stores stop after.
+                for name, process in reversed(list(processes.items())):
+                    stop_process(process)
+                    logger.info("stopped %s", name)
+    except Stop as stop:
+        logger.info("%s received: stopped everything", stop)
+    except (RuntimeError, subprocess.CalledProcessError) as error:
+        logger.error("%s", error)
+        exit_code = 1
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

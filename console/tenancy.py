@@ -1,0 +1,31 @@
+"""Tenant resolution for the portal: once per request, from the organization the user picked."""
+
+SESSION_KEY = "organization_id"
+
+# The API resolves its tenant itself, after DRF authentication (console.api.TenantScopedMixin).
+_SKIP_PREFIXES = ("/api/", "/static/", "/healthz")
+
+
+class TenantMiddleware:
+    """Sets ``request.tenant``: a TenantContext for a signed-in member, else None."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request.tenant = None
+        if not request.path.startswith(_SKIP_PREFIXES) and request.user.is_authenticated:
+            from marketplace.selectors.tenancy import tenant_context_for_user
+
+            request.tenant = tenant_context_for_user(user=request.user, organization_id=request.session.get(SESSION_KEY))
+        return self.get_response(request)
+
+
+def tenant_context(request) -> dict:
+    """Template context: the current tenant and the organizations the user can switch to."""
+    tenant = getattr(request, "tenant", None)
+    if tenant is None:
+        return {"tenant": None}
+    from marketplace.selectors.tenancy import membership_list_for_user
+
+    return {"tenant": tenant, "memberships": membership_list_for_user(user=request.user)}

@@ -1,0 +1,20 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from console.portal import views as portal
+
+admin.site.site_header = "Neocloud Console — operations"
+admin.site.site_title = "Neocloud operations"
+admin.site.index_title = "Fleet, catalog and tenants"
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(("console.api_urls", "api"), namespace="api")),
+    path("healthz", portal.healthz, name="healthz"),
+    path("", include(("console.portal.urls", "portal"), namespace="portal")),
+]
+
+handler400 = "console.errors.handler400"
+handler403 = "console.errors.handler403"
+handler404 = "console.errors.handler404"
+handler500 = "console.errors.handler500"

@@ -1,0 +1,116 @@
+"""Operators' view of tenants and the catalog."""
+
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.db.models import Count, Q
+
+from marketplace.services.api_keys import api_keys_revoke_as_operator
+from marketplace.models import ApiKey, Membership, Offer, OfferTermDiscount, Organization, User
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+    fields = ["user", "role", "created_at"]
+    readonly_fields = ["created_at"]
+
+
+class ApiKeyInline(admin.TabularInline):
+    model = ApiKey
+    extra = 0
+    fields = ["name", "prefix", "role", "created_by", "created_at", "expires_at", "revoked_at", "last_used_at"]
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False  # keys are created by members (portal, API) or `manage.py create_api_key`
+
+
+@admin.register(User)
+class UserAdmin(DjangoUserAdmin):
+    ordering = ["email"]
+    list_display = ["email", "first_name", "last_name", "is_staff", "is_active", "last_login", "organization_total"]
+    list_filter = ["is_staff", "is_superuser", "is_active"]
+    search_fields = ["email", "first_name", "last_name"]
+    fieldsets = [
+        (None, {"fields": ["email", "password"]}),
+        ("Personal info", {"fields": ["first_name", "last_name"]}),
+        ("Permissions", {"fields": ["is_active", "is_staff", "is_superuser", "groups", "user_permissions"]}),
+        ("Dates", {"fields": ["last_login", "date_joined"]}),
+    ]
+    add_fieldsets = [(None, {"classes": ["wide"], "fields": ["email", "password1", "password2"]})]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(organization_total=Count("memberships"))
+
+    @admin.display(description="organizations", ordering="organization_total")
+    def organization_total(self, obj):
+        return obj.organization_total
+
+
+@admin.register(Organization)
+class OrganizationAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "member_total", "active_key_total", "created_at"]
+    search_fields = ["name", "slug", "memberships__user__email"]
+    prepopulated_fields = {"slug": ["name"]}
+    readonly_fields = ["id", "created_at"]
+    inlines = [MembershipInline, ApiKeyInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            member_total=Count("memberships", distinct=True),
+            active_key_total=Count("api_keys", filter=Q(api_keys__revoked_at__isnull=True), distinct=True),
+        )
+
+    @admin.display(description="members", ordering="member_total")
+    def member_total(self, obj):
+        return obj.member_total
+
+    @admin.display(description="unrevoked keys", ordering="active_key_total")
+    def active_key_total(self, obj):
+        return obj.active_key_total
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "organization", "role", "created_at"]
+    list_filter = ["role", "organization"]
+    search_fields = ["user__email", "organization__name", "organization__slug"]
+    autocomplete_fields = ["user", "organization"]
+    list_select_related = ["user", "organization"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["name", "prefix", "organization", "created_by", "role", "status", "created_at", "expires_at", "last_used_at"]
+    list_filter = ["role", "organization", ("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "prefix", "organization__name", "created_by__email"]
+    list_select_related = ["organization", "created_by"]
+    readonly_fields = ["id", "organization", "created_by", "name", "role", "prefix", "created_at", "expires_at",
+                       "revoked_at", "last_used_at"]
+    exclude = ["secret_hash"]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request, queryset):
+        count = api_keys_revoke_as_operator(keys=queryset, actor=request.user.email)
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+
+class OfferTermDiscountInline(admin.TabularInline):
+    model = OfferTermDiscount
+    extra = 0
+
+
+@admin.register(Offer)
+class OfferAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "site", "accelerator_type", "shape", "gpus_per_node", "price_per_gpu_hour", "is_active"]
+    list_filter = ["is_active", "shape", "site__kind", "site", "accelerator_type__vendor", "accelerator_type"]
+    search_fields = ["site__name", "accelerator_type__model", "accelerator_type__slug"]
+    list_editable = ["price_per_gpu_hour", "is_active"]
+    list_select_related = ["site", "accelerator_type"]
+    inlines = [OfferTermDiscountInline]

@@ -1,0 +1,34 @@
+from django.db import models
+
+
+class Role(models.TextChoices):
+    """Membership roles, strongest first. Viewers read; members and up spend; admins and owners
+    manage the organization's members and every API key."""
+
+    OWNER = "owner", "Owner"
+    ADMIN = "admin", "Admin"
+    MEMBER = "member", "Member"
+    VIEWER = "viewer", "Viewer"
+
+
+ROLE_RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
+
+
+def role_rank(role: str) -> int:
+    return ROLE_RANK[Role(role)]
+
+
+def weaker_role(a: str, b: str) -> str:
+    return a if role_rank(a) <= role_rank(b) else b
+
+
+class OfferShape(models.TextChoices):
+    NODE = "node", "Node"
+    RACK = "rack", "Whole rack"
+
+
+class TermMonths(models.IntegerChoices):
+    ONE = 1, "1 month"
+    THREE = 3, "3 months"
+    SIX = 6, "6 months"
+    TWELVE = 12, "12 months"

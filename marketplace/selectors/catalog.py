@@ -1,0 +1,69 @@
+"""Reads of the catalog: offers with their availability derived from the fleet.
+
+Availability is computed in SQL (correlated counts per offer), so a page of offers is one query
+whatever the fleet size. It counts nodes that can take work now; reservations narrow it further
+once they exist."""
+
+from django.db.models import Exists, F, Func, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
+
+from console.errors import NotFound
+from marketplace.models import Offer
+from provisioning.choices import NodeState
+from provisioning.models import Node, Rack
+
+
+def _count(queryset: QuerySet) -> Coalesce:
+    """COUNT(*) of a correlated queryset as a scalar subquery."""
+    counted = queryset.order_by().annotate(n=Func(F("pk"), function="COUNT")).values("n")
+    return Coalesce(Subquery(counted, output_field=IntegerField()), Value(0))
+
+
+def _matching_nodes(rack_field: str = "rack__site") -> QuerySet[Node]:
+    """Nodes of the offer's accelerator type and size, correlated to the outer offer."""
+    return Node.objects.filter(
+        **{rack_field: OuterRef("site")},
+        accelerator_type=OuterRef("accelerator_type"),
+        gpu_count__gte=OuterRef("gpus_per_node"),
+    )
+
+
+def _rack_counts() -> tuple[Coalesce, Coalesce]:
+    """Racks at the offer's site made only of matching nodes; and those whose nodes are all available."""
+    nodes_here = Node.objects.filter(rack=OuterRef("pk"))
+    matching = nodes_here.filter(
+        accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count__gte=OuterRef(OuterRef("gpus_per_node"))
+    )
+    foreign = nodes_here.exclude(
+        accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count__gte=OuterRef(OuterRef("gpus_per_node"))
+    )
+    racks = Rack.objects.filter(site=OuterRef("site")).filter(Exists(matching), ~Exists(foreign))
+    free = racks.filter(~Exists(nodes_here.exclude(state=NodeState.AVAILABLE)))
+    return _count(racks), _count(free)
+
+
+def offer_list(*, include_inactive: bool = False) -> QuerySet[Offer]:
+    """Offers with ``total_nodes``, ``available_nodes``, ``total_racks`` and ``available_racks``."""
+    offers = Offer.objects.select_related("site", "accelerator_type").prefetch_related("term_discounts")
+    if not include_inactive:
+        offers = offers.filter(is_active=True)
+    total_racks, available_racks = _rack_counts()
+    return offers.annotate(
+        total_nodes=_count(_matching_nodes()),
+        available_nodes=_count(_matching_nodes().filter(state=NodeState.AVAILABLE)),
+        total_racks=total_racks,
+        available_racks=available_racks,
+    ).order_by("price_per_gpu_hour", "pk")
+
+
+def offer_get(*, offer_id) -> Offer:
+    try:
+        return offer_list().get(pk=offer_id)
+    except (Offer.DoesNotExist, ValueError, TypeError):
+        raise NotFound(f"No offer {offer_id}.") from None
+
+
+def offer_filter(offers: QuerySet[Offer], *, available_only: bool = False) -> QuerySet[Offer]:
+    if available_only:
+        offers = offers.filter(Q(shape="node", available_nodes__gt=0) | Q(shape="rack", available_racks__gt=0))
+    return offers

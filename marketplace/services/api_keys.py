@@ -1,0 +1,106 @@
+"""API keys: created (the plaintext shown once), authenticated, revoked. Only digests are stored."""
+
+import hashlib
+import hmac
+import logging
+import secrets
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from console.errors import DomainError, Forbidden
+from marketplace.choices import Role, role_rank
+from marketplace.models import ApiKey
+from marketplace.tenancy import TenantContext
+
+logger = logging.getLogger(__name__)
+
+# Only refresh last_used_at this often: a key used 100 times a second should not write 100 rows a second.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class InvalidApiKey(Exception):
+    """The presented key is unknown, malformed, expired or revoked (deliberately not saying which)."""
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def api_key_format(prefix: str, secret: str) -> str:
+    return f"{settings.API_KEY_PREFIX}_{prefix}_{secret}"
+
+
+def api_key_create(*, tenant: TenantContext, name: str, role: str | None = None,
+                   expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """Create a key acting for ``tenant.user`` in ``tenant.organization``; returns the row and the
+    plaintext key, which is never stored and cannot be shown again."""
+    name = (name or "").strip()
+    if not name:
+        raise DomainError("Give the key a name, so you can tell it apart later.", fields={"name": ["This field is required."]})
+    role = Role(role or (Role.MEMBER if role_rank(tenant.role) >= role_rank(Role.MEMBER) else Role.VIEWER))
+    if role_rank(role) > role_rank(tenant.role):
+        raise Forbidden(f"You are {tenant.role} in {tenant.organization.name}; you cannot create a key with role {role}.")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise DomainError("The expiry must be in the future.", fields={"expires_at": ["Must be in the future."]})
+    secret = secrets.token_urlsafe(32)
+    for _attempt in range(5):
+        prefix = secrets.token_hex(4)
+        try:
+            with transaction.atomic():
+                key = ApiKey.objects.create(
+                    organization=tenant.organization, created_by=tenant.user, name=name[:100], role=role,
+                    prefix=prefix, secret_hash=_digest(secret), expires_at=expires_at,
+                )
+            break
+        except IntegrityError:  # a prefix collision, one in four billion: draw again
+            continue
+    else:  # pragma: no cover - would need five collisions in a row
+        raise RuntimeError("Could not allocate a unique API key prefix.")
+    logger.info("API key %s… created in %s by %s", prefix, tenant.organization.slug, tenant.user.email)
+    return key, api_key_format(prefix, secret)
+
+
+def api_key_authenticate(*, raw_key: str) -> ApiKey:
+    """The live key for ``raw_key``, or InvalidApiKey. Compares digests in constant time."""
+    parts = raw_key.strip().split("_", 2)
+    if len(parts) != 3 or parts[0] != settings.API_KEY_PREFIX or not parts[1] or not parts[2]:
+        raise InvalidApiKey
+    _, prefix, secret = parts
+    key = (
+        ApiKey.objects.select_related("organization", "created_by")
+        .filter(prefix=prefix)
+        .first()
+    )
+    if key is None or not hmac.compare_digest(key.secret_hash, _digest(secret)):
+        raise InvalidApiKey
+    now = timezone.now()
+    if key.revoked_at is not None or key.is_expired(now) or not key.created_by.is_active:
+        raise InvalidApiKey
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        key.last_used_at = now
+    return key
+
+
+def api_key_revoke(*, tenant: TenantContext, key: ApiKey) -> ApiKey:
+    """Revoke a key. Admins and owners revoke any key of their organization; others their own."""
+    if key.organization_id != tenant.organization.pk:  # selectors already scope; this is a backstop
+        raise Forbidden("That key belongs to another organization.")
+    if not tenant.is_admin and key.created_by_id != tenant.user.pk:
+        raise Forbidden("Only admins and owners can revoke keys created by someone else.")
+    if key.revoked_at is None:
+        now = timezone.now()
+        ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now)
+        key.refresh_from_db(fields=["revoked_at"])
+        logger.info("API key %s… revoked in %s by %s", key.prefix, tenant.organization.slug, tenant.user.email)
+    return key
+
+
+def api_keys_revoke_as_operator(*, keys, actor: str) -> int:
+    """Operators revoke across tenants (a leaked key reported to support). Returns how many."""
+    count = keys.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+    logger.info("%d API key(s) revoked by operator %s", count, actor)
+    return count

@@ -1,0 +1,44 @@
+"""Writes to tenancy: users, organizations and memberships."""
+
+from django.db import transaction
+from django.utils.text import slugify
+
+from console.errors import Conflict, DomainError
+from marketplace.choices import Role
+from marketplace.models import Membership, Organization, User
+
+
+def user_create(*, email: str, password: str | None = None, is_staff: bool = False,
+                is_superuser: bool = False, first_name: str = "", last_name: str = "") -> User:
+    email = User.objects.normalize_email(email).strip().lower()
+    if User.objects.filter(email__iexact=email).exists():
+        raise Conflict(f"A user with email {email} already exists.", code="user_exists")
+    user = User(email=email, is_staff=is_staff or is_superuser, is_superuser=is_superuser,
+                first_name=first_name, last_name=last_name)
+    user.set_password(password) if password else user.set_unusable_password()
+    user.full_clean(exclude=["password"])
+    user.save()
+    return user
+
+
+@transaction.atomic
+def organization_create(*, name: str, owner: User, slug: str | None = None) -> Organization:
+    name = name.strip()
+    if not name:
+        raise DomainError("An organization needs a name.", fields={"name": ["This field is required."]})
+    slug = slugify(slug or name)
+    if not slug:
+        raise DomainError("Choose a name or slug with letters or digits.", fields={"slug": ["Invalid slug."]})
+    if Organization.objects.filter(slug=slug).exists():
+        raise Conflict(f"An organization with slug {slug!r} already exists.", code="organization_exists")
+    organization = Organization.objects.create(name=name, slug=slug)
+    Membership.objects.create(organization=organization, user=owner, role=Role.OWNER)
+    return organization
+
+
+def membership_set(*, organization: Organization, user: User, role: str) -> Membership:
+    """Add a user to an organization, or change their role."""
+    membership, _ = Membership.objects.update_or_create(
+        organization=organization, user=user, defaults={"role": Role(role)}
+    )
+    return membership

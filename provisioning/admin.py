@@ -1,0 +1,158 @@
+"""Operators' view of the fleet. Lifecycle moves go through provisioning.services.fleet."""
+
+from django.contrib import admin, messages
+from django.db.models import Count, Q
+
+from console.errors import DomainError
+from provisioning.choices import NodeState
+from provisioning.models import AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
+from provisioning.services.fleet import node_transition
+
+
+@admin.register(AcceleratorType)
+class AcceleratorTypeAdmin(admin.ModelAdmin):
+    list_display = ["slug", "vendor", "model", "memory_gib", "tdp_watts", "interconnect", "purpose", "gpu_total"]
+    list_filter = ["vendor", "purpose"]
+    search_fields = ["slug", "model", "device_name"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(gpu_total=Count("gpus"))
+
+    @admin.display(description="GPUs", ordering="gpu_total")
+    def gpu_total(self, obj):
+        return obj.gpu_total
+
+
+class RackInline(admin.TabularInline):
+    model = Rack
+    extra = 0
+    fields = ["name", "nvlink_domain_size", "power_budget_kw"]
+    show_change_link = True
+
+
+@admin.register(Site)
+class SiteAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "region", "kind", "location", "power_capacity_mw", "rack_total", "node_total", "available_total"]
+    list_filter = ["kind", "region"]
+    search_fields = ["name", "slug", "location", "region"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [RackInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            rack_total=Count("racks", distinct=True),
+            node_total=Count("racks__nodes", distinct=True),
+            available_total=Count("racks__nodes", filter=Q(racks__nodes__state=NodeState.AVAILABLE), distinct=True),
+        )
+
+    @admin.display(description="racks", ordering="rack_total")
+    def rack_total(self, obj):
+        return obj.rack_total
+
+    @admin.display(description="nodes", ordering="node_total")
+    def node_total(self, obj):
+        return obj.node_total
+
+    @admin.display(description="available", ordering="available_total")
+    def available_total(self, obj):
+        return obj.available_total
+
+
+class NodeInline(admin.TabularInline):
+    model = Node
+    extra = 0
+    fields = ["hostname", "state", "accelerator_type", "gpu_count"]
+    readonly_fields = ["state", "accelerator_type", "gpu_count"]
+    show_change_link = True
+
+
+@admin.register(Rack)
+class RackAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "site", "nvlink_domain_size", "power_budget_kw", "node_total"]
+    list_filter = ["site__kind", "site"]
+    search_fields = ["name", "site__name", "site__slug"]
+    list_select_related = ["site"]
+    inlines = [NodeInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(node_total=Count("nodes"))
+
+    @admin.display(description="nodes", ordering="node_total")
+    def node_total(self, obj):
+        return obj.node_total
+
+
+class GpuInline(admin.TabularInline):
+    model = Gpu
+    extra = 0
+    fields = ["index", "uuid", "accelerator_type", "memory_mib"]
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False  # GPUs come from inventory reports (node_set_inventory), not by hand
+
+
+class NodeStateChangeInline(admin.TabularInline):
+    model = NodeStateChange
+    extra = 0
+    fields = ["at", "from_state", "to_state", "actor", "reason"]
+    readonly_fields = fields
+    can_delete = False
+    max_num = 0
+    ordering = ["-at"]
+
+
+def _move(target: str, verb: str):
+    def action(modeladmin, request, queryset):
+        moved, refused = 0, []
+        for node in queryset:
+            try:
+                node_transition(node=node, target=target, actor=request.user.email, reason=f"admin: {verb}")
+                moved += 1
+            except DomainError as error:
+                refused.append(f"{node.hostname}: {error.message}")
+        if moved:
+            modeladmin.message_user(request, f"{verb.capitalize()}: {moved} node(s) now {target}.", messages.SUCCESS)
+        for line in refused:
+            modeladmin.message_user(request, line, messages.ERROR)
+
+    action.__name__ = f"move_to_{target}"
+    return admin.action(description=f"{verb.capitalize()} selected nodes (→ {target})")(action)
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = ["hostname", "state", "site", "rack", "accelerator_type", "gpu_count", "state_changed_at"]
+    list_filter = ["state", "rack__site", "rack__site__kind", "accelerator_type"]
+    search_fields = ["hostname", "rack__name", "rack__site__name", "gpus__uuid"]
+    list_select_related = ["rack__site", "accelerator_type"]
+    readonly_fields = ["state", "state_changed_at", "accelerator_type", "gpu_count", "created_at"]
+    fields = ["hostname", "rack", *readonly_fields]
+    inlines = [GpuInline, NodeStateChangeInline]
+    actions = [
+        _move(NodeState.AVAILABLE, "mark available / recover"),
+        _move(NodeState.DRAINING, "drain"),
+        _move(NodeState.MAINTENANCE, "start maintenance"),
+        _move(NodeState.OFFLINE, "mark offline"),
+    ]
+
+    @admin.display(ordering="rack__site__name")
+    def site(self, obj):
+        return obj.rack.site
+
+
+@admin.register(Gpu)
+class GpuAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "uuid", "accelerator_type", "memory_mib", "node_state"]
+    list_filter = ["accelerator_type", "node__rack__site", "node__state"]
+    search_fields = ["uuid", "node__hostname"]
+    list_select_related = ["node", "accelerator_type"]
+    readonly_fields = ["node", "index", "uuid", "accelerator_type", "memory_mib"]
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="node state", ordering="node__state")
+    def node_state(self, obj):
+        return obj.node.state

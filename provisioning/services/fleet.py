@@ -1,0 +1,82 @@
+"""Writes to the fleet inventory: enrolment, GPU inventory, and every node lifecycle move."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db import transaction
+
+from console.errors import DomainError
+from console.lifecycle import transition
+from provisioning.choices import NodeState
+from provisioning.models import NODE_TRANSITIONS, AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU as inventory reports it."""
+
+    index: int
+    uuid: str
+    accelerator_type: AcceleratorType
+    memory_mib: int
+
+
+def site_create(*, slug: str, name: str, region: str, kind: str, location: str,
+                power_capacity_mw: Decimal | None = None) -> Site:
+    site = Site(slug=slug, name=name, region=region, kind=kind, location=location,
+                power_capacity_mw=power_capacity_mw)
+    site.full_clean()
+    site.save()
+    return site
+
+
+def rack_create(*, site: Site, name: str, power_budget_kw: Decimal, nvlink_domain_size: int = 8) -> Rack:
+    rack = Rack(site=site, name=name, power_budget_kw=power_budget_kw, nvlink_domain_size=nvlink_domain_size)
+    rack.full_clean()
+    rack.save()
+    return rack
+
+
+def node_enrol(*, rack: Rack, hostname: str) -> Node:
+    """A new host, in ``enrolling`` until its inventory is known and it is marked available."""
+    node = Node(rack=rack, hostname=hostname.lower())
+    node.full_clean()
+    node.save()
+    return node
+
+
+@transaction.atomic
+def node_set_inventory(*, node: Node, gpus: Sequence[GpuSpec]) -> Node:
+    """Reconcile a node's GPU rows with what its inventory reports, and its summary columns with them.
+
+    GPUs are matched by UUID; a GPU that moved slots keeps its row, one that vanished is removed."""
+    if len({gpu.index for gpu in gpus}) != len(gpus) or len({gpu.uuid for gpu in gpus}) != len(gpus):
+        raise DomainError("Inventory lists the same GPU index or UUID twice.", code="invalid_inventory")
+    types = {gpu.accelerator_type.pk for gpu in gpus}
+    if len(types) > 1:
+        raise DomainError("A node holds one accelerator type; this inventory mixes several.", code="invalid_inventory")
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    reported = {gpu.uuid: gpu for gpu in gpus}
+    Gpu.objects.filter(node=node).exclude(uuid__in=list(reported)).delete()
+    existing = {gpu.uuid: gpu for gpu in Gpu.objects.filter(node=node)}
+    # Park moved GPUs on free indexes first so the (node, index) constraint holds mid-update.
+    for offset, row in enumerate(existing.values()):
+        row.index = 10_000 + offset
+        row.save(update_fields=["index"])
+    for uuid, spec in reported.items():
+        row = existing.get(uuid) or Gpu(node=node, uuid=spec.uuid)
+        row.index, row.accelerator_type, row.memory_mib = spec.index, spec.accelerator_type, spec.memory_mib
+        row.save()
+    node.accelerator_type = gpus[0].accelerator_type if gpus else None
+    node.gpu_count = len(gpus)
+    node.save(update_fields=["accelerator_type", "gpu_count"])
+    return node
+
+
+@transaction.atomic
+def node_transition(*, node: Node, target: str, actor: str = "", reason: str = "") -> Node:
+    """Move a node along its lifecycle (NODE_TRANSITIONS); raises IllegalTransition (409) otherwise."""
+    previous = transition(node, table=NODE_TRANSITIONS, target=NodeState(target))
+    NodeStateChange.objects.create(node=node, from_state=previous, to_state=target, actor=actor[:254], reason=reason[:200])
+    return node

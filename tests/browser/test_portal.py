@@ -1,0 +1,47 @@
+import os
+
+import pytest
+
+from marketplace.models import ApiKey
+from marketplace.services.api_keys import api_key_authenticate
+from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def sign_in(page, email):
+    page.goto("/")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/catalog/")
+
+
+def test_a_member_browses_the_catalog_and_manages_an_api_key(page, tenant, tmp_path):
+    rack = RackFactory()
+    make_node(rack=rack)
+    make_node(rack=rack, state="maintenance")
+    offer = OfferFactory(site=rack.site)
+
+    sign_in(page, tenant.user.email)
+    row = page.locator(f'tr[data-offer="{offer.id}"]')
+    assert "1 / 2 nodes" in row.inner_text()
+    assert tenant.organization.name in page.locator("#org-select").inner_text()
+    page.screenshot(path=os.environ.get("SCREENSHOT_DIR", str(tmp_path)) + "/catalog.png", full_page=True)
+
+    page.get_by_role("link", name="API keys").click()
+    page.get_by_label("Name").fill("notebook")
+    page.get_by_role("button", name="Create key").click()
+    plaintext = page.locator("#new-key").inner_text()
+    assert api_key_authenticate(raw_key=plaintext).name == "notebook"
+    page.screenshot(path=os.environ.get("SCREENSHOT_DIR", str(tmp_path)) + "/api-keys.png", full_page=True)
+
+    page.goto("/api-keys/")
+    assert plaintext not in page.content()  # shown once only
+    key = ApiKey.objects.get(name="notebook")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator(f'tr[data-key="{key.prefix}"]').get_by_role("button", name="Revoke").click()
+    page.get_by_text("Revoked notebook").wait_for()
+    assert "revoked" in page.locator(f'tr[data-key="{key.prefix}"]').inner_text()
+    key.refresh_from_db()
+    assert key.revoked_at is not None

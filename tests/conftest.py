@@ -1,0 +1,35 @@
+import pytest
+from rest_framework.test import APIClient
+
+from marketplace.choices import Role
+from marketplace.services.api_keys import api_key_create
+from tests.factories import make_tenant
+
+
+@pytest.fixture
+def api_client():
+    return APIClient()
+
+
+@pytest.fixture
+def tenant(db):
+    """A member of a fresh organization."""
+    return make_tenant(role=Role.MEMBER)
+
+
+@pytest.fixture
+def other_tenant(db):
+    return make_tenant(role=Role.OWNER)
+
+
+def key_client(tenant, role: str | None = None) -> APIClient:
+    """An API client authenticated with a new key of ``tenant``."""
+    _key, plaintext = api_key_create(tenant=tenant, name="test key", role=role)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+    return client
+
+
+@pytest.fixture
+def client_for():
+    return key_client

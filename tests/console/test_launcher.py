@@ -1,0 +1,79 @@
+"""`make demo`'s launcher as a user runs it: a real subprocess with embedded PostgreSQL and Redis,
+daphne, a Celery worker and beat. SIGTERM must leave nothing running."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+from django.conf import settings
+
+from console.devservers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, server):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
+    log = open(tmp_path / "launcher.log", "wb")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "console.launcher", "--port", str(port), "--dir", str(tmp_path / "demo"),
+         "--server", server],
+        cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and launcher.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/schema/", timeout=3) as response:
+                    status = response.status
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200, (tmp_path / "launcher.log").read_text()[-4000:]
+        while time.monotonic() < deadline and "Neocloud Console is running." not in (tmp_path / "launcher.log").read_text():
+            time.sleep(0.2)
+
+        started = descendants(launcher.pid)
+        commands = [" ".join(p.cmdline()) for p in started if not gone(p)]
+        assert any("postgres" in c for c in commands), commands
+        assert any("redis-server" in c for c in commands), commands
+        assert any(" worker" in c for c in commands) and any(" beat" in c for c in commands), commands
+        assert any(server in c for c in commands), commands
+
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(gone(p) for p in started):
+            time.sleep(0.2)
+        left = [f"{p.pid} {' '.join(p.cmdline())}" for p in started if not gone(p)]
+        assert not left, f"still running after SIGTERM: {left}"
+        output = (tmp_path / "launcher.log").read_text()
+        assert "Neocloud Console is running." in output and "ops@neocloud.example" in output
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for process in descendants(launcher.pid):
+            process.kill()
+        log.close()

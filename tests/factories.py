@@ -1,0 +1,101 @@
+"""Factories for test data. Fleet and catalog rows are plain data; tenancy goes through services."""
+
+import itertools
+import uuid
+from decimal import Decimal
+
+import factory
+
+from marketplace.choices import OfferShape, Role
+from marketplace.models import Offer
+from marketplace.services.tenancy import membership_set, organization_create, user_create
+from marketplace.tenancy import TenantContext
+from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
+from provisioning.models import AcceleratorType, Node, Rack, Site
+from provisioning.services.fleet import GpuSpec, node_set_inventory, node_transition
+
+PASSWORD = "a-test-password-2026"
+_n = itertools.count(1)
+
+
+class AcceleratorTypeFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = AcceleratorType
+        django_get_or_create = ["slug"]
+
+    slug = "h100-sxm-80gb"
+    vendor = Vendor.NVIDIA
+    model = "H100 SXM"
+    memory_gib = 80
+    tdp_watts = 700
+    interconnect = "NVLink 4 (900 GB/s)"
+    purpose = Purpose.BOTH
+    device_name = "NVIDIA H100 80GB HBM3"
+
+
+class SiteFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Site
+
+    slug = factory.Sequence(lambda n: f"site-{n}")
+    name = factory.Sequence(lambda n: f"Site {n}")
+    region = "eu-central"
+    kind = SiteKind.HALL
+    location = "Frankfurt, DE"
+
+
+class RackFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Rack
+
+    site = factory.SubFactory(SiteFactory)
+    name = factory.Sequence(lambda n: f"r{n:02d}")
+    power_budget_kw = Decimal("44")
+
+
+def make_node(*, rack: Rack | None = None, accelerator: AcceleratorType | None = None, gpus: int = 8,
+              state: str = NodeState.AVAILABLE) -> Node:
+    """A node with GPU inventory, brought to ``state`` through the lifecycle service."""
+    rack = rack or RackFactory()
+    accelerator = accelerator or AcceleratorTypeFactory()
+    node = Node.objects.create(rack=rack, hostname=f"node-{next(_n)}-{uuid.uuid4().hex[:6]}")
+    node = node_set_inventory(node=node, gpus=[
+        GpuSpec(index=i, uuid=f"GPU-{uuid.uuid4()}", accelerator_type=accelerator, memory_mib=accelerator.memory_gib * 1024)
+        for i in range(gpus)
+    ])
+    path = {
+        NodeState.ENROLLING: [],
+        NodeState.AVAILABLE: [NodeState.AVAILABLE],
+        NodeState.DRAINING: [NodeState.AVAILABLE, NodeState.DRAINING],
+        NodeState.MAINTENANCE: [NodeState.AVAILABLE, NodeState.DRAINING, NodeState.MAINTENANCE],
+        NodeState.OFFLINE: [NodeState.AVAILABLE, NodeState.OFFLINE],
+    }[state]
+    for target in path:
+        node_transition(node=node, target=target, actor="test")
+    return node
+
+
+class OfferFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Offer
+
+    site = factory.SubFactory(SiteFactory)
+    accelerator_type = factory.SubFactory(AcceleratorTypeFactory)
+    shape = OfferShape.NODE
+    gpus_per_node = 8
+    price_per_gpu_hour = Decimal("2.49")
+
+
+def make_user(email: str | None = None, **extra):
+    return user_create(email=email or f"user{next(_n)}@example.com", password=PASSWORD, **extra)
+
+
+def make_tenant(name: str | None = None, *, role: str = Role.OWNER, user=None) -> TenantContext:
+    """An organization and a member with ``role`` in it, as the boundary would resolve them."""
+    owner = make_user()
+    organization = organization_create(name=name or f"Org {next(_n)}", owner=owner)
+    if role == Role.OWNER and user is None:
+        return TenantContext(organization=organization, user=owner, role=Role.OWNER)
+    member = user or make_user()
+    membership_set(organization=organization, user=member, role=role)
+    return TenantContext(organization=organization, user=member, role=role)
