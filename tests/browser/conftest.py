@@ -5,17 +5,16 @@ import shutil
 
 import pytest
 
-# Playwright's sync API keeps an event loop on the test thread; Django would take our plain ORM
-# calls in the test body for calls from async code. They are not: allow them, here only.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
 
 def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
+    """Chromium for one test module. Playwright's sync API keeps an event loop on the test thread
+    while it runs, and Django would take the plain ORM calls of tests and fixtures for calls from
+    async code. They are not: allow them, in browser modules only (set here, removed after)."""
     path = chromium_path()
     if path is None:
         if os.environ.get("CI"):
@@ -23,6 +22,18 @@ def chromium():
         pytest.skip("Chromium is not installed on this machine (apt-get install chromium); CI installs it.")
     from playwright.sync_api import sync_playwright
 
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        yield from _launch(sync_playwright, path)
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+def _launch(sync_playwright, path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=path,

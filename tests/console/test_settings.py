@@ -10,8 +10,15 @@ from django.conf import settings
 REAL_SECRET = "k3J9x!pQ2vL8zR4wT6yB1nM5cF7hD0gS-aE3uI9oP2lK8jH4qW7eR5tY1uI3oP"  # 60 random characters
 
 
+OURS = {"SECRET_KEY", "ALLOWED_HOSTS", "DEBUG", "CSRF_TRUSTED_ORIGINS", "DJANGO_ALLOW_ASYNC_UNSAFE"}
+
+
+def clean_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in OURS}
+
+
 def run(profile: str, code: str, **env) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "ALLOWED_HOSTS", "DEBUG", "CSRF_TRUSTED_ORIGINS"}}
+    base = clean_environ()
     return subprocess.run(
         [sys.executable, "-c", f"import django; django.setup(); from django.conf import settings as s; {code}"],
         env={**base, "DJANGO_SETTINGS_MODULE": f"console.settings.{profile}", **env},
@@ -47,7 +54,7 @@ def test_production_reads_everything_from_the_environment():
 
 
 def test_check_deploy_reports_nothing_under_production():
-    env = {k: v for k, v in os.environ.items() if k not in {"DEBUG"}}
+    env = clean_environ()
     result = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
         env={**env, "DJANGO_SETTINGS_MODULE": "console.settings.production", "SECRET_KEY": REAL_SECRET,

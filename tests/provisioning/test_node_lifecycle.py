@@ -72,8 +72,9 @@ def test_concurrent_moves_from_one_state_have_one_winner():
 
     def move(target):
         try:
+            copy = Node.objects.get(pk=node.pk)  # every racer saw the node available
             barrier.wait()
-            node_transition(node=Node.objects.get(pk=node.pk), target=target)
+            node_transition(node=copy, target=target)
             outcomes.append("won")
         except IllegalTransition:
             outcomes.append("refused")
