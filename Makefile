@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test install lock check clean
+.PHONY: demo test install lint lock check clean
 
 $(INSTALLED): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ demo: $(INSTALLED)
 	$(PY) -m console.launcher
 
 # DATABASE_URL / REDIS_URL when set; otherwise embedded servers under .demo/test, stopped afterwards.
-test: $(INSTALLED)
+test: $(INSTALLED) lint
 	$(PY) -m console.devservers --dir .demo/test -- $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 check: $(INSTALLED)
 	$(PY) manage.py check

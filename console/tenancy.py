@@ -17,7 +17,9 @@ class TenantMiddleware:
         if not request.path.startswith(_SKIP_PREFIXES) and request.user.is_authenticated:
             from marketplace.selectors.tenancy import tenant_context_for_user
 
-            request.tenant = tenant_context_for_user(user=request.user, organization_id=request.session.get(SESSION_KEY))
+            request.tenant = tenant_context_for_user(
+                user=request.user, organization_id=request.session.get(SESSION_KEY)
+            )
         return self.get_response(request)
 
 

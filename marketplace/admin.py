@@ -4,8 +4,9 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db.models import Count, Q
 
-from marketplace.services.api_keys import api_keys_revoke_as_operator
+from console.admin_columns import annotated_column
 from marketplace.models import ApiKey, Membership, Offer, OfferTermDiscount, Organization, User
+from marketplace.services.api_keys import api_keys_revoke_as_operator
 
 
 class MembershipInline(admin.TabularInline):
@@ -44,9 +45,7 @@ class UserAdmin(DjangoUserAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(organization_total=Count("memberships"))
 
-    @admin.display(description="organizations", ordering="organization_total")
-    def organization_total(self, obj):
-        return obj.organization_total
+    organization_total = annotated_column("organization_total", "organizations")
 
 
 @admin.register(Organization)
@@ -58,18 +57,17 @@ class OrganizationAdmin(admin.ModelAdmin):
     inlines = [MembershipInline, ApiKeyInline]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(
-            member_total=Count("memberships", distinct=True),
-            active_key_total=Count("api_keys", filter=Q(api_keys__revoked_at__isnull=True), distinct=True),
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                member_total=Count("memberships", distinct=True),
+                active_key_total=Count("api_keys", filter=Q(api_keys__revoked_at__isnull=True), distinct=True),
+            )
         )
 
-    @admin.display(description="members", ordering="member_total")
-    def member_total(self, obj):
-        return obj.member_total
-
-    @admin.display(description="unrevoked keys", ordering="active_key_total")
-    def active_key_total(self, obj):
-        return obj.active_key_total
+    member_total = annotated_column("member_total", "members")
+    active_key_total = annotated_column("active_key_total", "unrevoked keys")
 
 
 @admin.register(Membership)
@@ -83,12 +81,32 @@ class MembershipAdmin(admin.ModelAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["name", "prefix", "organization", "created_by", "role", "status", "created_at", "expires_at", "last_used_at"]
+    list_display = [
+        "name",
+        "prefix",
+        "organization",
+        "created_by",
+        "role",
+        "status",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+    ]
     list_filter = ["role", "organization", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix", "organization__name", "created_by__email"]
     list_select_related = ["organization", "created_by"]
-    readonly_fields = ["id", "organization", "created_by", "name", "role", "prefix", "created_at", "expires_at",
-                       "revoked_at", "last_used_at"]
+    readonly_fields = [
+        "id",
+        "organization",
+        "created_by",
+        "name",
+        "role",
+        "prefix",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    ]
     exclude = ["secret_hash"]
     actions = ["revoke"]
 

@@ -3,6 +3,7 @@
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 
+from console.admin_columns import annotated_column
 from console.errors import DomainError
 from provisioning.choices import NodeState
 from provisioning.models import AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
@@ -18,9 +19,7 @@ class AcceleratorTypeAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(gpu_total=Count("gpus"))
 
-    @admin.display(description="GPUs", ordering="gpu_total")
-    def gpu_total(self, obj):
-        return obj.gpu_total
+    gpu_total = annotated_column("gpu_total", "GPUs")
 
 
 class RackInline(admin.TabularInline):
@@ -32,30 +31,36 @@ class RackInline(admin.TabularInline):
 
 @admin.register(Site)
 class SiteAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "region", "kind", "location", "power_capacity_mw", "rack_total", "node_total", "available_total"]
+    list_display = [
+        "name",
+        "slug",
+        "region",
+        "kind",
+        "location",
+        "power_capacity_mw",
+        "rack_total",
+        "node_total",
+        "available_total",
+    ]
     list_filter = ["kind", "region"]
     search_fields = ["name", "slug", "location", "region"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [RackInline]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(
-            rack_total=Count("racks", distinct=True),
-            node_total=Count("racks__nodes", distinct=True),
-            available_total=Count("racks__nodes", filter=Q(racks__nodes__state=NodeState.AVAILABLE), distinct=True),
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                rack_total=Count("racks", distinct=True),
+                node_total=Count("racks__nodes", distinct=True),
+                available_total=Count("racks__nodes", filter=Q(racks__nodes__state=NodeState.AVAILABLE), distinct=True),
+            )
         )
 
-    @admin.display(description="racks", ordering="rack_total")
-    def rack_total(self, obj):
-        return obj.rack_total
-
-    @admin.display(description="nodes", ordering="node_total")
-    def node_total(self, obj):
-        return obj.node_total
-
-    @admin.display(description="available", ordering="available_total")
-    def available_total(self, obj):
-        return obj.available_total
+    rack_total = annotated_column("rack_total", "racks")
+    node_total = annotated_column("node_total", "nodes")
+    available_total = annotated_column("available_total", "available")
 
 
 class NodeInline(admin.TabularInline):
@@ -77,9 +82,7 @@ class RackAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(node_total=Count("nodes"))
 
-    @admin.display(description="nodes", ordering="node_total")
-    def node_total(self, obj):
-        return obj.node_total
+    node_total = annotated_column("node_total", "nodes")
 
 
 class GpuInline(admin.TabularInline):

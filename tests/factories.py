@@ -53,16 +53,29 @@ class RackFactory(factory.django.DjangoModelFactory):
     power_budget_kw = Decimal("44")
 
 
-def make_node(*, rack: Rack | None = None, accelerator: AcceleratorType | None = None, gpus: int = 8,
-              state: str = NodeState.AVAILABLE) -> Node:
+def make_node(
+    *,
+    rack: Rack | None = None,
+    accelerator: AcceleratorType | None = None,
+    gpus: int = 8,
+    state: str = NodeState.AVAILABLE,
+) -> Node:
     """A node with GPU inventory, brought to ``state`` through the lifecycle service."""
     rack = rack or RackFactory()
     accelerator = accelerator or AcceleratorTypeFactory()
     node = Node.objects.create(rack=rack, hostname=f"node-{next(_n)}-{uuid.uuid4().hex[:6]}")
-    node = node_set_inventory(node=node, gpus=[
-        GpuSpec(index=i, uuid=f"GPU-{uuid.uuid4()}", accelerator_type=accelerator, memory_mib=accelerator.memory_gib * 1024)
-        for i in range(gpus)
-    ])
+    node = node_set_inventory(
+        node=node,
+        gpus=[
+            GpuSpec(
+                index=i,
+                uuid=f"GPU-{uuid.uuid4()}",
+                accelerator_type=accelerator,
+                memory_mib=accelerator.memory_gib * 1024,
+            )
+            for i in range(gpus)
+        ],
+    )
     path = {
         NodeState.ENROLLING: [],
         NodeState.AVAILABLE: [NodeState.AVAILABLE],

@@ -71,7 +71,9 @@ def organization_switch(request):
     else:
         messages.error(request, "You are not a member of that organization.")
     target = request.POST.get("next") or reverse("portal:catalog")
-    if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+    if not url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
         target = reverse("portal:catalog")
     return HttpResponseRedirect(target)
 
@@ -80,12 +82,16 @@ def organization_switch(request):
 def catalog(request):
     filters = OfferFilter(request.GET, queryset=offer_list())
     offers = filters.qs if filters.is_valid() else offer_list().none()
-    return render(request, "portal/catalog.html", {
-        "filters": filters,
-        "offers": offers,
-        "accelerator_choices": [(t.slug, str(t)) for t in accelerator_type_list()],
-        "regions": site_regions(),
-    })
+    return render(
+        request,
+        "portal/catalog.html",
+        {
+            "filters": filters,
+            "offers": offers,
+            "accelerator_choices": [(t.slug, str(t)) for t in accelerator_type_list()],
+            "regions": site_regions(),
+        },
+    )
 
 
 @tenant_required
@@ -100,7 +106,9 @@ def api_keys(request):
         days = form.cleaned_data.get("expires_in_days")
         try:
             key, plaintext = api_key_create(
-                tenant=tenant, name=form.cleaned_data["name"], role=form.cleaned_data["role"] or None,
+                tenant=tenant,
+                name=form.cleaned_data["name"],
+                role=form.cleaned_data["role"] or None,
                 expires_at=timezone.now() + timedelta(days=days) if days else None,
             )
         except DomainError as error:
@@ -115,7 +123,8 @@ def api_keys(request):
     elif request.method == "POST":
         status = 400
     return render(
-        request, "portal/api_keys.html",
+        request,
+        "portal/api_keys.html",
         {"form": form, "keys": api_key_list(tenant=tenant), "created": created},
         status=status,
     )

@@ -11,19 +11,26 @@ class OfferFilter(django_filters.FilterSet):
     accelerator = django_filters.CharFilter(
         field_name="accelerator_type__slug", help_text="Accelerator type slug, e.g. h100-sxm-80gb."
     )
-    vendor = django_filters.ChoiceFilter(field_name="accelerator_type__vendor", choices=Vendor.choices, empty_label="Any")
+    vendor = django_filters.ChoiceFilter(
+        field_name="accelerator_type__vendor", choices=Vendor.choices, empty_label="Any"
+    )
     purpose = django_filters.ChoiceFilter(
-        field_name="accelerator_type__purpose", choices=[(Purpose.TRAINING, "Training"), (Purpose.INFERENCE, "Inference")], method="filter_purpose", empty_label="Any",
+        field_name="accelerator_type__purpose",
+        choices=[(Purpose.TRAINING, "Training"), (Purpose.INFERENCE, "Inference")],
+        method="filter_purpose",
+        empty_label="Any",
         help_text="Types made for this purpose, including those made for both.",
     )
     site = django_filters.CharFilter(field_name="site__slug", help_text="Site slug.")
     region = django_filters.CharFilter(field_name="site__region")
     site_kind = django_filters.ChoiceFilter(field_name="site__kind", choices=SiteKind.choices, empty_label="Any")
     shape = django_filters.ChoiceFilter(choices=OfferShape.choices, empty_label="Any")
-    min_price = django_filters.NumberFilter(field_name="price_per_gpu_hour", lookup_expr="gte",
-                                            help_text="Lowest on-demand price per GPU-hour.")
-    max_price = django_filters.NumberFilter(field_name="price_per_gpu_hour", lookup_expr="lte",
-                                            help_text="Highest on-demand price per GPU-hour.")
+    min_price = django_filters.NumberFilter(
+        field_name="price_per_gpu_hour", lookup_expr="gte", help_text="Lowest on-demand price per GPU-hour."
+    )
+    max_price = django_filters.NumberFilter(
+        field_name="price_per_gpu_hour", lookup_expr="lte", help_text="Highest on-demand price per GPU-hour."
+    )
     available = django_filters.BooleanFilter(method="filter_available", help_text="Only offers with capacity free now.")
     ordering = django_filters.OrderingFilter(
         fields=(("price_per_gpu_hour", "price"), ("available_nodes", "available_nodes"), ("id", "id"))
@@ -31,8 +38,18 @@ class OfferFilter(django_filters.FilterSet):
 
     class Meta:
         model = Offer
-        fields = ["accelerator", "vendor", "purpose", "site", "region", "site_kind", "shape", "min_price",
-                  "max_price", "available"]
+        fields = [
+            "accelerator",
+            "vendor",
+            "purpose",
+            "site",
+            "region",
+            "site_kind",
+            "shape",
+            "min_price",
+            "max_price",
+            "available",
+        ]
 
     def filter_purpose(self, queryset, name, value: str):
         return queryset.filter(Q(accelerator_type__purpose=value) | Q(accelerator_type__purpose=Purpose.BOTH))

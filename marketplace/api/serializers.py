@@ -32,8 +32,17 @@ class OfferSerializer(serializers.ModelSerializer):
     class Meta:
         model = Offer
         fields = [
-            "id", "name", "shape", "site", "accelerator_type", "gpus_per_node", "price_per_gpu_hour",
-            "price_per_node_hour", "term_discounts", "max_duration_hours", "availability",
+            "id",
+            "name",
+            "shape",
+            "site",
+            "accelerator_type",
+            "gpus_per_node",
+            "price_per_gpu_hour",
+            "price_per_node_hour",
+            "term_discounts",
+            "max_duration_hours",
+            "availability",
         ]
 
     @extend_schema_field(AvailabilitySerializer)
@@ -47,15 +56,28 @@ class ApiKeySerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ApiKey
-        fields = ["id", "name", "role", "prefix", "status", "created_by", "created_at", "expires_at",
-                  "revoked_at", "last_used_at"]
+        fields = [
+            "id",
+            "name",
+            "role",
+            "prefix",
+            "status",
+            "created_by",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+        ]
         read_only_fields = fields
 
 
 class ApiKeyCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=100)
-    role = serializers.ChoiceField(choices=Role.choices, required=False,
-                                   help_text="At most your own role. Defaults to member (viewer for viewers).")
+    role = serializers.ChoiceField(
+        choices=Role.choices,
+        required=False,
+        help_text="At most your own role. Defaults to member (viewer for viewers).",
+    )
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
 
 

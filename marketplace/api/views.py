@@ -22,8 +22,10 @@ from marketplace.services.api_keys import api_key_create, api_key_revoke
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List offers with their availability",
-                       responses={200: OfferSerializer(many=True), **error_responses(400)}),
+    list=extend_schema(
+        summary="List offers with their availability",
+        responses={200: OfferSerializer(many=True), **error_responses(400)},
+    ),
     retrieve=extend_schema(summary="An offer", responses={200: OfferSerializer, **error_responses(404)}),
 )
 class OfferViewSet(viewsets.ReadOnlyModelViewSet):
@@ -35,9 +37,11 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
 
 
 @extend_schema_view(
-    list=extend_schema(summary="Your organization's API keys",
-                       description="Admins and owners see every key; others see the keys they created.",
-                       responses={200: ApiKeySerializer(many=True), **error_responses(403)}),
+    list=extend_schema(
+        summary="Your organization's API keys",
+        description="Admins and owners see every key; others see the keys they created.",
+        responses={200: ApiKeySerializer(many=True), **error_responses(403)},
+    ),
     retrieve=extend_schema(summary="An API key", responses={200: ApiKeySerializer, **error_responses(403, 404)}),
 )
 class ApiKeyViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -51,9 +55,12 @@ class ApiKeyViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveMod
     def get_object(self):
         return api_key_get(tenant=self.tenant, key_id=self.kwargs["pk"])
 
-    @extend_schema(summary="Create an API key", request=ApiKeyCreateSerializer,
-                   description="The response holds the full key, once. Only a digest is stored.",
-                   responses={201: ApiKeyCreatedSerializer, **error_responses(400, 403)})
+    @extend_schema(
+        summary="Create an API key",
+        request=ApiKeyCreateSerializer,
+        description="The response holds the full key, once. Only a digest is stored.",
+        responses={201: ApiKeyCreatedSerializer, **error_responses(400, 403)},
+    )
     def create(self, request):
         params = ApiKeyCreateSerializer(data=request.data)
         params.is_valid(raise_exception=True)
@@ -61,8 +68,9 @@ class ApiKeyViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveMod
         key.key = plaintext
         return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(summary="Revoke an API key", request=None,
-                   responses={200: ApiKeySerializer, **error_responses(403, 404)})
+    @extend_schema(
+        summary="Revoke an API key", request=None, responses={200: ApiKeySerializer, **error_responses(403, 404)}
+    )
     @action(detail=True, methods=["post"])
     def revoke(self, request, pk=None):
         key = api_key_revoke(tenant=self.tenant, key=self.get_object())
@@ -74,9 +82,13 @@ class MeView(TenantScopedMixin, APIView):
     def get(self, request):
         tenant = self.tenant
         org = tenant.organization
-        return Response(MeSerializer({
-            "email": tenant.user.email,
-            "organization": {"id": str(org.id), "slug": org.slug, "name": org.name},
-            "role": tenant.role,
-            "api_key_prefix": tenant.api_key.prefix if tenant.api_key else None,
-        }).data)
+        return Response(
+            MeSerializer(
+                {
+                    "email": tenant.user.email,
+                    "organization": {"id": str(org.id), "slug": org.slug, "name": org.name},
+                    "role": tenant.role,
+                    "api_key_prefix": tenant.api_key.prefix if tenant.api_key else None,
+                }
+            ).data
+        )

@@ -17,7 +17,10 @@ class Offer(models.Model):
     shape = models.CharField(max_length=8, choices=OfferShape.choices, default=OfferShape.NODE)
     gpus_per_node = models.PositiveSmallIntegerField(default=8, validators=[MinValueValidator(1)])
     price_per_gpu_hour = models.DecimalField(
-        "on-demand price per GPU-hour (USD)", max_digits=10, decimal_places=4, validators=[MinValueValidator(Decimal("0"))]
+        "on-demand price per GPU-hour (USD)",
+        max_digits=10,
+        decimal_places=4,
+        validators=[MinValueValidator(Decimal("0"))],
     )
     max_duration_hours = models.PositiveIntegerField(default=24 * 90, help_text="Longest single reservation.")
     is_active = models.BooleanField(default=True, help_text="Inactive offers are hidden from tenants.")

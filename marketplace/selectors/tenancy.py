@@ -58,6 +58,7 @@ def api_key_get(*, tenant: TenantContext, key_id) -> ApiKey:
 
 # Operator-side lookups (management commands, admin): not tenant-scoped by design.
 
+
 def organization_find(*, ref: str) -> Organization | None:
     """An organization by slug or id."""
     try:

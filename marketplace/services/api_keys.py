@@ -33,16 +33,21 @@ def api_key_format(prefix: str, secret: str) -> str:
     return f"{settings.API_KEY_PREFIX}_{prefix}_{secret}"
 
 
-def api_key_create(*, tenant: TenantContext, name: str, role: str | None = None,
-                   expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+def api_key_create(
+    *, tenant: TenantContext, name: str, role: str | None = None, expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
     """Create a key acting for ``tenant.user`` in ``tenant.organization``; returns the row and the
     plaintext key, which is never stored and cannot be shown again."""
     name = (name or "").strip()
     if not name:
-        raise DomainError("Give the key a name, so you can tell it apart later.", fields={"name": ["This field is required."]})
+        raise DomainError(
+            "Give the key a name, so you can tell it apart later.", fields={"name": ["This field is required."]}
+        )
     role = Role(role or (Role.MEMBER if role_rank(tenant.role) >= role_rank(Role.MEMBER) else Role.VIEWER))
     if role_rank(role) > role_rank(tenant.role):
-        raise Forbidden(f"You are {tenant.role} in {tenant.organization.name}; you cannot create a key with role {role}.")
+        raise Forbidden(
+            f"You are {tenant.role} in {tenant.organization.name}; you cannot create a key with role {role}."
+        )
     if expires_at is not None and expires_at <= timezone.now():
         raise DomainError("The expiry must be in the future.", fields={"expires_at": ["Must be in the future."]})
     secret = secrets.token_urlsafe(32)
@@ -51,8 +56,13 @@ def api_key_create(*, tenant: TenantContext, name: str, role: str | None = None,
         try:
             with transaction.atomic():
                 key = ApiKey.objects.create(
-                    organization=tenant.organization, created_by=tenant.user, name=name[:100], role=role,
-                    prefix=prefix, secret_hash=_digest(secret), expires_at=expires_at,
+                    organization=tenant.organization,
+                    created_by=tenant.user,
+                    name=name[:100],
+                    role=role,
+                    prefix=prefix,
+                    secret_hash=_digest(secret),
+                    expires_at=expires_at,
                 )
             break
         except IntegrityError:  # a prefix collision, one in four billion: draw again
@@ -69,11 +79,7 @@ def api_key_authenticate(*, raw_key: str) -> ApiKey:
     if len(parts) != 3 or parts[0] != settings.API_KEY_PREFIX or not parts[1] or not parts[2]:
         raise InvalidApiKey
     _, prefix, secret = parts
-    key = (
-        ApiKey.objects.select_related("organization", "created_by")
-        .filter(prefix=prefix)
-        .first()
-    )
+    key = ApiKey.objects.select_related("organization", "created_by").filter(prefix=prefix).first()
     if key is None or not hmac.compare_digest(key.secret_hash, _digest(secret)):
         raise InvalidApiKey
     now = timezone.now()

@@ -8,13 +8,25 @@ from marketplace.choices import Role
 from marketplace.models import Membership, Organization, User
 
 
-def user_create(*, email: str, password: str | None = None, is_staff: bool = False,
-                is_superuser: bool = False, first_name: str = "", last_name: str = "") -> User:
+def user_create(
+    *,
+    email: str,
+    password: str | None = None,
+    is_staff: bool = False,
+    is_superuser: bool = False,
+    first_name: str = "",
+    last_name: str = "",
+) -> User:
     email = User.objects.normalize_email(email).strip().lower()
     if User.objects.filter(email__iexact=email).exists():
         raise Conflict(f"A user with email {email} already exists.", code="user_exists")
-    user = User(email=email, is_staff=is_staff or is_superuser, is_superuser=is_superuser,
-                first_name=first_name, last_name=last_name)
+    user = User(
+        email=email,
+        is_staff=is_staff or is_superuser,
+        is_superuser=is_superuser,
+        first_name=first_name,
+        last_name=last_name,
+    )
     user.set_password(password) if password else user.set_unusable_password()
     user.full_clean(exclude=["password"])
     user.save()

@@ -21,5 +21,10 @@ class SiteSerializer(SiteSummarySerializer):
     available_node_count = serializers.IntegerField(read_only=True)
 
     class Meta(SiteSummarySerializer.Meta):
-        fields = [*SiteSummarySerializer.Meta.fields, "power_capacity_mw", "rack_count", "node_count",
-                  "available_node_count"]
+        fields = [
+            *SiteSummarySerializer.Meta.fields,
+            "power_capacity_mw",
+            "rack_count",
+            "node_count",
+            "available_node_count",
+        ]

@@ -43,8 +43,12 @@ class AcceleratorTypeFilter(django_filters.FilterSet):
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List accelerator types", responses={200: AcceleratorTypeSerializer(many=True), **error_responses(400)}),
-    retrieve=extend_schema(summary="An accelerator type", responses={200: AcceleratorTypeSerializer, **error_responses(404)}),
+    list=extend_schema(
+        summary="List accelerator types", responses={200: AcceleratorTypeSerializer(many=True), **error_responses(400)}
+    ),
+    retrieve=extend_schema(
+        summary="An accelerator type", responses={200: AcceleratorTypeSerializer, **error_responses(404)}
+    ),
 )
 class AcceleratorTypeViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = AcceleratorTypeSerializer

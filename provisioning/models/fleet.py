@@ -13,7 +13,9 @@ class Site(models.Model):
     region = models.CharField(max_length=32, db_index=True, help_text="e.g. eu-central, us-west.")
     kind = models.CharField(max_length=8, choices=SiteKind.choices)
     location = models.CharField(max_length=100, help_text="City and country, e.g. Frankfurt, DE.")
-    power_capacity_mw = models.DecimalField("power capacity (MW)", max_digits=7, decimal_places=2, null=True, blank=True)
+    power_capacity_mw = models.DecimalField(
+        "power capacity (MW)", max_digits=7, decimal_places=2, null=True, blank=True
+    )
 
     class Meta:
         ordering = ["region", "name"]
@@ -69,9 +71,7 @@ class Node(models.Model):
         ordering = ["hostname"]
         indexes = [models.Index(fields=["accelerator_type", "state"], name="node_type_state_idx")]
         constraints = [
-            models.CheckConstraint(
-                condition=models.Q(state__in=NodeState.values), name="node_state_valid"
-            ),
+            models.CheckConstraint(condition=models.Q(state__in=NodeState.values), name="node_state_valid"),
         ]
 
     def __str__(self) -> str:

@@ -22,10 +22,10 @@ class GpuSpec:
     memory_mib: int
 
 
-def site_create(*, slug: str, name: str, region: str, kind: str, location: str,
-                power_capacity_mw: Decimal | None = None) -> Site:
-    site = Site(slug=slug, name=name, region=region, kind=kind, location=location,
-                power_capacity_mw=power_capacity_mw)
+def site_create(
+    *, slug: str, name: str, region: str, kind: str, location: str, power_capacity_mw: Decimal | None = None
+) -> Site:
+    site = Site(slug=slug, name=name, region=region, kind=kind, location=location, power_capacity_mw=power_capacity_mw)
     site.full_clean()
     site.save()
     return site
@@ -78,5 +78,7 @@ def node_set_inventory(*, node: Node, gpus: Sequence[GpuSpec]) -> Node:
 def node_transition(*, node: Node, target: str, actor: str = "", reason: str = "") -> Node:
     """Move a node along its lifecycle (NODE_TRANSITIONS); raises IllegalTransition (409) otherwise."""
     previous = transition(node, table=NODE_TRANSITIONS, target=NodeState(target))
-    NodeStateChange.objects.create(node=node, from_state=previous, to_state=target, actor=actor[:254], reason=reason[:200])
+    NodeStateChange.objects.create(
+        node=node, from_state=previous, to_state=target, actor=actor[:254], reason=reason[:200]
+    )
     return node

@@ -45,7 +45,8 @@ def test_drain_action_moves_legal_nodes_and_reports_illegal_ones(operator_client
     offline = make_node(state=NodeState.OFFLINE)
     response = operator_client.post(
         reverse("admin:provisioning_node_changelist"),
-        {"action": "move_to_draining", "_selected_action": [available.pk, offline.pk]}, follow=True,
+        {"action": "move_to_draining", "_selected_action": [available.pk, offline.pk]},
+        follow=True,
     )
     text = response.content.decode()
     assert "1 node(s) now draining" in text and "cannot move from offline to draining" in text

@@ -37,9 +37,21 @@ def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, 
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
     log = open(tmp_path / "launcher.log", "wb")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "console.launcher", "--port", str(port), "--dir", str(tmp_path / "demo"),
-         "--server", server],
-        cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "console.launcher",
+            "--port",
+            str(port),
+            "--dir",
+            str(tmp_path / "demo"),
+            "--server",
+            server,
+        ],
+        cwd=settings.BASE_DIR,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 180
@@ -52,7 +64,10 @@ def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, 
             except OSError:
                 time.sleep(0.5)
         assert status == 200, (tmp_path / "launcher.log").read_text()[-4000:]
-        while time.monotonic() < deadline and "Neocloud Console is running." not in (tmp_path / "launcher.log").read_text():
+        while (
+            time.monotonic() < deadline
+            and "Neocloud Console is running." not in (tmp_path / "launcher.log").read_text()
+        ):
             time.sleep(0.2)
 
         started = descendants(launcher.pid)

@@ -19,9 +19,14 @@ def test_openapi_schema_validates_without_warnings(tmp_path):
 
 @pytest.mark.django_db
 def test_migrations_are_in_step_with_the_models():
-    result = subprocess.run([sys.executable, "manage.py", "makemigrations", "--check", "--dry-run"],
-                            capture_output=True, text=True, cwd=settings.BASE_DIR, timeout=120,
-                            env={**__import__("os").environ, "DJANGO_SETTINGS_MODULE": "console.settings.test"})
+    result = subprocess.run(
+        [sys.executable, "manage.py", "makemigrations", "--check", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=settings.BASE_DIR,
+        timeout=120,
+        env={**__import__("os").environ, "DJANGO_SETTINGS_MODULE": "console.settings.test"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

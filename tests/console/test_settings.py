@@ -22,7 +22,10 @@ def run(profile: str, code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", f"import django; django.setup(); from django.conf import settings as s; {code}"],
         env={**base, "DJANGO_SETTINGS_MODULE": f"console.settings.{profile}", **env},
-        capture_output=True, text=True, cwd=settings.BASE_DIR, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=settings.BASE_DIR,
+        timeout=60,
     )
 
 
@@ -42,8 +45,10 @@ def test_production_reads_everything_from_the_environment():
         "production",
         "print(s.DEBUG, s.ALLOWED_HOSTS, s.CSRF_TRUSTED_ORIGINS, s.DATABASES['default']['HOST'], "
         "s.CHANNEL_LAYERS['default']['CONFIG']['hosts'], s.CELERY_BROKER_URL, s.EMAIL_HOST, s.SESSION_COOKIE_SECURE)",
-        SECRET_KEY=REAL_SECRET, ALLOWED_HOSTS="console.example.com,api.example.com",
-        DATABASE_URL="postgres://app:pw@db.internal:5432/neocloud", REDIS_URL="redis://cache.internal:6379/1",
+        SECRET_KEY=REAL_SECRET,
+        ALLOWED_HOSTS="console.example.com,api.example.com",
+        DATABASE_URL="postgres://app:pw@db.internal:5432/neocloud",
+        REDIS_URL="redis://cache.internal:6379/1",
         EMAIL_HOST="smtp.example.com",
     )
     assert result.returncode == 0, result.stderr
@@ -57,9 +62,16 @@ def test_check_deploy_reports_nothing_under_production():
     env = clean_environ()
     result = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        env={**env, "DJANGO_SETTINGS_MODULE": "console.settings.production", "SECRET_KEY": REAL_SECRET,
-             "ALLOWED_HOSTS": "console.example.com"},
-        capture_output=True, text=True, cwd=settings.BASE_DIR, timeout=60,
+        env={
+            **env,
+            "DJANGO_SETTINGS_MODULE": "console.settings.production",
+            "SECRET_KEY": REAL_SECRET,
+            "ALLOWED_HOSTS": "console.example.com",
+        },
+        capture_output=True,
+        text=True,
+        cwd=settings.BASE_DIR,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "System check identified no issues" in result.stdout

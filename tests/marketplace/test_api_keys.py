@@ -34,8 +34,14 @@ def test_a_key_is_stored_only_as_a_digest_behind_a_visible_prefix(tenant):
 def test_the_key_authenticates_and_a_tampered_one_does_not(tenant):
     key, plaintext = api_key_create(tenant=tenant, name="ci")
     assert api_key_authenticate(raw_key=plaintext).pk == key.pk
-    for bad in [plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B"), f"nck_{key.prefix}_", "nck__x",
-                "garbage", "", f"xyz_{key.prefix}_{plaintext.split('_', 2)[2]}"]:
+    for bad in [
+        plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B"),
+        f"nck_{key.prefix}_",
+        "nck__x",
+        "garbage",
+        "",
+        f"xyz_{key.prefix}_{plaintext.split('_', 2)[2]}",
+    ]:
         with pytest.raises(InvalidApiKey):
             api_key_authenticate(raw_key=bad)
 
@@ -135,10 +141,16 @@ class TestApiKeysEndpoint:
         assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
         assert bearer(body["key"]).get("/api/v1/me/").status_code == 401
 
-    @pytest.mark.parametrize("payload,field", [
-        ({}, "name"), ({"name": ""}, "name"), ({"name": "x", "role": "emperor"}, "role"),
-        ({"name": "x", "expires_at": "not a date"}, "expires_at"), ({"name": "x" * 101}, "name"),
-    ])
+    @pytest.mark.parametrize(
+        "payload,field",
+        [
+            ({}, "name"),
+            ({"name": ""}, "name"),
+            ({"name": "x", "role": "emperor"}, "role"),
+            ({"name": "x", "expires_at": "not a date"}, "expires_at"),
+            ({"name": "x" * 101}, "name"),
+        ],
+    )
     def test_bad_input_is_a_400_with_a_message_and_writes_nothing(self, tenant, client_for, payload, field):
         client = client_for(tenant)
         before = ApiKey.objects.count()

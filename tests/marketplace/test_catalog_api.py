@@ -13,10 +13,17 @@ pytestmark = pytest.mark.django_db
 def catalog(db):
     """Two sites (a hall and an edge), three accelerator types, offers at several prices."""
     h100 = AcceleratorTypeFactory()
-    l40s = AcceleratorTypeFactory(slug="l40s-48gb", model="L40S", memory_gib=48, tdp_watts=350,
-                                  interconnect="PCIe 4.0 x16", purpose=Purpose.INFERENCE)
-    mi300x = AcceleratorTypeFactory(slug="mi300x-192gb", vendor=Vendor.AMD, model="Instinct MI300X", memory_gib=192,
-                                    purpose=Purpose.TRAINING)
+    l40s = AcceleratorTypeFactory(
+        slug="l40s-48gb",
+        model="L40S",
+        memory_gib=48,
+        tdp_watts=350,
+        interconnect="PCIe 4.0 x16",
+        purpose=Purpose.INFERENCE,
+    )
+    mi300x = AcceleratorTypeFactory(
+        slug="mi300x-192gb", vendor=Vendor.AMD, model="Instinct MI300X", memory_gib=192, purpose=Purpose.TRAINING
+    )
     hall = SiteFactory(slug="fra", name="Frankfurt", region="eu-central", kind=SiteKind.HALL)
     edge = SiteFactory(slug="ams-edge", name="Amsterdam Edge", region="eu-west", kind=SiteKind.EDGE)
     hall_rack_1, hall_rack_2 = RackFactory(site=hall), RackFactory(site=hall)
@@ -30,7 +37,9 @@ def catalog(db):
     make_node(rack=edge_rack, accelerator=l40s, state=NodeState.OFFLINE)
     return {
         "h100_node": OfferFactory(site=hall, accelerator_type=h100, price_per_gpu_hour=Decimal("2.49")),
-        "h100_rack": OfferFactory(site=hall, accelerator_type=h100, shape=OfferShape.RACK, price_per_gpu_hour=Decimal("2.29")),
+        "h100_rack": OfferFactory(
+            site=hall, accelerator_type=h100, shape=OfferShape.RACK, price_per_gpu_hour=Decimal("2.29")
+        ),
         "mi300x": OfferFactory(site=hall, accelerator_type=mi300x, price_per_gpu_hour=Decimal("2.19")),
         "l40s": OfferFactory(site=edge, accelerator_type=l40s, price_per_gpu_hour=Decimal("0.99")),
         "hidden": OfferFactory(site=edge, accelerator_type=h100, price_per_gpu_hour=Decimal("1.00"), is_active=False),
@@ -45,27 +54,34 @@ def ids(response) -> set[int]:
 def test_availability_is_derived_from_the_fleet(tenant, client_for, catalog):
     offers = {o["id"]: o for o in client_for(tenant).get("/api/v1/offers/").json()["results"]}
     assert offers[catalog["h100_node"].id]["availability"] == {
-        "total_nodes": 4, "available_nodes": 3, "total_racks": 2, "available_racks": 1}
+        "total_nodes": 4,
+        "available_nodes": 3,
+        "total_racks": 2,
+        "available_racks": 1,
+    }
     assert offers[catalog["l40s"].id]["availability"]["available_nodes"] == 1
     assert offers[catalog["h100_node"].id]["price_per_node_hour"] == "19.9200"
     assert catalog["hidden"].id not in offers
 
 
-@pytest.mark.parametrize("query,expected", [
-    ("accelerator=l40s-48gb", {"l40s"}),
-    ("vendor=amd", {"mi300x"}),
-    ("purpose=inference", {"l40s", "h100_node", "h100_rack"}),  # H100 is for both
-    ("site=fra", {"h100_node", "h100_rack", "mi300x"}),
-    ("region=eu-west", {"l40s"}),
-    ("site_kind=edge", {"l40s"}),
-    ("shape=rack", {"h100_rack"}),
-    ("min_price=2.20", {"h100_node", "h100_rack"}),
-    ("max_price=2.20", {"mi300x", "l40s"}),
-    ("min_price=1&max_price=2.3", {"h100_rack", "mi300x"}),
-    ("site_kind=hall&max_price=2.3&accelerator=h100-sxm-80gb", {"h100_rack"}),
-    ("available=true", {"h100_node", "h100_rack", "mi300x", "l40s"}),
-    ("accelerator=nothing-like-this", set()),
-])
+@pytest.mark.parametrize(
+    "query,expected",
+    [
+        ("accelerator=l40s-48gb", {"l40s"}),
+        ("vendor=amd", {"mi300x"}),
+        ("purpose=inference", {"l40s", "h100_node", "h100_rack"}),  # H100 is for both
+        ("site=fra", {"h100_node", "h100_rack", "mi300x"}),
+        ("region=eu-west", {"l40s"}),
+        ("site_kind=edge", {"l40s"}),
+        ("shape=rack", {"h100_rack"}),
+        ("min_price=2.20", {"h100_node", "h100_rack"}),
+        ("max_price=2.20", {"mi300x", "l40s"}),
+        ("min_price=1&max_price=2.3", {"h100_rack", "mi300x"}),
+        ("site_kind=hall&max_price=2.3&accelerator=h100-sxm-80gb", {"h100_rack"}),
+        ("available=true", {"h100_node", "h100_rack", "mi300x", "l40s"}),
+        ("accelerator=nothing-like-this", set()),
+    ],
+)
 def test_offer_filters(tenant, client_for, catalog, query, expected):
     assert ids(client_for(tenant).get(f"/api/v1/offers/?{query}")) == {catalog[name].id for name in expected}
 
@@ -88,10 +104,16 @@ def test_ordering_and_pagination(tenant, client_for, catalog):
     assert len(client.get(page["next"]).json()["results"]) == 2
 
 
-@pytest.mark.parametrize("query,field", [
-    ("min_price=cheap", "min_price"), ("site_kind=moon", "site_kind"), ("shape=cube", "shape"),
-    ("vendor=acme", "vendor"), ("ordering=hack", "ordering"),
-])
+@pytest.mark.parametrize(
+    "query,field",
+    [
+        ("min_price=cheap", "min_price"),
+        ("site_kind=moon", "site_kind"),
+        ("shape=cube", "shape"),
+        ("vendor=acme", "vendor"),
+        ("ordering=hack", "ordering"),
+    ],
+)
 def test_bad_filters_are_400_with_the_field(tenant, client_for, catalog, query, field):
     response = client_for(tenant).get(f"/api/v1/offers/?{query}")
     assert response.status_code == 400

@@ -16,8 +16,14 @@ def manage(*args: str, db_name: str) -> subprocess.CompletedProcess:
     database = settings.DATABASES["default"]
     url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{db_name}"
     env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "console.settings.test"}
-    return subprocess.run([sys.executable, "manage.py", *args], env=env, capture_output=True, text=True,
-                          cwd=settings.BASE_DIR, timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=settings.BASE_DIR,
+        timeout=120,
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -29,8 +35,17 @@ def test_create_tenant_then_create_api_key_from_a_script():
     assert slug == "initech-labs" and Organization.objects.get(id=org_id).name == "Initech Labs"
     assert Membership.objects.get(organization_id=org_id).role == "owner"
 
-    keyed = manage("create_api_key", slug, "--user", "boss@initech.example", "--name", "ci", "--expires-in-days", "7",
-                   db_name=db_name)
+    keyed = manage(
+        "create_api_key",
+        slug,
+        "--user",
+        "boss@initech.example",
+        "--name",
+        "ci",
+        "--expires-in-days",
+        "7",
+        db_name=db_name,
+    )
     assert keyed.returncode == 0, keyed.stderr
     plaintext = keyed.stdout.strip()
     assert plaintext.count("\n") == 0 and plaintext.startswith("nck_")

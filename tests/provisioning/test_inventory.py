@@ -18,8 +18,10 @@ def test_inventory_reconciles_gpus_by_uuid_and_summarises_the_node():
     # GPU 7 failed and was replaced; GPUs 0 and 1 swapped slots.
     replacement = f"GPU-{uuid.uuid4()}"
     specs = [GpuSpec(index=i, uuid=g.uuid, accelerator_type=h100, memory_mib=81920) for i, g in enumerate(before[:7])]
-    specs[0], specs[1] = (GpuSpec(index=0, uuid=before[1].uuid, accelerator_type=h100, memory_mib=81920),
-                          GpuSpec(index=1, uuid=before[0].uuid, accelerator_type=h100, memory_mib=81920))
+    specs[0], specs[1] = (
+        GpuSpec(index=0, uuid=before[1].uuid, accelerator_type=h100, memory_mib=81920),
+        GpuSpec(index=1, uuid=before[0].uuid, accelerator_type=h100, memory_mib=81920),
+    )
     specs.append(GpuSpec(index=7, uuid=replacement, accelerator_type=h100, memory_mib=81920))
     node_set_inventory(node=node, gpus=specs)
 
@@ -37,13 +39,19 @@ def test_mixed_or_duplicate_inventory_is_refused_and_changes_nothing():
     l40s = AcceleratorTypeFactory(slug="l40s-48gb", model="L40S", memory_gib=48)
     before = set(Gpu.objects.filter(node=node).values_list("uuid", flat=True))
     with pytest.raises(DomainError, match="mixes"):
-        node_set_inventory(node=node, gpus=[
-            GpuSpec(index=0, uuid="GPU-a", accelerator_type=h100, memory_mib=1),
-            GpuSpec(index=1, uuid="GPU-b", accelerator_type=l40s, memory_mib=1),
-        ])
+        node_set_inventory(
+            node=node,
+            gpus=[
+                GpuSpec(index=0, uuid="GPU-a", accelerator_type=h100, memory_mib=1),
+                GpuSpec(index=1, uuid="GPU-b", accelerator_type=l40s, memory_mib=1),
+            ],
+        )
     with pytest.raises(DomainError, match="twice"):
-        node_set_inventory(node=node, gpus=[
-            GpuSpec(index=0, uuid="GPU-a", accelerator_type=h100, memory_mib=1),
-            GpuSpec(index=0, uuid="GPU-b", accelerator_type=h100, memory_mib=1),
-        ])
+        node_set_inventory(
+            node=node,
+            gpus=[
+                GpuSpec(index=0, uuid="GPU-a", accelerator_type=h100, memory_mib=1),
+                GpuSpec(index=0, uuid="GPU-b", accelerator_type=h100, memory_mib=1),
+            ],
+        )
     assert set(Gpu.objects.filter(node=node).values_list("uuid", flat=True)) == before

@@ -19,11 +19,17 @@ ILLEGAL = [(a, b) for a, b in ALL_MOVES if b not in NODE_TRANSITIONS[a]]
 def test_the_table_matches_the_architecture():
     """enrolling → available ⇄ draining → maintenance; offline when heartbeats stop; back to available."""
     assert set(LEGAL) == {
-        ("enrolling", "available"), ("enrolling", "offline"),
-        ("available", "draining"), ("available", "offline"),
-        ("draining", "available"), ("draining", "maintenance"), ("draining", "offline"),
-        ("maintenance", "available"), ("maintenance", "offline"),
-        ("offline", "available"), ("offline", "maintenance"),
+        ("enrolling", "available"),
+        ("enrolling", "offline"),
+        ("available", "draining"),
+        ("available", "offline"),
+        ("draining", "available"),
+        ("draining", "maintenance"),
+        ("draining", "offline"),
+        ("maintenance", "available"),
+        ("maintenance", "offline"),
+        ("offline", "available"),
+        ("offline", "maintenance"),
     }
     assert ("available", "maintenance") in ILLEGAL  # drain first: running work must finish
     assert all((s, s) in ILLEGAL for s in NodeState.values)
@@ -93,7 +99,8 @@ def test_concurrent_moves_from_one_state_have_one_winner():
 def test_the_api_answers_an_illegal_transition_with_409_in_the_error_shape():
     request = APIRequestFactory().post("/api/v1/anything/")
     response = api_exception_handler(
-        IllegalTransition("A node cannot move from available to maintenance.", current_state="available"), {"request": request}
+        IllegalTransition("A node cannot move from available to maintenance.", current_state="available"),
+        {"request": request},
     )
     assert response.status_code == 409
     assert response.data["error"]["code"] == "illegal_transition"

@@ -1,6 +1,6 @@
 """Create an API key for a member of a tenant and print it once, alone on stdout.
 
-    KEY=$(python manage.py create_api_key acme --user ops@acme.example --name ci [--role viewer] [--expires-in-days 30])
+KEY=$(python manage.py create_api_key acme --user ops@acme.example --name ci [--role viewer] [--expires-in-days 30])
 """
 
 from datetime import timedelta

@@ -22,7 +22,8 @@ class Command(BaseCommand):
         parser.add_argument("--owner", required=True, help="Owner's email; the user is created if missing.")
         parser.add_argument("--slug", help="URL-safe identifier (default: from the name).")
         parser.add_argument(
-            "--password", help="Password for a newly created owner (or set OWNER_PASSWORD). Without one, the "
+            "--password",
+            help="Password for a newly created owner (or set OWNER_PASSWORD). Without one, the "
             "owner cannot sign in until an operator sets one.",
         )
 
