@@ -4,7 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from marketplace.api.views import ApiKeyViewSet, MeView, OfferViewSet
+from marketplace.api.views import ApiKeyViewSet, MeView, OfferViewSet, ReservationViewSet
 from provisioning.api.views import AcceleratorTypeViewSet, SiteViewSet
 
 router = DefaultRouter(trailing_slash=True)
@@ -13,6 +13,7 @@ router.register("sites", SiteViewSet, basename="site")
 router.register("accelerator-types", AcceleratorTypeViewSet, basename="accelerator-type")
 router.register("offers", OfferViewSet, basename="offer")
 router.register("api-keys", ApiKeyViewSet, basename="api-key")
+router.register("reservations", ReservationViewSet, basename="reservation")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -32,3 +32,19 @@ class TermMonths(models.IntegerChoices):
     THREE = 3, "3 months"
     SIX = 6, "6 months"
     TWELVE = 12, "12 months"
+
+
+class ReservationState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PROVISIONING = "provisioning", "Provisioning"
+    ACTIVE = "active", "Active"
+    RELEASING = "releasing", "Releasing"
+    COMPLETED = "completed", "Completed"
+    CANCELLED = "cancelled", "Cancelled"
+    FAILED = "failed", "Failed"
+
+
+# Reservations in these states hold their nodes (their allocations are live).
+HOLDING_STATES = frozenset(
+    {ReservationState.PENDING, ReservationState.PROVISIONING, ReservationState.ACTIVE, ReservationState.RELEASING}
+)

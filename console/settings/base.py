@@ -23,6 +23,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django.contrib.humanize",
+    "django.contrib.postgres",
     "rest_framework",
     "django_filters",
     "drf_spectacular",
@@ -211,3 +212,18 @@ LOGGING = {
 # --- Domain knobs ------------------------------------------------------------------------------
 
 API_KEY_PREFIX = "nck"
+# GPUs of one accelerator type a tenant may hold at once when operators set no quota for it.
+DEFAULT_GPU_QUOTA = env_int("DEFAULT_GPU_QUOTA", 256)
+# How often beat moves reservations along their timeline (start, end).
+RESERVATION_TICK_SECONDS = env_int("RESERVATION_TICK_SECONDS", 10)
+CELERY_BEAT_SCHEDULE = {
+    "reservations-tick": {
+        "task": "marketplace.tasks.reservations_tick",
+        "schedule": float(RESERVATION_TICK_SECONDS),
+        "options": {"expires": float(RESERVATION_TICK_SECONDS)},
+    },
+    "idempotency-records-expire": {
+        "task": "marketplace.tasks.idempotency_records_expire",
+        "schedule": 3600.0,
+    },
+}

@@ -1,8 +1,10 @@
+from decimal import Decimal
+
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.choices import Role
-from marketplace.models import ApiKey, Offer, OfferTermDiscount
+from marketplace.models import ApiKey, Offer, OfferTermDiscount, Reservation
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 
 
@@ -94,3 +96,113 @@ class MeSerializer(serializers.Serializer):
     organization = serializers.DictField()
     role = serializers.ChoiceField(choices=Role.choices)
     api_key_prefix = serializers.CharField(allow_null=True)
+
+
+class AllocationSerializer(serializers.Serializer):
+    node = serializers.CharField(source="node.hostname")
+    rack = serializers.CharField(source="node.rack.name")
+    site = serializers.CharField(source="node.rack.site.slug")
+    start = serializers.DateTimeField(source="period.lower")
+    end = serializers.DateTimeField(source="period.upper")
+    live = serializers.BooleanField()
+
+
+class PriceSerializer(serializers.Serializer):
+    currency = serializers.CharField()
+    per_gpu_hour = serializers.DecimalField(max_digits=10, decimal_places=4)
+    gpu_count = serializers.IntegerField()
+    hours = serializers.DecimalField(max_digits=12, decimal_places=4)
+    estimated_total = serializers.DecimalField(max_digits=14, decimal_places=2)
+
+
+class OfferRefSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField(source="__str__")
+
+
+class ReservationSerializer(serializers.ModelSerializer):
+    offer = OfferRefSerializer(read_only=True)
+    start = serializers.DateTimeField(source="period.lower", read_only=True)
+    end = serializers.DateTimeField(source="period.upper", read_only=True)
+    rack = serializers.CharField(source="rack.name", allow_null=True, read_only=True)
+    price = serializers.SerializerMethodField()
+    allocations = AllocationSerializer(many=True, read_only=True)
+    created_by = serializers.EmailField(source="created_by.email", allow_null=True, read_only=True)
+
+    class Meta:
+        model = Reservation
+        fields = [
+            "id",
+            "offer",
+            "shape",
+            "quantity",
+            "rack",
+            "node_count",
+            "gpu_count",
+            "start",
+            "end",
+            "state",
+            "state_changed_at",
+            "price",
+            "allocations",
+            "failure_reason",
+            "idempotency_key",
+            "created_by",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(PriceSerializer)
+    def get_price(self, reservation: Reservation) -> dict:
+        return PriceSerializer(price_of(reservation)).data
+
+
+def price_of(item) -> dict:
+    """The price block of a reservation or a quote (both have the same attributes)."""
+    return {
+        "currency": "USD",
+        "per_gpu_hour": item.price_per_gpu_hour,
+        "gpu_count": item.gpu_count,
+        "hours": item.hours.quantize(Decimal("0.0001")),
+        "estimated_total": item.estimated_cost,
+    }
+
+
+class ReservationCreateSerializer(serializers.Serializer):
+    offer = serializers.IntegerField(min_value=1)
+    quantity = serializers.IntegerField(
+        min_value=1, max_value=10_000, default=1, help_text="Nodes; 1 for a rack offer (one whole rack)."
+    )
+    start = serializers.DateTimeField(required=False, allow_null=True, help_text="Omit for now.")
+    end = serializers.DateTimeField(required=False, help_text="Either end or duration_hours.")
+    duration_hours = serializers.DecimalField(
+        max_digits=8, decimal_places=2, min_value=Decimal("0.02"), required=False, help_text="Either end or this."
+    )
+
+    def validate(self, attrs):
+        if ("end" in attrs) == ("duration_hours" in attrs):
+            raise serializers.ValidationError({"end": ["Give either end or duration_hours, not both or neither."]})
+        return attrs
+
+
+class ReservationExtendSerializer(serializers.Serializer):
+    end = serializers.DateTimeField()
+
+
+class HourlyAvailabilitySerializer(serializers.Serializer):
+    hour = serializers.DateTimeField()
+    free = serializers.IntegerField()
+    total = serializers.IntegerField()
+
+
+class OfferAvailabilitySerializer(serializers.Serializer):
+    offer = serializers.IntegerField()
+    unit = serializers.ChoiceField(choices=["nodes", "racks"])
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    hours = HourlyAvailabilitySerializer(many=True)
+
+
+class AvailabilityQuerySerializer(serializers.Serializer):
+    start = serializers.DateTimeField(required=False, help_text="Default: this hour.")
+    end = serializers.DateTimeField(required=False, help_text="Default: 24 hours after start; at most 14 days.")

@@ -1,6 +1,10 @@
 """REST endpoints of the marketplace. Thin: parse, call one service or selector, render."""
 
-from drf_spectacular.utils import extend_schema, extend_schema_view
+from datetime import timedelta
+
+import django_filters
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -12,13 +16,23 @@ from marketplace.api.serializers import (
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
     ApiKeySerializer,
+    AvailabilityQuerySerializer,
     MeSerializer,
+    OfferAvailabilitySerializer,
     OfferSerializer,
+    ReservationCreateSerializer,
+    ReservationExtendSerializer,
+    ReservationSerializer,
 )
-from marketplace.models import ApiKey
-from marketplace.selectors.catalog import offer_list
+from marketplace.choices import ReservationState
+from marketplace.models import ApiKey, Reservation
+from marketplace.selectors.capacity import availability_by_hour, availability_window
+from marketplace.selectors.catalog import offer_get, offer_list
+from marketplace.selectors.reservations import reservation_get, reservation_list
 from marketplace.selectors.tenancy import api_key_get, api_key_list
 from marketplace.services.api_keys import api_key_create, api_key_revoke
+from marketplace.services.idempotency import idempotent
+from marketplace.services.reservations import reservation_cancel, reservation_create, reservation_extend
 
 
 @extend_schema_view(
@@ -34,6 +48,29 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self):
         return offer_list()
+
+    @extend_schema(
+        summary="Free capacity of an offer, hour by hour",
+        parameters=[AvailabilityQuerySerializer],
+        responses={200: OfferAvailabilitySerializer, **error_responses(400, 404)},
+    )
+    @action(detail=True, methods=["get"], filterset_class=None, pagination_class=None)
+    def availability(self, request, pk=None):
+        query = AvailabilityQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        offer = offer_get(offer_id=pk)
+        start, end = availability_window(**query.validated_data)
+        return Response(
+            OfferAvailabilitySerializer(
+                {
+                    "offer": offer.pk,
+                    "unit": "racks" if offer.shape == "rack" else "nodes",
+                    "start": start,
+                    "end": end,
+                    "hours": availability_by_hour(offer=offer, start=start, end=end),
+                }
+            ).data
+        )
 
 
 @extend_schema_view(
@@ -75,6 +112,98 @@ class ApiKeyViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveMod
     def revoke(self, request, pk=None):
         key = api_key_revoke(tenant=self.tenant, key=self.get_object())
         return Response(ApiKeySerializer(key).data)
+
+
+class ReservationFilter(django_filters.FilterSet):
+    state = django_filters.ChoiceFilter(choices=ReservationState.choices)
+
+    class Meta:
+        model = Reservation
+        fields = ["state"]
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="Your organization's reservations",
+        responses={200: ReservationSerializer(many=True), **error_responses(400, 403)},
+    ),
+    retrieve=extend_schema(
+        summary="A reservation, with its allocations and price",
+        responses={200: ReservationSerializer, **error_responses(403, 404)},
+    ),
+)
+class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = ReservationSerializer
+    queryset = Reservation.objects.none()  # the schema's model; requests read through reservation_list
+    filterset_class = ReservationFilter
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self):
+        return reservation_list(tenant=self.tenant)
+
+    def get_object(self):
+        return reservation_get(tenant=self.tenant, reservation_id=self.kwargs["pk"])
+
+    @extend_schema(
+        summary="Reserve nodes or a whole rack",
+        description="Send `Idempotency-Key` to make retries safe: a repeat returns the first response; "
+        "the same key with another body is refused with 422.",
+        request=ReservationCreateSerializer,
+        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+        responses={201: ReservationSerializer, **error_responses(400, 403, 409, 422)},
+    )
+    def create(self, request):
+        def perform():
+            params = ReservationCreateSerializer(data=request.data)
+            params.is_valid(raise_exception=True)
+            data = params.validated_data
+            offer = offer_get(offer_id=data["offer"], for_field="offer")
+            start = data.get("start") or timezone.now()
+            end = data.get("end") or start + timedelta(hours=float(data["duration_hours"]))
+            reservation = reservation_create(
+                tenant=self.tenant,
+                offer=offer,
+                quantity=data["quantity"],
+                start=start,
+                end=end,
+                idempotency_key=key,
+            )
+            return status.HTTP_201_CREATED, ReservationSerializer(
+                reservation_get(tenant=self.tenant, reservation_id=reservation.pk)
+            ).data
+
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            code, body = perform()
+            return Response(body, status=code)
+        code, body, replayed = idempotent(
+            tenant=self.tenant, key=key, endpoint=f"POST {request.path}", payload=request.data, perform=perform
+        )
+        return Response(body, status=code, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    @extend_schema(
+        summary="Cancel (before start) or release (after)",
+        request=None,
+        responses={200: ReservationSerializer, **error_responses(403, 404, 409)},
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        reservation = reservation_cancel(tenant=self.tenant, reservation=self.get_object())
+        return Response(ReservationSerializer(reservation_get(tenant=self.tenant, reservation_id=reservation.pk)).data)
+
+    @extend_schema(
+        summary="Move the end later, while its nodes stay free",
+        request=ReservationExtendSerializer,
+        responses={200: ReservationSerializer, **error_responses(400, 403, 404, 409)},
+    )
+    @action(detail=True, methods=["post"])
+    def extend(self, request, pk=None):
+        params = ReservationExtendSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        reservation = reservation_extend(
+            tenant=self.tenant, reservation=self.get_object(), end=params.validated_data["end"]
+        )
+        return Response(ReservationSerializer(reservation_get(tenant=self.tenant, reservation_id=reservation.pk)).data)
 
 
 class MeView(TenantScopedMixin, APIView):

@@ -1,14 +1,14 @@
 """Reads of the catalog: offers with their availability derived from the fleet.
 
 Availability is computed in SQL (correlated counts per offer), so a page of offers is one query
-whatever the fleet size. It counts nodes that can take work now; reservations narrow it further
-once they exist."""
+whatever the fleet size. It counts nodes that can take work and that no reservation holds at this
+moment; the hour-by-hour calendar is marketplace.selectors.capacity.availability_by_hour."""
 
 from django.db.models import Exists, F, Func, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Now
 
-from console.errors import NotFound
-from marketplace.models import Offer
+from console.errors import DomainError, NotFound
+from marketplace.models import Allocation, Offer
 from provisioning.choices import NodeState
 from provisioning.models import Node, Rack
 
@@ -28,8 +28,14 @@ def _matching_nodes(rack_field: str = "rack__site") -> QuerySet[Node]:
     )
 
 
+def _free_now() -> Q:
+    """Available, and not held by a live allocation at this moment."""
+    held = Allocation.objects.filter(node=OuterRef("pk"), live=True, period__contains=Now())
+    return Q(state=NodeState.AVAILABLE) & ~Q(Exists(held))
+
+
 def _rack_counts() -> tuple[Coalesce, Coalesce]:
-    """Racks at the offer's site made only of matching nodes; and those whose nodes are all available."""
+    """Racks at the offer's site made only of matching nodes; and those whose nodes are all free now."""
     nodes_here = Node.objects.filter(rack=OuterRef("pk"))
     matching = nodes_here.filter(
         accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count__gte=OuterRef(OuterRef("gpus_per_node"))
@@ -38,7 +44,7 @@ def _rack_counts() -> tuple[Coalesce, Coalesce]:
         accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count__gte=OuterRef(OuterRef("gpus_per_node"))
     )
     racks = Rack.objects.filter(site=OuterRef("site")).filter(Exists(matching), ~Exists(foreign))
-    free = racks.filter(~Exists(nodes_here.exclude(state=NodeState.AVAILABLE)))
+    free = racks.filter(~Exists(nodes_here.exclude(_free_now())))
     return _count(racks), _count(free)
 
 
@@ -50,16 +56,22 @@ def offer_list(*, include_inactive: bool = False) -> QuerySet[Offer]:
     total_racks, available_racks = _rack_counts()
     return offers.annotate(
         total_nodes=_count(_matching_nodes()),
-        available_nodes=_count(_matching_nodes().filter(state=NodeState.AVAILABLE)),
+        available_nodes=_count(_matching_nodes().filter(_free_now())),
         total_racks=total_racks,
         available_racks=available_racks,
     ).order_by("price_per_gpu_hour", "pk")
 
 
-def offer_get(*, offer_id) -> Offer:
+def offer_get(*, offer_id, for_field: str | None = None) -> Offer:
+    """An active offer, or NotFound; with ``for_field`` (an offer named in a request body) a 400
+    naming that field instead."""
     try:
         return offer_list().get(pk=offer_id)
     except (Offer.DoesNotExist, ValueError, TypeError):
+        if for_field:
+            raise DomainError(
+                f"No offer {offer_id}.", code="unknown_offer", fields={for_field: [f"No offer {offer_id}."]}
+            ) from None
         raise NotFound(f"No offer {offer_id}.") from None
 
 

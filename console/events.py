@@ -1,0 +1,39 @@
+"""Live events to browsers and API clients through the Channels layer.
+
+The publisher names the audience explicitly (ARCHITECTURE "Live updates"): ``tenant_group`` for a
+tenant's own reservation states and balance, ``reservation_group`` for one reservation's telemetry,
+``FLEET_GROUP`` for operators. Events are sent after the transaction that made them commits; if
+Redis is down the event is lost and logged, never the state (PostgreSQL is the truth)."""
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+FLEET_GROUP = "fleet"
+
+
+def tenant_group(organization_id) -> str:
+    return f"tenant.{organization_id}"
+
+
+def reservation_group(reservation_id) -> str:
+    return f"reservation.{reservation_id}"
+
+
+def publish(group: str, event: str, data: dict) -> None:
+    """Send now. Consumers receive ``{"type": "event.message", "event": ..., "data": ...}``."""
+    async_to_sync(get_channel_layer().group_send)(group, {"type": "event.message", "event": event, "data": data})
+
+
+def publish_on_commit(group: str, event: str, data: dict) -> None:
+    def send() -> None:
+        try:
+            publish(group, event, data)
+        except Exception:  # noqa: BLE001 - an event is rebuildable from rows; the write already committed
+            logger.exception("Could not publish %s to %s", event, group)
+
+    transaction.on_commit(send)

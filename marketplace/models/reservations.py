@@ -1,0 +1,155 @@
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.contrib.postgres.constraints import ExclusionConstraint
+from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+
+from marketplace.choices import OfferShape, ReservationState
+from provisioning.models import AcceleratorType, Node, Rack
+
+from .catalog import Offer
+from .tenancy import Organization
+
+S = ReservationState
+
+# The reservation lifecycle (ARCHITECTURE "Lifecycles"). Every move goes through
+# marketplace.services.reservations, which checks this table.
+RESERVATION_TRANSITIONS: dict[str, frozenset[str]] = {
+    S.PENDING: frozenset({S.PROVISIONING, S.CANCELLED}),
+    S.PROVISIONING: frozenset({S.ACTIVE, S.FAILED, S.RELEASING}),
+    S.ACTIVE: frozenset({S.RELEASING}),
+    S.RELEASING: frozenset({S.COMPLETED}),
+    S.COMPLETED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.FAILED: frozenset(),
+}
+
+
+class Reservation(models.Model):
+    """A tenant's rental of ``quantity`` nodes (or one whole rack) of an offer for ``[start, end)``.
+
+    The price per GPU-hour is copied from the offer when the reservation is made and kept."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="reservations")
+    offer = models.ForeignKey(Offer, on_delete=models.PROTECT, related_name="reservations")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="reservations"
+    )
+    shape = models.CharField(max_length=8, choices=OfferShape.choices)
+    quantity = models.PositiveIntegerField(help_text="Nodes asked for; 1 for a whole rack.")
+    rack = models.ForeignKey(Rack, on_delete=models.PROTECT, null=True, blank=True, related_name="reservations")
+    node_count = models.PositiveIntegerField()
+    gpu_count = models.PositiveIntegerField()
+    period = DateTimeRangeField(help_text="Half-open [start, end).")
+    state = models.CharField(max_length=16, choices=ReservationState.choices, default=S.PENDING)
+    state_changed_at = models.DateTimeField(auto_now_add=True)
+    price_per_gpu_hour = models.DecimalField(max_digits=10, decimal_places=4)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001 - NULL: none sent
+    failure_reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(state__in=ReservationState.values), name="reservation_state_valid"
+            ),
+            models.CheckConstraint(condition=models.Q(quantity__gt=0), name="reservation_quantity_positive"),
+            models.UniqueConstraint(
+                fields=["organization", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="reservation_idempotency_key_unique",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["organization", "state"], name="reservation_org_state_idx"),
+            models.Index(fields=["state"], name="reservation_state_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id.hex[:8]} · {self.offer} × {self.quantity}"
+
+    @property
+    def start(self):
+        return self.period.lower
+
+    @property
+    def end(self):
+        return self.period.upper
+
+    @property
+    def duration(self) -> timedelta:
+        return self.end - self.start
+
+    @property
+    def hours(self) -> Decimal:
+        return Decimal(self.duration.total_seconds()) / Decimal(3600)
+
+    @property
+    def estimated_cost(self) -> Decimal:
+        """The whole period at the kept price; billing (later) rates what was really active."""
+        return (self.price_per_gpu_hour * self.gpu_count * self.hours).quantize(Decimal("0.01"))
+
+
+class Allocation(models.Model):
+    """One node held by a reservation for a half-open period. PostgreSQL refuses two live allocations
+    of one node whose periods overlap, whatever the code above it does (ARCHITECTURE invariant 1)."""
+
+    reservation = models.ForeignKey(Reservation, on_delete=models.CASCADE, related_name="allocations")
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="allocations")
+    period = DateTimeRangeField()
+    live = models.BooleanField(default=True, help_text="False once the reservation no longer holds the node.")
+
+    class Meta:
+        ordering = ["reservation", "node"]
+        constraints = [
+            ExclusionConstraint(
+                name="allocation_no_overlap",
+                expressions=[("node", RangeOperators.EQUAL), ("period", RangeOperators.OVERLAPS)],
+                condition=models.Q(live=True),
+            ),
+            models.UniqueConstraint(fields=["reservation", "node"], name="allocation_unique_node_per_reservation"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node} for {self.reservation_id}"
+
+
+class Quota(models.Model):
+    """The most GPUs of one accelerator type a tenant may hold at once, set by operators. Without a
+    row, settings.DEFAULT_GPU_QUOTA applies."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="quotas")
+    accelerator_type = models.ForeignKey(AcceleratorType, on_delete=models.CASCADE, related_name="quotas")
+    max_gpus = models.PositiveIntegerField()
+
+    class Meta:
+        ordering = ["organization", "accelerator_type"]
+        constraints = [models.UniqueConstraint(fields=["organization", "accelerator_type"], name="quota_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.organization}: {self.max_gpus} × {self.accelerator_type.slug}"
+
+
+class IdempotencyRecord(models.Model):
+    """The first response to a POST sent with an Idempotency-Key, replayed for repeats of it
+    (ARCHITECTURE invariant 7). Kept for a day."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="idempotency_records")
+    key = models.CharField(max_length=255)
+    endpoint = models.CharField(max_length=200, help_text="Method and path the key was used with.")
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the request body.")
+    response_status = models.PositiveSmallIntegerField()
+    response_body = models.JSONField(encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["organization", "key"], name="idempotency_key_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id}:{self.key}"

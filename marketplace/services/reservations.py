@@ -1,0 +1,398 @@
+"""Reservations: made, extended, cancelled, and moved along their lifecycle. The only writer of
+Reservation and Allocation rows."""
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+from django.db.models import Sum
+from django.utils import timezone
+
+from console.errors import Conflict, DomainError
+from console.events import publish_on_commit, tenant_group
+from console.lifecycle import IllegalTransition, transition
+from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, Role
+from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organization, Quota, Reservation
+from marketplace.selectors.capacity import earliest_fit
+from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_pick
+from marketplace.tenancy import TenantContext
+from provisioning.models import Node
+
+logger = logging.getLogger(__name__)
+S = ReservationState
+
+CLOCK_SKEW = timedelta(minutes=1)  # a start this far in the past is taken as "now"
+MAX_ADVANCE = timedelta(days=366)  # how far ahead a reservation may start
+MIN_DURATION = timedelta(minutes=1)
+
+
+class QuotaExceeded(Conflict):
+    code = "quota_exceeded"
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a reservation would hold and cost, before it is made."""
+
+    offer: Offer
+    quantity: int
+    start: datetime
+    end: datetime
+    node_count: int
+    gpu_count: int
+
+    @property
+    def hours(self) -> Decimal:
+        return Decimal((self.end - self.start).total_seconds()) / Decimal(3600)
+
+    @property
+    def price_per_gpu_hour(self) -> Decimal:
+        return self.offer.price_per_gpu_hour
+
+    @property
+    def estimated_cost(self) -> Decimal:
+        return (self.price_per_gpu_hour * self.gpu_count * self.hours).quantize(Decimal("0.01"))
+
+
+def _window_error(message: str, field: str) -> DomainError:
+    return DomainError(message, code="invalid_window", fields={field: [message]})
+
+
+def reservation_quote(
+    *, offer: Offer, quantity: int, start: datetime | None, end: datetime, now: datetime | None = None
+) -> Quote:
+    """Validate a request against the offer and say what it would hold. Raises DomainError (400)."""
+    now = now or timezone.now()
+    if not offer.is_active:
+        raise DomainError(
+            f"Offer {offer.pk} is not available for new reservations.",
+            code="offer_inactive",
+            fields={"offer": ["This offer is no longer sold."]},
+        )
+    if quantity < 1:
+        raise DomainError("Quantity must be at least 1.", fields={"quantity": ["Must be at least 1."]})
+    if offer.shape == OfferShape.RACK and quantity != 1:
+        raise DomainError(
+            "A rack offer rents one whole rack per reservation; use quantity 1.",
+            fields={"quantity": ["Must be 1 for a rack offer."]},
+        )
+    start = now if start is None else start  # up to CLOCK_SKEW in the past is accepted as it is
+    if start < now - CLOCK_SKEW:
+        raise _window_error("The start is in the past.", "start")
+    if start > now + MAX_ADVANCE:
+        raise _window_error(f"Reservations can start at most {MAX_ADVANCE.days} days ahead.", "start")
+    if end <= start:
+        raise _window_error("The end must be after the start.", "end")
+    if end - start < MIN_DURATION:
+        raise _window_error("A reservation lasts at least a minute.", "end")
+    if end - start > timedelta(hours=offer.max_duration_hours):
+        raise _window_error(f"This offer allows at most {offer.max_duration_hours} hours per reservation.", "end")
+    if offer.shape == OfferShape.RACK:
+        nodes = _typical_rack_size(offer)
+    else:
+        nodes = quantity
+    return Quote(
+        offer=offer, quantity=quantity, start=start, end=end, node_count=nodes, gpu_count=nodes * offer.gpus_per_node
+    )
+
+
+def _typical_rack_size(offer: Offer) -> int:
+    """Nodes in the racks of a rack offer (the largest, for a quote before a rack is picked)."""
+    from marketplace.selectors.capacity import WHOLE_RACKS
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT coalesce(max(c), 0) FROM (SELECT count(*) c FROM {Node._meta.db_table} n "
+            f"WHERE n.rack_id IN ({WHOLE_RACKS}) GROUP BY n.rack_id) s",
+            {"site": offer.site_id, "type": offer.accelerator_type_id, "gpus": offer.gpus_per_node},
+        )
+        return cursor.fetchone()[0]
+
+
+def _lock_tenant(organization: Organization) -> None:
+    """Serialise one tenant's quota checks (other tenants are not blocked)."""
+    Organization.objects.select_for_update().filter(pk=organization.pk).values_list("pk", flat=True).first()
+
+
+def _check_quota(
+    *,
+    organization: Organization,
+    offer: Offer,
+    gpus: int,
+    start: datetime,
+    end: datetime,
+    excluding: Reservation | None = None,
+) -> None:
+    """GPUs of the type held by the tenant's reservations overlapping [start, end), plus ``gpus``, must
+    stay within the quota. Counting every overlapping reservation is conservative (they may not all
+    overlap each other) and cheap."""
+    limit = (
+        Quota.objects.filter(organization=organization, accelerator_type_id=offer.accelerator_type_id)
+        .values_list("max_gpus", flat=True)
+        .first()
+    )
+    limit = settings.DEFAULT_GPU_QUOTA if limit is None else limit
+    held = Reservation.objects.filter(
+        organization=organization,
+        state__in=HOLDING_STATES,
+        offer__accelerator_type_id=offer.accelerator_type_id,
+        period__overlap=DateTimeTZRange(start, end, "[)"),
+    )
+    if excluding is not None:
+        held = held.exclude(pk=excluding.pk)
+    used = held.aggregate(n=Sum("gpu_count"))["n"] or 0
+    if used + gpus > limit:
+        raise QuotaExceeded(
+            f"Your organization may hold {limit} {offer.accelerator_type.model} GPUs at once; it holds {used} "
+            f"in that window and this needs {gpus} more. Ask an operator to raise the quota.",
+            quota=limit,
+            in_use=used,
+            requested=gpus,
+        )
+
+
+def _capacity_refusal(error: CapacityUnavailable, quote: Quote) -> CapacityUnavailable:
+    """The refusal, with the earliest window that would fit."""
+    earliest = earliest_fit(
+        offer=quote.offer, quantity=quote.quantity, start=quote.start, duration=quote.end - quote.start
+    )
+    hint = (
+        f" The earliest window of that length starts at {earliest.isoformat()}."
+        if earliest
+        else " This offer does not have that much capacity at all."
+    )
+    details = {**error.details, "earliest_start": earliest.isoformat() if earliest else None}
+    return CapacityUnavailable(error.message + hint, **details)
+
+
+def _event(reservation: Reservation, event: str, **extra) -> None:
+    publish_on_commit(
+        tenant_group(reservation.organization_id),
+        event,
+        {"id": str(reservation.id), "state": reservation.state, **extra},
+    )
+
+
+@transaction.atomic
+def reservation_create(
+    *,
+    tenant: TenantContext,
+    offer: Offer,
+    quantity: int,
+    start: datetime | None,
+    end: datetime,
+    idempotency_key: str | None = None,
+) -> Reservation:
+    """Hold nodes (or one whole rack) of ``offer`` for [start, end). All or nothing."""
+    tenant.require(Role.MEMBER, "reserving capacity")
+    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end)
+    _lock_tenant(tenant.organization)
+    if offer.shape == OfferShape.NODE:
+        _check_quota(
+            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
+        )
+    try:
+        placement = placement_pick(offer=offer, quantity=quantity, start=quote.start, end=quote.end)
+    except CapacityUnavailable as error:
+        raise _capacity_refusal(error, quote) from None
+    node_count = len(placement.node_ids)
+    if offer.shape == OfferShape.RACK:
+        _check_quota(
+            organization=tenant.organization,
+            offer=offer,
+            gpus=node_count * offer.gpus_per_node,
+            start=quote.start,
+            end=quote.end,
+        )
+    period = DateTimeTZRange(quote.start, quote.end, "[)")
+    try:
+        with transaction.atomic():
+            reservation = Reservation.objects.create(
+                organization=tenant.organization,
+                offer=offer,
+                created_by=tenant.user,
+                shape=offer.shape,
+                quantity=quantity,
+                rack_id=placement.rack_id,
+                node_count=node_count,
+                gpu_count=node_count * offer.gpus_per_node,
+                period=period,
+                price_per_gpu_hour=offer.price_per_gpu_hour,
+                idempotency_key=idempotency_key,
+            )
+            Allocation.objects.bulk_create(
+                [Allocation(reservation=reservation, node_id=node, period=period) for node in placement.node_ids]
+            )
+    except IntegrityError as error:
+        if _constraint(error) == "allocation_no_overlap":  # placement is wrong if this happens; the database is not
+            logger.error("Exclusion constraint refused a placement for %s", offer)
+            raise CapacityUnavailable("That capacity was just taken; try again.") from None
+        raise
+    _event(reservation, "reservation.created")
+    return reservation
+
+
+def _constraint(error: IntegrityError) -> str | None:
+    diag = getattr(error.__cause__, "diag", None)
+    return getattr(diag, "constraint_name", None)
+
+
+def _move(reservation: Reservation, target: str, **also_set) -> str:
+    previous = transition(reservation, table=RESERVATION_TRANSITIONS, target=target, **also_set)
+    if target not in HOLDING_STATES:
+        Allocation.objects.filter(reservation=reservation, live=True).update(live=False)
+    _event(reservation, f"reservation.{target}", previous_state=previous)
+    return previous
+
+
+@transaction.atomic
+def reservation_cancel(*, tenant: TenantContext, reservation: Reservation) -> Reservation:
+    """Before it starts: cancelled, nothing held. After: released (its nodes are torn down)."""
+    tenant.require(Role.MEMBER, "cancelling a reservation")
+    if reservation.state == S.PENDING:
+        _move(reservation, S.CANCELLED)
+    elif reservation.state in (S.PROVISIONING, S.ACTIVE):
+        _move(reservation, S.RELEASING)
+    else:
+        raise IllegalTransition(
+            f"A {reservation.state} reservation cannot be cancelled.",
+            current_state=reservation.state,
+            requested_state="cancelled",
+        )
+    return reservation
+
+
+@transaction.atomic
+def reservation_extend(*, tenant: TenantContext, reservation: Reservation, end: datetime) -> Reservation:
+    """Move the end later, if every node it holds stays free until then."""
+    tenant.require(Role.MEMBER, "extending a reservation")
+    reservation = (
+        Reservation.objects.select_for_update().select_related("offer__accelerator_type").get(pk=reservation.pk)
+    )
+    if reservation.state not in (S.PENDING, S.PROVISIONING, S.ACTIVE):
+        raise IllegalTransition(
+            f"A {reservation.state} reservation cannot be extended.",
+            current_state=reservation.state,
+            requested_state=reservation.state,
+        )
+    old_end = reservation.end
+    if end <= old_end:
+        raise _window_error(f"The new end must be after the current end ({old_end.isoformat()}).", "end")
+    if end - reservation.start > timedelta(hours=reservation.offer.max_duration_hours):
+        raise _window_error(
+            f"This offer allows at most {reservation.offer.max_duration_hours} hours per reservation.", "end"
+        )
+    _lock_tenant(reservation.organization)
+    _check_quota(
+        organization=reservation.organization,
+        offer=reservation.offer,
+        gpus=reservation.gpu_count,
+        start=old_end,
+        end=end,
+        excluding=reservation,
+    )
+    node_ids = list(reservation.allocations.filter(live=True).values_list("node_id", flat=True))
+    nodes_lock(node_ids)
+    clash = (
+        Allocation.objects.filter(node_id__in=node_ids, live=True, period__overlap=DateTimeTZRange(old_end, end, "[)"))
+        .exclude(reservation=reservation)
+        .select_related("node")
+        .order_by("period")
+        .first()
+    )
+    if clash is not None:
+        raise CapacityUnavailable(
+            f"Node {clash.node.hostname} is reserved by someone else from {clash.period.lower.isoformat()}; "
+            f"the latest end possible is {clash.period.lower.isoformat()}.",
+            latest_end=clash.period.lower.isoformat(),
+        )
+    period = DateTimeTZRange(reservation.start, end, "[)")
+    try:
+        with transaction.atomic():
+            reservation.allocations.filter(live=True).update(period=period)
+            Reservation.objects.filter(pk=reservation.pk).update(period=period)
+    except IntegrityError as error:
+        if _constraint(error) == "allocation_no_overlap":
+            raise CapacityUnavailable("Another reservation took those nodes for that time; try again.") from None
+        raise
+    reservation.period = period
+    _event(reservation, "reservation.extended", end=end.isoformat())
+    return reservation
+
+
+# Lifecycle steps, driven by beat (marketplace.tasks) and later by provisioning. Each takes an id,
+# re-reads the row and is a no-op when the reservation has already moved on.
+
+
+@transaction.atomic
+def _step(reservation_id, *, sources: tuple[str, ...], target: str, ready=None, **also_set) -> bool:
+    """Move the reservation to ``target`` if it is in one of ``sources`` (and ``ready`` says yes);
+    False, changing nothing, if it already moved on. Safe to run twice."""
+    reservation = Reservation.objects.filter(pk=reservation_id).first()
+    if reservation is None or reservation.state not in sources or (ready and not ready(reservation)):
+        return False
+    try:
+        _move(reservation, target, **also_set)
+    except IllegalTransition:  # a concurrent step won the compare-and-set
+        return False
+    return True
+
+
+def reservation_begin(*, reservation_id, now: datetime | None = None) -> bool:
+    """pending → provisioning once the start has come."""
+    return _step(
+        reservation_id, sources=(S.PENDING,), target=S.PROVISIONING, ready=lambda r: r.start <= (now or timezone.now())
+    )
+
+
+def reservation_activate(*, reservation_id) -> bool:
+    """provisioning → active, when every node is ready."""
+    return _step(reservation_id, sources=(S.PROVISIONING,), target=S.ACTIVE)
+
+
+def reservation_release(*, reservation_id, reason: str = "") -> bool:
+    """provisioning/active → releasing: at the end, on cancel, or forced by an operator."""
+    extra = {"failure_reason": reason[:500]} if reason else {}
+    return _step(reservation_id, sources=(S.PROVISIONING, S.ACTIVE), target=S.RELEASING, **extra)
+
+
+def reservation_complete(*, reservation_id) -> bool:
+    """releasing → completed: the nodes are torn down and free again."""
+    return _step(reservation_id, sources=(S.RELEASING,), target=S.COMPLETED)
+
+
+def reservation_fail(*, reservation_id, reason: str) -> bool:
+    """provisioning → failed: nothing billed, the hold released."""
+    return _step(reservation_id, sources=(S.PROVISIONING,), target=S.FAILED, failure_reason=reason[:500])
+
+
+def reservations_advance(*, now: datetime | None = None) -> dict[str, int]:
+    """Move every reservation whose time has come: started ones to provisioning, ended ones to
+    releasing, and (until the provisioning layer tears nodes down for real) releasing ones to completed."""
+    from marketplace.selectors.reservations import (
+        reservations_due_to_begin,
+        reservations_due_to_end,
+        reservations_releasing,
+    )
+
+    now = now or timezone.now()
+    begun = sum(reservation_begin(reservation_id=pk, now=now) for pk in reservations_due_to_begin(now=now))
+    ended = sum(reservation_release(reservation_id=pk) for pk in reservations_due_to_end(now=now))
+    completed = sum(reservation_complete(reservation_id=pk) for pk in reservations_releasing())
+    return {"begun": begun, "ended": ended, "completed": completed}
+
+
+def reservation_force_release(*, reservation: Reservation, actor: str) -> Reservation:
+    """Operators: free a reservation's nodes now, whatever state it is in (pending: cancelled)."""
+    if reservation.state == S.PENDING:
+        with transaction.atomic():
+            _move(reservation, S.CANCELLED, failure_reason=f"cancelled by operator {actor}"[:500])
+    else:
+        reservation_release(reservation_id=reservation.pk, reason=f"released by operator {actor}")
+        reservation_complete(reservation_id=reservation.pk)
+    reservation.refresh_from_db()
+    return reservation
