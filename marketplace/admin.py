@@ -5,8 +5,19 @@ from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db.models import Count, Q
 
 from console.admin_columns import annotated_column
-from marketplace.models import ApiKey, Membership, Offer, OfferTermDiscount, Organization, User
+from marketplace.models import (
+    Allocation,
+    ApiKey,
+    Membership,
+    Offer,
+    OfferTermDiscount,
+    Organization,
+    Quota,
+    Reservation,
+    User,
+)
 from marketplace.services.api_keys import api_keys_revoke_as_operator
+from marketplace.services.reservations import reservation_force_release
 
 
 class MembershipInline(admin.TabularInline):
@@ -132,3 +143,107 @@ class OfferAdmin(admin.ModelAdmin):
     list_editable = ["price_per_gpu_hour", "is_active"]
     list_select_related = ["site", "accelerator_type"]
     inlines = [OfferTermDiscountInline]
+
+
+class QuotaInline(admin.TabularInline):
+    model = Quota
+    extra = 0
+
+
+OrganizationAdmin.inlines = [*OrganizationAdmin.inlines, QuotaInline]
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    list_display = ["organization", "accelerator_type", "max_gpus"]
+    list_filter = ["accelerator_type"]
+    search_fields = ["organization__name", "organization__slug"]
+    autocomplete_fields = ["organization"]
+    list_editable = ["max_gpus"]
+
+
+class AllocationInline(admin.TabularInline):
+    model = Allocation
+    extra = 0
+    fields = ["node", "period", "live"]
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False  # allocations are made by placement only
+
+
+@admin.register(Reservation)
+class ReservationAdmin(admin.ModelAdmin):
+    list_display = [
+        "short_id",
+        "organization",
+        "offer",
+        "state",
+        "node_count",
+        "gpu_count",
+        "start",
+        "end",
+        "price_per_gpu_hour",
+        "created_at",
+    ]
+    list_filter = ["state", "shape", "offer__site", "offer__accelerator_type"]
+    search_fields = [
+        "id",
+        "organization__name",
+        "organization__slug",
+        "created_by__email",
+        "allocations__node__hostname",
+    ]
+    list_select_related = ["organization", "offer__site", "offer__accelerator_type"]
+    readonly_fields = [f.name for f in Reservation._meta.fields]
+    inlines = [AllocationInline]
+    actions = ["force_release"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False  # tenants reserve through the portal or the API
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # reservations are history; force-release frees the nodes
+
+    @admin.display(description="reservation", ordering="id")
+    def short_id(self, obj):
+        return obj.id.hex[:8]
+
+    @admin.display(ordering="period")
+    def start(self, obj):
+        return obj.start
+
+    @admin.display()
+    def end(self, obj):
+        return obj.end
+
+    @admin.action(description="Force-release selected reservations (free their nodes now)")
+    def force_release(self, request, queryset):
+        released = 0
+        for reservation in queryset:
+            if reservation.state in ("completed", "cancelled", "failed"):
+                self.message_user(
+                    request, f"{reservation.id.hex[:8]} is already {reservation.state}.", messages.WARNING
+                )
+                continue
+            reservation_force_release(reservation=reservation, actor=request.user.email)
+            released += 1
+        if released:
+            self.message_user(request, f"Released {released} reservation(s); their nodes are free.", messages.SUCCESS)
+
+
+@admin.register(Allocation)
+class AllocationAdmin(admin.ModelAdmin):
+    list_display = ["node", "reservation", "period", "live"]
+    list_filter = ["live", "node__rack__site"]
+    search_fields = ["node__hostname", "reservation__id", "reservation__organization__name"]
+    list_select_related = ["node", "reservation"]
+    readonly_fields = ["reservation", "node", "period", "live"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,3 +1,5 @@
+from decimal import Decimal
+
 from django import forms
 
 from marketplace.choices import Role
@@ -12,4 +14,29 @@ class ApiKeyForm(forms.Form):
         max_value=3650,
         label="Expires in (days)",
         help_text="Leave empty for a key that does not expire.",
+    )
+
+
+class ReserveForm(forms.Form):
+    """Reserve from an offer. Times are UTC (the console shows every time in UTC)."""
+
+    quantity = forms.IntegerField(min_value=1, max_value=10_000, initial=1, label="Nodes")
+    start = forms.DateTimeField(
+        required=False,
+        label="Start (UTC)",
+        help_text="Leave empty to start now.",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"],
+    )
+    duration_hours = forms.DecimalField(
+        min_value=Decimal("0.02"), max_digits=8, decimal_places=2, initial=1, label="Duration (hours)"
+    )
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
+
+
+class ExtendForm(forms.Form):
+    end = forms.DateTimeField(
+        label="New end (UTC)",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"],
     )

@@ -13,6 +13,9 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("organization/", views.organization_switch, name="organization-switch"),
     path("catalog/", views.catalog, name="catalog"),
+    path("offers/<int:offer_id>/reserve/", views.reserve, name="reserve"),
+    path("reservations/", views.reservations, name="reservations"),
+    path("reservations/<uuid:reservation_id>/", views.reservation_detail, name="reservation"),
     path("api-keys/", views.api_keys, name="api-keys"),
     path("api-keys/<uuid:key_id>/revoke/", views.api_key_revoke_view, name="api-key-revoke"),
 ]

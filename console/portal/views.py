@@ -1,8 +1,10 @@
 """Portal pages. Thin: the tenant comes from TenantMiddleware, reads from selectors, writes from services."""
 
+import uuid
 from datetime import timedelta
 from functools import wraps
 
+from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import connection
@@ -14,13 +16,22 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from console.errors import DomainError
-from console.portal.forms import ApiKeyForm
+from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm
 from console.tenancy import SESSION_KEY
 from marketplace.api.filters import OfferFilter
-from marketplace.choices import ROLE_RANK, Role
-from marketplace.selectors.catalog import offer_list
+from marketplace.choices import ROLE_RANK, ReservationState, Role
+from marketplace.selectors.capacity import availability_by_hour, availability_window
+from marketplace.selectors.catalog import offer_get, offer_list
+from marketplace.selectors.reservations import reservation_get, reservation_list
 from marketplace.selectors.tenancy import api_key_get, api_key_list, tenant_context_for_user
 from marketplace.services.api_keys import api_key_create, api_key_revoke
+from marketplace.services.idempotency import idempotent
+from marketplace.services.reservations import (
+    reservation_cancel,
+    reservation_create,
+    reservation_extend,
+    reservation_quote,
+)
 from provisioning.selectors.fleet import accelerator_type_list, site_regions
 
 
@@ -136,3 +147,119 @@ def api_key_revoke_view(request, key_id):
     key = api_key_revoke(tenant=request.tenant, key=api_key_get(tenant=request.tenant, key_id=key_id))
     messages.success(request, f"Revoked {key.name} ({key.prefix}…). Requests with it now get 401.")
     return redirect("portal:api-keys")
+
+
+def _calendar(offer, hours: int = 48) -> dict:
+    start, end = availability_window(end=timezone.now() + timedelta(hours=hours))
+    rows = availability_by_hour(offer=offer, start=start, end=end)
+    peak = max((row.total for row in rows), default=0)
+    return {"hours": rows, "peak": peak, "unit": "racks" if offer.shape == "rack" else "nodes"}
+
+
+@tenant_required
+def reserve(request, offer_id):
+    """Reserve from an offer: fill in, see the price, confirm."""
+    offer = offer_get(offer_id=offer_id)
+    form = ReserveForm(request.POST or None, initial={"idempotency_key": uuid.uuid4().hex})
+    quote, status = None, 200
+    if offer.shape == "rack":
+        form.fields["quantity"].widget = forms.HiddenInput()
+        form.fields["quantity"].initial = 1
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        start = data["start"] or timezone.now()
+        end = start + timedelta(hours=float(data["duration_hours"]))
+        try:
+            if "confirm" not in request.POST:
+                quote = reservation_quote(offer=offer, quantity=data["quantity"], start=start, end=end)
+            else:
+                key = data["idempotency_key"] or uuid.uuid4().hex
+
+                def perform():
+                    made = reservation_create(
+                        tenant=request.tenant,
+                        offer=offer,
+                        quantity=data["quantity"],
+                        start=start,
+                        end=end,
+                        idempotency_key=key,
+                    )
+                    return 201, {"id": str(made.id)}
+
+                _status, body, _replayed = idempotent(
+                    tenant=request.tenant,
+                    key=key,
+                    endpoint=f"portal reserve {offer.pk}",
+                    payload={k: str(v) for k, v in data.items() if k != "idempotency_key"},
+                    perform=perform,
+                )
+                messages.success(request, "Reserved. It will be provisioned when its start comes.")
+                return redirect("portal:reservation", reservation_id=body["id"])
+        except DomainError as error:
+            form.add_error(None, error.message)
+            status = error.status_code
+    elif request.method == "POST":
+        status = 400
+    return render(
+        request,
+        "portal/reserve.html",
+        {
+            "offer": offer,
+            "form": form,
+            "quote": quote,
+            "calendar": _calendar(offer),
+        },
+        status=status,
+    )
+
+
+@tenant_required
+def reservations(request):
+    state = request.GET.get("state") or None
+    if state not in ReservationState.values:
+        state = None
+    return render(
+        request,
+        "portal/reservations.html",
+        {
+            "reservations": reservation_list(tenant=request.tenant, state=state)[:200],
+            "states": ReservationState.choices,
+            "state": state,
+        },
+    )
+
+
+@tenant_required
+def reservation_detail(request, reservation_id):
+    reservation = reservation_get(tenant=request.tenant, reservation_id=reservation_id)
+    extend_form = ExtendForm(initial={"end": reservation.end + timedelta(hours=1)})
+    status = 200
+    if request.method == "POST":
+        try:
+            if request.POST.get("action") == "cancel":
+                reservation_cancel(tenant=request.tenant, reservation=reservation)
+                messages.success(request, "Cancelled." if reservation.state == "cancelled" else "Releasing its nodes.")
+                return redirect("portal:reservation", reservation_id=reservation.pk)
+            if request.POST.get("action") == "extend":
+                extend_form = ExtendForm(request.POST)
+                if extend_form.is_valid():
+                    reservation_extend(
+                        tenant=request.tenant, reservation=reservation, end=extend_form.cleaned_data["end"]
+                    )
+                    messages.success(request, "Extended.")
+                    return redirect("portal:reservation", reservation_id=reservation.pk)
+                status = 400
+        except DomainError as error:
+            messages.error(request, error.message)
+            status = error.status_code
+        reservation = reservation_get(tenant=request.tenant, reservation_id=reservation_id)
+    return render(
+        request,
+        "portal/reservation.html",
+        {
+            "reservation": reservation,
+            "extend_form": extend_form,
+            "can_cancel": reservation.state in ("pending", "provisioning", "active"),
+        },
+        status=status,
+    )

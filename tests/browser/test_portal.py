@@ -45,3 +45,27 @@ def test_a_member_browses_the_catalog_and_manages_an_api_key(page, tenant, tmp_p
     assert "revoked" in page.locator(f'tr[data-key="{key.prefix}"]').inner_text()
     key.refresh_from_db()
     assert key.revoked_at is not None
+
+
+def test_a_member_reserves_from_the_catalog_seeing_the_price_first(page, tenant, tmp_path):
+    from marketplace.models import Reservation
+
+    rack = RackFactory()
+    for _ in range(3):
+        make_node(rack=rack)
+    offer = OfferFactory(site=rack.site)
+    shots = os.environ.get("SCREENSHOT_DIR", str(tmp_path))
+
+    sign_in(page, tenant.user.email)
+    page.locator(f'tr[data-offer="{offer.id}"]').get_by_role("link", name="Reserve").click()
+    page.get_by_role("spinbutton", name="Nodes").fill("2")
+    page.get_by_label("Duration (hours)").fill("4")
+    page.get_by_role("button", name="See the price").click()
+    assert "$159.36" in page.locator("table.quote").inner_text()  # 16 GPUs x 4 h x $2.49
+    page.screenshot(path=f"{shots}/reserve.png", full_page=True)
+    page.get_by_role("button", name="Confirm reservation").click()
+    page.wait_for_url("**/reservations/*/")
+    assert page.locator("#reservation-state").inner_text() == "pending"
+    reservation = Reservation.objects.get()
+    assert reservation.node_count == 2 and reservation.created_by == tenant.user
+    page.screenshot(path=f"{shots}/reservation.png", full_page=True)

@@ -1,11 +1,16 @@
 """Operators' admin: every registered model's pages render, and node actions go through the lifecycle."""
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 from django.contrib import admin
 from django.test import Client
 from django.urls import reverse
 
+from marketplace.models import Quota, Reservation
 from marketplace.services.api_keys import api_key_create
+from marketplace.services.reservations import reservation_create, reservations_advance
 from provisioning.choices import NodeState
 from provisioning.models import Node
 from tests.factories import PASSWORD, OfferFactory, make_node, make_tenant, make_user
@@ -24,8 +29,10 @@ def operator_client():
 @pytest.fixture
 def world(tenant):
     node = make_node()
-    OfferFactory(site=node.rack.site, accelerator_type=node.accelerator_type)
+    offer = OfferFactory(site=node.rack.site, accelerator_type=node.accelerator_type)
     api_key_create(tenant=tenant, name="ci")
+    reservation_create(tenant=tenant, offer=offer, quantity=1, start=None, end=timezone.now() + timedelta(hours=1))
+    Quota.objects.create(organization=tenant.organization, accelerator_type=node.accelerator_type, max_gpus=64)
     return node
 
 
@@ -61,3 +68,17 @@ def test_tenants_cannot_open_the_admin():
     client.login(username=owner.user.email, password=PASSWORD)
     response = client.get("/admin/")
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_force_release_frees_the_nodes_now(operator_client, world, tenant):
+    reservation = Reservation.objects.get()
+    reservations_advance()  # started
+    response = operator_client.post(
+        reverse("admin:marketplace_reservation_changelist"),
+        {"action": "force_release", "_selected_action": [reservation.pk]},
+        follow=True,
+    )
+    assert "their nodes are free" in response.content.decode()
+    reservation.refresh_from_db()
+    assert reservation.state == "completed" and "ops@example.com" in reservation.failure_reason
+    assert not reservation.allocations.filter(live=True).exists()

@@ -1,0 +1,93 @@
+import re
+from datetime import timedelta
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from marketplace.choices import Role
+from marketplace.models import Reservation
+from marketplace.services.reservations import reservation_create
+from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_tenant
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def offer():
+    rack = RackFactory()
+    for _ in range(3):
+        make_node(rack=rack)
+    return OfferFactory(site=rack.site)
+
+
+def browser_for(tenant) -> Client:
+    client = Client()
+    assert client.login(username=tenant.user.email, password=PASSWORD)
+    return client
+
+
+def test_reserve_shows_the_price_then_confirms_once(tenant, offer):
+    browser = browser_for(tenant)
+    page = browser.get(f"/offers/{offer.id}/reserve/").content.decode()
+    assert "Free nodes per hour" in page
+    key = re.search(r'name="idempotency_key" value="([0-9a-f]+)"', page).group(1)
+    form = {"quantity": 2, "start": "", "duration_hours": "3", "idempotency_key": key}
+    review = browser.post(f"/offers/{offer.id}/reserve/", form).content.decode()
+    assert "Estimated total" in review and "$119.52" in review  # 16 GPUs x 3 h x $2.49
+    assert not Reservation.objects.exists()
+    confirmed = browser.post(f"/offers/{offer.id}/reserve/", {**form, "confirm": "1"})
+    reservation = Reservation.objects.get()
+    assert confirmed.status_code == 302 and confirmed["Location"] == f"/reservations/{reservation.id}/"
+    # A double click sends the same form again: still one reservation, same page.
+    again = browser.post(f"/offers/{offer.id}/reserve/", {**form, "confirm": "1"})
+    assert again["Location"] == confirmed["Location"] and Reservation.objects.count() == 1
+    detail = browser.get(confirmed["Location"]).content.decode()
+    assert "pending" in detail and reservation.allocations.first().node.hostname in detail
+
+
+def test_a_refusal_is_shown_on_the_form(tenant, offer):
+    response = browser_for(tenant).post(
+        f"/offers/{offer.id}/reserve/", {"quantity": 9, "duration_hours": "1", "confirm": "1"}
+    )
+    assert response.status_code == 409 and "Only 3 of the 9 nodes" in response.content.decode()
+
+
+def test_viewers_see_prices_but_cannot_confirm(offer):
+    viewer = make_tenant(role=Role.VIEWER)
+    browser = browser_for(viewer)
+    review = browser.post(f"/offers/{offer.id}/reserve/", {"quantity": 1, "duration_hours": "1"}).content.decode()
+    assert "Estimated total" in review and "you can look, not reserve" in review
+    refused = browser.post(f"/offers/{offer.id}/reserve/", {"quantity": 1, "duration_hours": "1", "confirm": "1"})
+    assert refused.status_code == 403 and not Reservation.objects.exists()
+
+
+def test_list_filter_cancel_and_extend_from_the_portal(tenant, offer):
+    start = timezone.now() + timedelta(hours=2)
+    reservation = reservation_create(
+        tenant=tenant, offer=offer, quantity=1, start=start, end=start + timedelta(hours=1)
+    )
+    browser = browser_for(tenant)
+    assert f'data-reservation="{reservation.id}"' in browser.get("/reservations/?state=pending").content.decode()
+    assert f'data-reservation="{reservation.id}"' not in browser.get("/reservations/?state=active").content.decode()
+    new_end = (start + timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M")
+    extended = browser.post(f"/reservations/{reservation.id}/", {"action": "extend", "end": new_end}, follow=True)
+    assert "Extended." in extended.content.decode()
+    reservation.refresh_from_db()
+    assert reservation.end.strftime("%Y-%m-%dT%H:%M") == new_end
+    browser.post(f"/reservations/{reservation.id}/", {"action": "cancel"})
+    reservation.refresh_from_db()
+    assert reservation.state == "cancelled"
+    again = browser.post(f"/reservations/{reservation.id}/", {"action": "cancel"})
+    assert again.status_code == 409
+
+
+def test_another_tenants_reservation_page_is_404(tenant, other_tenant, offer):
+    theirs = reservation_create(
+        tenant=other_tenant, offer=offer, quantity=1, start=None, end=timezone.now() + timedelta(hours=1)
+    )
+    browser = browser_for(tenant)
+    assert browser.get(f"/reservations/{theirs.id}/").status_code == 404
+    assert browser.post(f"/reservations/{theirs.id}/", {"action": "cancel"}).status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.state == "pending"
