@@ -3,10 +3,10 @@
 from datetime import timedelta
 
 import pytest
-from django.utils import timezone
 from django.contrib import admin
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from marketplace.models import Quota, Reservation
 from marketplace.services.api_keys import api_key_create
