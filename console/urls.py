@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from console.portal import views as portal
+from provisioning.api.enroll import enroll
 
 admin.site.site_header = "Neocloud Console — operations"
 admin.site.site_title = "Neocloud operations"
@@ -11,6 +12,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(("console.api_urls", "api"), namespace="api")),
     path("healthz", portal.healthz, name="healthz"),
+    path("agent/v1/enroll", enroll, name="agent-enroll"),
     path("", include(("console.portal.urls", "portal"), namespace="portal")),
 ]
 

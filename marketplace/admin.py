@@ -17,7 +17,7 @@ from marketplace.models import (
     User,
 )
 from marketplace.services.api_keys import api_keys_revoke_as_operator
-from marketplace.services.reservations import reservation_force_release
+from marketplace.services.provisioning_flow import reservation_force_release
 
 
 class MembershipInline(admin.TabularInline):

@@ -4,3 +4,11 @@ from django.apps import AppConfig
 class MarketplaceConfig(AppConfig):
     name = "marketplace"
     verbose_name = "Marketplace"
+
+    def ready(self):
+        # Provisioning reports command outcomes through hooks; it never imports marketplace.
+        from marketplace.services import provisioning_flow
+        from provisioning import hooks
+
+        hooks.on_command_finished(provisioning_flow.on_command_finished)
+        hooks.on_command_progress(provisioning_flow.on_command_progress)

@@ -25,3 +25,17 @@ class NodeState(models.TextChoices):
     DRAINING = "draining", "Draining"
     MAINTENANCE = "maintenance", "Maintenance"
     OFFLINE = "offline", "Offline"
+
+
+class CommandKind(models.TextChoices):
+    PROVISION = "provision", "Provision"
+    RELEASE = "release", "Release"
+    HEALTH_CHECK = "health_check", "Health check"
+
+
+class CommandState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    SENT = "sent", "Sent"
+    ACKNOWLEDGED = "acknowledged", "Acknowledged"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"

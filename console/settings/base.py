@@ -125,6 +125,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# An unacknowledged task of a killed worker returns to the queue after this; the reconcilers usually
+# re-enqueue the work sooner, from rows.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 600)}
 CELERY_TIMEZONE = "UTC"
 
 # --- Auth, i18n, static --------------------------------------------------------------------------
@@ -226,4 +229,28 @@ CELERY_BEAT_SCHEDULE = {
         "task": "marketplace.tasks.idempotency_records_expire",
         "schedule": 3600.0,
     },
+}
+
+# --- Node agents (docs/agent-protocol.md) ------------------------------------------------------
+AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 10)
+AGENT_MISSED_BEATS = env_int("AGENT_MISSED_BEATS", 3)  # then the node is marked offline
+AGENT_MAX_FRAME_BYTES = env_int("AGENT_MAX_FRAME_BYTES", 256 * 1024)
+BOOTSTRAP_TOKEN_HOURS = env_int("BOOTSTRAP_TOKEN_HOURS", 24)
+PROVISION_TIMEOUT_SECONDS = env_int("PROVISION_TIMEOUT_SECONDS", 600)
+RELEASE_TIMEOUT_SECONDS = env_int("RELEASE_TIMEOUT_SECONDS", 300)
+RECONCILE_SECONDS = env_int("RECONCILE_SECONDS", 15)
+CELERY_BEAT_SCHEDULE["provisioning-reconcile"] = {
+    "task": "provisioning.tasks.provisioning_reconcile",
+    "schedule": float(RECONCILE_SECONDS),
+    "options": {"expires": float(RECONCILE_SECONDS)},
+}
+CELERY_BEAT_SCHEDULE["reservations-reconcile"] = {
+    "task": "marketplace.tasks.reservations_reconcile",
+    "schedule": float(RECONCILE_SECONDS),
+    "options": {"expires": float(RECONCILE_SECONDS)},
+}
+CELERY_TASK_ROUTES = {
+    "marketplace.tasks.provision_reservation": {"queue": "provisioning"},
+    "marketplace.tasks.release_reservation": {"queue": "provisioning"},
+    "provisioning.tasks.*": {"queue": "provisioning"},
 }

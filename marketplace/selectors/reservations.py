@@ -50,7 +50,3 @@ def reservations_due_to_end(*, now: datetime) -> list:
             state__in=[ReservationState.PROVISIONING, ReservationState.ACTIVE], period__endswith__lte=now
         ).values_list("pk", flat=True)
     )
-
-
-def reservations_releasing() -> list:
-    return list(Reservation.objects.filter(state=ReservationState.RELEASING).values_list("pk", flat=True))

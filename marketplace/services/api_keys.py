@@ -1,9 +1,6 @@
 """API keys: created (the plaintext shown once), authenticated, revoked. Only digests are stored."""
 
-import hashlib
-import hmac
 import logging
-import secrets
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -11,6 +8,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from console.errors import DomainError, Forbidden
+from console.tokens import matches, new_token, parse
 from marketplace.choices import Role, role_rank
 from marketplace.models import ApiKey
 from marketplace.tenancy import TenantContext
@@ -23,14 +21,6 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 class InvalidApiKey(Exception):
     """The presented key is unknown, malformed, expired or revoked (deliberately not saying which)."""
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def api_key_format(prefix: str, secret: str) -> str:
-    return f"{settings.API_KEY_PREFIX}_{prefix}_{secret}"
 
 
 def api_key_create(
@@ -50,9 +40,8 @@ def api_key_create(
         )
     if expires_at is not None and expires_at <= timezone.now():
         raise DomainError("The expiry must be in the future.", fields={"expires_at": ["Must be in the future."]})
-    secret = secrets.token_urlsafe(32)
     for _attempt in range(5):
-        prefix = secrets.token_hex(4)
+        token = new_token(settings.API_KEY_PREFIX)
         try:
             with transaction.atomic():
                 key = ApiKey.objects.create(
@@ -60,8 +49,8 @@ def api_key_create(
                     created_by=tenant.user,
                     name=name[:100],
                     role=role,
-                    prefix=prefix,
-                    secret_hash=_digest(secret),
+                    prefix=token.prefix,
+                    secret_hash=token.digest,
                     expires_at=expires_at,
                 )
             break
@@ -69,18 +58,17 @@ def api_key_create(
             continue
     else:  # pragma: no cover - would need five collisions in a row
         raise RuntimeError("Could not allocate a unique API key prefix.")
-    logger.info("API key %s… created in %s by %s", prefix, tenant.organization.slug, tenant.user.email)
-    return key, api_key_format(prefix, secret)
+    logger.info("API key %s… created in %s by %s", token.prefix, tenant.organization.slug, tenant.user.email)
+    return key, token.plaintext
 
 
 def api_key_authenticate(*, raw_key: str) -> ApiKey:
     """The live key for ``raw_key``, or InvalidApiKey. Compares digests in constant time."""
-    parts = raw_key.strip().split("_", 2)
-    if len(parts) != 3 or parts[0] != settings.API_KEY_PREFIX or not parts[1] or not parts[2]:
+    token = parse(raw_key, settings.API_KEY_PREFIX)
+    if token is None:
         raise InvalidApiKey
-    _, prefix, secret = parts
-    key = ApiKey.objects.select_related("organization", "created_by").filter(prefix=prefix).first()
-    if key is None or not hmac.compare_digest(key.secret_hash, _digest(secret)):
+    key = ApiKey.objects.select_related("organization", "created_by").filter(prefix=token.prefix).first()
+    if key is None or not matches(key.secret_hash, token):
         raise InvalidApiKey
     now = timezone.now()
     if key.revoked_at is not None or key.is_expired(now) or not key.created_by.is_active:

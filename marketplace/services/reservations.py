@@ -15,6 +15,7 @@ from django.utils import timezone
 from console.errors import Conflict, DomainError
 from console.events import publish_on_commit, tenant_group
 from console.lifecycle import IllegalTransition, transition
+from console.tasks import enqueue_on_commit
 from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, Role
 from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organization, Quota, Reservation
 from marketplace.selectors.capacity import earliest_fit
@@ -246,6 +247,13 @@ def _move(reservation: Reservation, target: str, **also_set) -> str:
     if target not in HOLDING_STATES:
         Allocation.objects.filter(reservation=reservation, live=True).update(live=False)
     _event(reservation, f"reservation.{target}", previous_state=previous)
+    # The nodes are set up and torn down by Celery tasks through their agents (provisioning_flow).
+    from marketplace import tasks
+
+    if target == S.PROVISIONING:
+        enqueue_on_commit(tasks.provision_reservation, str(reservation.pk))
+    elif target == S.RELEASING:
+        enqueue_on_commit(tasks.release_reservation, str(reservation.pk))
     return previous
 
 
@@ -372,27 +380,15 @@ def reservation_fail(*, reservation_id, reason: str) -> bool:
 
 def reservations_advance(*, now: datetime | None = None) -> dict[str, int]:
     """Move every reservation whose time has come: started ones to provisioning, ended ones to
-    releasing, and (until the provisioning layer tears nodes down for real) releasing ones to completed."""
-    from marketplace.selectors.reservations import (
-        reservations_due_to_begin,
-        reservations_due_to_end,
-        reservations_releasing,
-    )
+    releasing. Their nodes are then set up or torn down through their agents (provisioning_flow)."""
+    from marketplace.selectors.reservations import reservations_due_to_begin, reservations_due_to_end
 
     now = now or timezone.now()
     begun = sum(reservation_begin(reservation_id=pk, now=now) for pk in reservations_due_to_begin(now=now))
     ended = sum(reservation_release(reservation_id=pk) for pk in reservations_due_to_end(now=now))
-    completed = sum(reservation_complete(reservation_id=pk) for pk in reservations_releasing())
-    return {"begun": begun, "ended": ended, "completed": completed}
+    return {"begun": begun, "ended": ended}
 
 
-def reservation_force_release(*, reservation: Reservation, actor: str) -> Reservation:
-    """Operators: free a reservation's nodes now, whatever state it is in (pending: cancelled)."""
-    if reservation.state == S.PENDING:
-        with transaction.atomic():
-            _move(reservation, S.CANCELLED, failure_reason=f"cancelled by operator {actor}"[:500])
-    else:
-        reservation_release(reservation_id=reservation.pk, reason=f"released by operator {actor}")
-        reservation_complete(reservation_id=reservation.pk)
-    reservation.refresh_from_db()
-    return reservation
+def reservation_cancel_as_operator(*, reservation: Reservation, reason: str) -> bool:
+    """pending → cancelled by an operator (no tenant role check)."""
+    return _step(reservation.pk, sources=(S.PENDING,), target=S.CANCELLED, failure_reason=reason[:500])

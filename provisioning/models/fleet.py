@@ -66,6 +66,10 @@ class Node(models.Model):
     )
     gpu_count = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+    # What its agent last said (docs/agent-protocol.md).
+    last_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last frame from its agent.")
+    agent_version = models.CharField(max_length=32, blank=True)
+    driver_version = models.CharField(max_length=32, blank=True)
 
     class Meta:
         ordering = ["hostname"]

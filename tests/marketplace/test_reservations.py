@@ -488,15 +488,14 @@ class TestLifecycleTiming:
             return result, events
 
         (due, states, steps), events = async_to_sync(scenario)()
-        assert steps[0]["begun"] == 1 and steps[1] == {"begun": 0, "ended": 0, "completed": 0}
+        assert steps[0]["begun"] == 1 and steps[1] == {"begun": 0, "ended": 0}
         assert states == (S.PROVISIONING, S.PENDING)
-        assert steps[2] == {"begun": 0, "ended": 1, "completed": 1}
-        assert due.state == S.COMPLETED and not due.allocations.filter(live=True).exists()
+        assert steps[2] == {"begun": 0, "ended": 1}
+        assert due.state == S.RELEASING  # its agents tear the nodes down next (tests/e2e)
         assert [e for e, rid in events if rid == str(due.id)] == [
             "reservation.created",
             "reservation.provisioning",
             "reservation.releasing",
-            "reservation.completed",
         ]
 
     def test_the_tick_is_scheduled_on_beat(self, settings):
