@@ -1,12 +1,15 @@
 """Operators' view of the fleet. Lifecycle moves go through provisioning.services.fleet."""
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, Q
+from django.template.response import TemplateResponse
 
 from console.admin_columns import annotated_column
 from console.errors import DomainError
 from provisioning.choices import NodeState
-from provisioning.models import AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
+from provisioning.models import AcceleratorType, Gpu, Node, NodeCommand, NodeStateChange, Rack, Site
+from provisioning.services.agents import bootstrap_token_create, node_secret_revoke, node_secret_rotate
 from provisioning.services.fleet import node_transition
 
 
@@ -124,21 +127,95 @@ def _move(target: str, verb: str):
     return admin.action(description=f"{verb.capitalize()} selected nodes (→ {target})")(action)
 
 
+class NodeCommandInline(admin.TabularInline):
+    model = NodeCommand
+    extra = 0
+    fields = ["created_at", "kind", "state", "progress_step", "progress_percent", "deadline", "send_count", "error"]
+    readonly_fields = fields
+    can_delete = False
+    max_num = 0
+    ordering = ["-created_at"]
+
+
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["hostname", "state", "site", "rack", "accelerator_type", "gpu_count", "state_changed_at"]
+    list_display = [
+        "hostname",
+        "state",
+        "site",
+        "rack",
+        "accelerator_type",
+        "gpu_count",
+        "agent",
+        "last_seen_at",
+        "agent_version",
+    ]
     list_filter = ["state", "rack__site", "rack__site__kind", "accelerator_type"]
     search_fields = ["hostname", "rack__name", "rack__site__name", "gpus__uuid"]
     list_select_related = ["rack__site", "accelerator_type"]
-    readonly_fields = ["state", "state_changed_at", "accelerator_type", "gpu_count", "created_at"]
+    readonly_fields = [
+        "state",
+        "state_changed_at",
+        "accelerator_type",
+        "gpu_count",
+        "created_at",
+        "last_seen_at",
+        "agent_version",
+        "driver_version",
+    ]
     fields = ["hostname", "rack", *readonly_fields]
-    inlines = [GpuInline, NodeStateChangeInline]
+    inlines = [GpuInline, NodeStateChangeInline, NodeCommandInline]
     actions = [
         _move(NodeState.AVAILABLE, "mark available / recover"),
         _move(NodeState.DRAINING, "drain"),
         _move(NodeState.MAINTENANCE, "start maintenance"),
         _move(NodeState.OFFLINE, "mark offline"),
+        "create_bootstrap_tokens",
+        "rotate_secrets",
+        "revoke_secrets",
     ]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("credential")
+
+    @admin.display(description="agent")
+    def agent(self, obj):
+        credential = getattr(obj, "credential", None)
+        if credential is None:
+            return "not enrolled"
+        if credential.revoked_at:
+            return "revoked"
+        return "enrolled"
+
+    @admin.action(description="Create bootstrap tokens (shown once)")
+    def create_bootstrap_tokens(self, request, queryset):
+        tokens = [(node.hostname, bootstrap_token_create(node=node, actor=request.user.email)) for node in queryset]
+        # Rendered in this response only: never stored, never put in a message cookie.
+        return TemplateResponse(
+            request,
+            "admin/provisioning/bootstrap_tokens.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Bootstrap tokens",
+                "tokens": tokens,
+                "hours": settings.BOOTSTRAP_TOKEN_HOURS,
+            },
+        )
+
+    @admin.action(description="Rotate agent secrets (connected agents receive the new one)")
+    def rotate_secrets(self, request, queryset):
+        rotated = [node.hostname for node in queryset if node_secret_rotate(node=node, actor=request.user.email)]
+        self.message_user(
+            request,
+            f"Rotation sent to {len(rotated)} agent(s); the old secret works until each agent confirms.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(description="Revoke agent secrets (disconnect and refuse them)")
+    def revoke_secrets(self, request, queryset):
+        for node in queryset:
+            node_secret_revoke(node=node, actor=request.user.email)
+        self.message_user(request, f"Revoked the secrets of {queryset.count()} node(s).", messages.SUCCESS)
 
     @admin.display(ordering="rack__site__name")
     def site(self, obj):
@@ -159,3 +236,18 @@ class GpuAdmin(admin.ModelAdmin):
     @admin.display(description="node state", ordering="node__state")
     def node_state(self, obj):
         return obj.node.state
+
+
+@admin.register(NodeCommand)
+class NodeCommandAdmin(admin.ModelAdmin):
+    list_display = ["id", "node", "kind", "state", "progress_percent", "created_at", "deadline", "send_count"]
+    list_filter = ["state", "kind", "node__rack__site"]
+    search_fields = ["id", "node__hostname", "correlation_id"]
+    list_select_related = ["node"]
+    readonly_fields = [f.name for f in NodeCommand._meta.fields]
+
+    def has_add_permission(self, request):
+        return False  # commands are made by provisioning, not by hand
+
+    def has_delete_permission(self, request, obj=None):
+        return False
