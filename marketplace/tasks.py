@@ -10,12 +10,17 @@ from marketplace.services.provisioning_flow import (
 from marketplace.services.provisioning_flow import (
     reservations_reconcile as reconcile,
 )
-from marketplace.services.reservations import reservations_advance
+from marketplace.services.reservations import reservation_begin, reservations_advance
 
 
 @shared_task(acks_late=True, ignore_result=True)
 def reservations_tick() -> dict[str, int]:
     return reservations_advance()
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def begin_reservation(reservation_id: str) -> bool:
+    return reservation_begin(reservation_id=reservation_id)  # no-op unless pending and due
 
 
 @shared_task(acks_late=True, ignore_result=True)

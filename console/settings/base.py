@@ -195,6 +195,13 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "SiteKindEnum": "provisioning.choices.SiteKind",
+        "CommandKindEnum": "provisioning.choices.CommandKind",
+        "CommandStateEnum": "provisioning.choices.CommandState",
+        "ReservationStateEnum": "marketplace.choices.ReservationState",
+        "OfferShapeEnum": "marketplace.choices.OfferShape",
+    },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

@@ -5,7 +5,9 @@ from rest_framework import serializers
 
 from marketplace.choices import Role
 from marketplace.models import ApiKey, Offer, OfferTermDiscount, Reservation
+from marketplace.selectors.reservations import reservation_progress
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
+from provisioning.choices import CommandKind, CommandState
 
 
 class TermDiscountSerializer(serializers.ModelSerializer):
@@ -166,6 +168,29 @@ def price_of(item) -> dict:
         "hours": item.hours.quantize(Decimal("0.0001")),
         "estimated_total": item.estimated_cost,
     }
+
+
+class NodeProgressSerializer(serializers.Serializer):
+    node = serializers.CharField()
+    kind = serializers.ChoiceField(choices=CommandKind.choices)
+    state = serializers.ChoiceField(choices=CommandState.choices)
+    step = serializers.CharField()
+    percent = serializers.IntegerField()
+    error = serializers.CharField()
+
+
+class ReservationDetailSerializer(ReservationSerializer):
+    """A reservation with what its nodes' agents last reported."""
+
+    progress = serializers.SerializerMethodField()
+
+    class Meta(ReservationSerializer.Meta):
+        fields = [*ReservationSerializer.Meta.fields, "progress"]
+        read_only_fields = fields
+
+    @extend_schema_field(NodeProgressSerializer(many=True))
+    def get_progress(self, reservation: Reservation) -> list[dict]:
+        return reservation_progress(reservation=reservation)
 
 
 class ReservationCreateSerializer(serializers.Serializer):

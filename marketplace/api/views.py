@@ -21,6 +21,7 @@ from marketplace.api.serializers import (
     OfferAvailabilitySerializer,
     OfferSerializer,
     ReservationCreateSerializer,
+    ReservationDetailSerializer,
     ReservationExtendSerializer,
     ReservationSerializer,
 )
@@ -128,8 +129,8 @@ class ReservationFilter(django_filters.FilterSet):
         responses={200: ReservationSerializer(many=True), **error_responses(400, 403)},
     ),
     retrieve=extend_schema(
-        summary="A reservation, with its allocations and price",
-        responses={200: ReservationSerializer, **error_responses(403, 404)},
+        summary="A reservation, with its allocations, price and provisioning progress",
+        responses={200: ReservationDetailSerializer, **error_responses(403, 404)},
     ),
 )
 class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -143,6 +144,9 @@ class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.Retrie
 
     def get_object(self):
         return reservation_get(tenant=self.tenant, reservation_id=self.kwargs["pk"])
+
+    def get_serializer_class(self):
+        return ReservationDetailSerializer if self.action == "retrieve" else ReservationSerializer
 
     @extend_schema(
         summary="Reserve nodes or a whole rack",

@@ -50,3 +50,25 @@ def reservations_due_to_end(*, now: datetime) -> list:
             state__in=[ReservationState.PROVISIONING, ReservationState.ACTIVE], period__endswith__lte=now
         ).values_list("pk", flat=True)
     )
+
+
+def reservation_progress(*, reservation: Reservation) -> list[dict]:
+    """Per node, the latest command provisioning or releasing it: what the agent reported."""
+    from provisioning.models import NodeCommand
+
+    latest: dict[int, NodeCommand] = {}
+    for command in (
+        NodeCommand.objects.filter(correlation_id=reservation.pk).select_related("node").order_by("created_at")
+    ):
+        latest[command.node_id] = command
+    return [
+        {
+            "node": c.node.hostname,
+            "kind": c.kind,
+            "state": c.state,
+            "step": c.progress_step,
+            "percent": c.progress_percent,
+            "error": c.error,
+        }
+        for c in sorted(latest.values(), key=lambda c: c.node.hostname)
+    ]

@@ -234,6 +234,10 @@ def reservation_create(
             raise CapacityUnavailable("That capacity was just taken; try again.") from None
         raise
     _event(reservation, "reservation.created")
+    if quote.start <= timezone.now():  # starts now: do not wait for the next beat tick
+        from marketplace import tasks
+
+        enqueue_on_commit(tasks.begin_reservation, str(reservation.pk))
     return reservation
 
 

@@ -1,0 +1,55 @@
+// The tenant's live feed (/ws/tenant/): reservation states and provisioning progress, applied to
+// whatever the page shows. One small module; pages mark what it may update with data attributes.
+(function () {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  let delay = 1000;
+
+  function setState(id, state) {
+    document.querySelectorAll(`[data-state-of="${id}"]`).forEach((pill) => {
+      pill.textContent = state;
+      pill.className = `pill state-${state}`;
+    });
+    const page = document.querySelector(`[data-reservation-page="${id}"]`);
+    if (page && ["active", "completed", "cancelled", "failed"].includes(state)) {
+      // Actions and allocations change with these states: refresh the server-rendered parts.
+      setTimeout(() => location.reload(), 600);
+    }
+  }
+
+  function setProgress(data) {
+    const table = document.querySelector(`[data-progress-of="${data.id}"]`);
+    if (!table) return;
+    let row = table.querySelector(`tr[data-node="${data.node}"]`);
+    if (!row) {
+      row = document.createElement("tr");
+      row.dataset.node = data.node;
+      row.innerHTML = '<td><code></code></td><td class="kind"></td><td class="step"></td>' +
+        '<td><div class="progress"><span></span></div></td><td class="num pct"></td>';
+      row.querySelector("code").textContent = data.node;
+      table.querySelector("tbody").appendChild(row);
+      table.querySelector(".empty-row")?.remove();
+    }
+    row.querySelector(".kind").textContent = data.kind;
+    row.querySelector(".step").textContent = data.step;
+    row.querySelector(".progress span").style.width = `${data.percent}%`;
+    row.querySelector(".pct").textContent = `${data.percent}%`;
+  }
+
+  function connect() {
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/tenant/`);
+    socket.onopen = () => { delay = 1000; document.body.dataset.live = "on"; };
+    socket.onmessage = (message) => {
+      const { event, data } = JSON.parse(message.data);
+      if (event === "reservation.progress") setProgress(data);
+      else if (event.startsWith("reservation.") && data.state) setState(data.id, data.state);
+    };
+    socket.onclose = (closing) => {
+      document.body.dataset.live = "off";
+      if (closing.code === 4403) return; // not a member of any organization: nothing to follow
+      setTimeout(connect, delay + Math.random() * delay);
+      delay = Math.min(delay * 2, 30000);
+    };
+  }
+
+  if (document.querySelector("[data-live]")) connect();
+})();
