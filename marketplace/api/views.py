@@ -28,7 +28,7 @@ from marketplace.api.serializers import (
 from marketplace.choices import ReservationState
 from marketplace.models import ApiKey, Reservation
 from marketplace.selectors.capacity import availability_by_hour, availability_window
-from marketplace.selectors.catalog import offer_get, offer_list
+from marketplace.selectors.catalog import offer_for_reservation, offer_get, offer_list
 from marketplace.selectors.reservations import reservation_get, reservation_list
 from marketplace.selectors.tenancy import api_key_get, api_key_list
 from marketplace.services.api_keys import api_key_create, api_key_revoke
@@ -161,7 +161,7 @@ class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.Retrie
             params = ReservationCreateSerializer(data=request.data)
             params.is_valid(raise_exception=True)
             data = params.validated_data
-            offer = offer_get(offer_id=data["offer"], for_field="offer")
+            offer = offer_for_reservation(offer_id=data["offer"])
             start = data.get("start") or timezone.now()
             end = data.get("end") or start + timedelta(hours=float(data["duration_hours"]))
             reservation = reservation_create(

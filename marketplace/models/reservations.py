@@ -5,10 +5,11 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib.postgres.constraints import ExclusionConstraint
 from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
+from django.contrib.postgres.indexes import GistIndex
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 
-from marketplace.choices import OfferShape, ReservationState
+from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState
 from provisioning.models import AcceleratorType, Node, Rack
 
 from .catalog import Offer
@@ -67,6 +68,12 @@ class Reservation(models.Model):
             ),
         ]
         indexes = [
+            # The quota check: a tenant's holding reservations overlapping a window (bench/placement).
+            GistIndex(
+                fields=["organization", "period"],
+                name="reservation_holding_period_idx",
+                condition=models.Q(state__in=sorted(HOLDING_STATES)),
+            ),
             models.Index(fields=["organization", "state"], name="reservation_org_state_idx"),
             models.Index(fields=["state"], name="reservation_state_idx"),
         ]

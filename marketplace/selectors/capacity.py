@@ -87,38 +87,54 @@ def free_racks(*, offer: Offer, start: datetime, end: datetime, limit: int | Non
 
 
 def earliest_fit(*, offer: Offer, quantity: int, start: datetime, duration: timedelta) -> datetime | None:
-    """The earliest start at or after ``start`` when ``quantity`` nodes (or one rack) are free for
-    ``duration``. Free capacity only grows when an allocation ends, so the candidates are ``start`` and
-    the ends of live allocations after it. None when the offer has too few nodes at all."""
+    """The earliest start at or after ``start`` when ``quantity`` nodes (or one whole rack) are free for
+    ``duration``; None when the offer does not have that much capacity at all.
+
+    One sweep, not a probe per candidate time (bench/placement measured 12 s for that at 10,000 nodes):
+    each free gap [lo, hi) of a node lets a window start anywhere in [lo, hi - duration]; those ranges
+    become +1/-1 events, and a running sum (per rack, for a rack offer) finds the first moment enough
+    nodes can start together. Cost grows with the live allocations of the offer's nodes after ``start``."""
     if offer.shape == "rack":
-        sql = f"""
-            WITH racks AS ({WHOLE_RACKS}),
-            starts AS (
-                SELECT %(start)s::timestamptz AS t
-                UNION SELECT upper(a.period) FROM {ALLOCATION} a JOIN {NODE} n ON n.id = a.node_id
-                      WHERE a.live AND n.rack_id IN (SELECT id FROM racks) AND upper(a.period) > %(start)s
-            )
-            SELECT s.t FROM starts s
-            WHERE EXISTS (
-                SELECT 1 FROM racks w WHERE NOT EXISTS (
-                    SELECT 1 FROM {NODE} n WHERE n.rack_id = w.id
-                      AND {_busy("n.id", "s.t", "s.t + %(duration)s")}))
-            ORDER BY s.t LIMIT 1
-        """
+        nodes = f"SELECT n.id, n.rack_id FROM {NODE} n WHERE n.rack_id IN ({WHOLE_RACKS})"
+        partition = "PARTITION BY e.rack_id"
+        answer = """SELECT min(r.t) FROM running r
+                    JOIN (SELECT rack_id, count(*) AS size FROM nodes GROUP BY rack_id) z ON z.rack_id = r.rack_id
+                    WHERE r.free >= z.size"""
     else:
-        sql = f"""
-            WITH nodes AS ({MATCHING_NODES}),
-            starts AS (
-                SELECT %(start)s::timestamptz AS t
-                UNION SELECT upper(a.period) FROM {ALLOCATION} a JOIN nodes ON nodes.id = a.node_id
-                      WHERE a.live AND upper(a.period) > %(start)s
-            )
-            SELECT s.t FROM starts s
-            WHERE (SELECT count(*) FROM nodes m WHERE NOT {_busy("m.id", "s.t", "s.t + %(duration)s")}) >= %(quantity)s
-            ORDER BY s.t LIMIT 1
-        """
+        nodes, partition = MATCHING_NODES, ""
+        answer = "SELECT min(t) FROM running WHERE free >= %(quantity)s"
+    sql = f"""
+        WITH nodes AS ({nodes}),
+        held AS (
+            SELECT a.node_id, lower(a.period) AS lo, upper(a.period) AS hi
+            FROM {ALLOCATION} a JOIN nodes ON nodes.id = a.node_id
+            WHERE a.live AND upper(a.period) > %(start)s
+        ),
+        gaps AS (  -- free [lo, hi) per node: before each holding, and after the last one
+            SELECT node_id, greatest(coalesce(lag(hi) OVER (PARTITION BY node_id ORDER BY lo), %(start)s),
+                                     %(start)s) AS lo, lo AS hi
+            FROM held
+            UNION ALL
+            SELECT nodes.id, greatest(coalesce(max(held.hi), %(start)s), %(start)s), 'infinity'::timestamptz
+            FROM nodes LEFT JOIN held ON held.node_id = nodes.id GROUP BY nodes.id
+        ),
+        starts AS (  -- when a window of the duration can start in each gap
+            SELECT g.node_id, g.lo AS first, g.hi - %(duration)s AS last FROM gaps g WHERE g.hi - %(duration)s >= g.lo
+        ),
+        events AS (
+            SELECT m.rack_id, s.first AS t, 1 AS delta, 0 AS ord FROM starts s JOIN nodes m ON m.id = s.node_id
+            UNION ALL
+            SELECT m.rack_id, s.last, -1, 1 FROM starts s JOIN nodes m ON m.id = s.node_id
+            WHERE s.last < 'infinity'::timestamptz
+        ),
+        running AS (
+            SELECT e.rack_id, e.t, sum(e.delta) OVER ({partition} ORDER BY e.t, e.ord ROWS UNBOUNDED PRECEDING) AS free
+            FROM events e
+        )
+        {answer}
+    """
     rows = _rows(sql, _params(offer, start=start, duration=duration, quantity=quantity))
-    return rows[0][0] if rows else None
+    return rows[0][0] if rows and rows[0][0] is not None else None
 
 
 @dataclass(frozen=True)

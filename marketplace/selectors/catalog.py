@@ -62,16 +62,24 @@ def offer_list(*, include_inactive: bool = False) -> QuerySet[Offer]:
     ).order_by("price_per_gpu_hour", "pk")
 
 
-def offer_get(*, offer_id, for_field: str | None = None) -> Offer:
-    """An active offer, or NotFound; with ``for_field`` (an offer named in a request body) a 400
-    naming that field instead."""
+def offer_for_reservation(*, offer_id) -> Offer:
+    """The offer a reservation request names, without the availability counts (bench/placement: they
+    were 28 % of a POST). Inactive offers are returned so that the refusal can say why."""
+    try:
+        offer = Offer.objects.select_related("site", "accelerator_type").filter(pk=offer_id).first()
+    except (ValueError, TypeError):
+        offer = None
+    if offer is None:
+        message = f"No offer {offer_id}."
+        raise DomainError(message, code="unknown_offer", fields={"offer": [message]})
+    return offer
+
+
+def offer_get(*, offer_id) -> Offer:
+    """An active offer with its availability, or NotFound."""
     try:
         return offer_list().get(pk=offer_id)
     except (Offer.DoesNotExist, ValueError, TypeError):
-        if for_field:
-            raise DomainError(
-                f"No offer {offer_id}.", code="unknown_offer", fields={for_field: [f"No offer {offer_id}."]}
-            ) from None
         raise NotFound(f"No offer {offer_id}.") from None
 
 

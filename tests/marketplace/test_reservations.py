@@ -506,3 +506,66 @@ class TestLifecycleTiming:
         import marketplace.tasks  # noqa: F401 - registers the task
 
         assert "marketplace.tasks.reservations_tick" in app.tasks
+
+
+class TestEarliestFit:
+    """The sweep in capacity.earliest_fit against a brute force over the same random bookings."""
+
+    @pytest.mark.parametrize("seed", range(6))
+    def test_the_sweep_agrees_with_brute_force(self, seed, fleet):
+        import random
+
+        from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+
+        from marketplace.selectors.capacity import earliest_fit
+
+        rng = random.Random(seed)
+        offer, rack_offer = fleet["node_offer"], fleet["rack_offer"]
+        nodes = fleet["nodes"]["a"] + fleet["nodes"]["b"]
+        t0 = timezone.now().replace(microsecond=0) + timedelta(hours=1)
+        holder = make_tenant(role=Role.MEMBER)
+        busy = {node.pk: [] for node in nodes}
+        for node in nodes:
+            cursor = t0 + timedelta(hours=rng.randint(-2, 3))
+            for _ in range(rng.randint(0, 4)):
+                length = timedelta(hours=rng.randint(1, 5))
+                reservation = Reservation.objects.create(
+                    organization=holder.organization,
+                    offer=offer,
+                    shape="node",
+                    quantity=1,
+                    node_count=1,
+                    gpu_count=8,
+                    period=DateTimeTZRange(cursor, cursor + length, "[)"),
+                    price_per_gpu_hour=1,
+                )
+                Allocation.objects.create(
+                    reservation=reservation, node=node, period=DateTimeTZRange(cursor, cursor + length, "[)")
+                )
+                busy[node.pk].append((cursor, cursor + length))
+                cursor += length + timedelta(hours=rng.randint(0, 3))
+
+        def free(node_id, start, end):
+            return all(end <= lo or start >= hi for lo, hi in busy[node_id])
+
+        def brute(quantity, duration, racks=False):
+            candidates = sorted({t0} | {hi for spans in busy.values() for _lo, hi in spans if hi > t0})
+            for t in candidates:
+                if racks:
+                    if any(all(free(n.pk, t, t + duration) for n in group) for group in fleet["nodes"].values()):
+                        return t
+                elif sum(free(n.pk, t, t + duration) for n in nodes) >= quantity:
+                    return t
+            return None
+
+        for quantity in (1, 2, 3, 5, 6):
+            for hours in (1, 3, 8):
+                duration = timedelta(hours=hours)
+                assert earliest_fit(offer=offer, quantity=quantity, start=t0, duration=duration) == brute(
+                    quantity, duration
+                ), (quantity, hours)
+        for hours in (1, 4):
+            duration = timedelta(hours=hours)
+            assert earliest_fit(offer=rack_offer, quantity=1, start=t0, duration=duration) == brute(
+                1, duration, racks=True
+            ), hours

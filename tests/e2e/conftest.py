@@ -1,0 +1,196 @@
+"""Real processes for end-to-end tests: daphne, a Celery worker, Celery beat and node agents, all on
+the test database and the test Redis, on this machine's loopback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+from console.devservers import free_port, stop_process
+
+ROOT = Path(settings.BASE_DIR)
+
+
+def wait_for(condition: Callable[[], object], *, timeout: float, what: str, every: float = 0.2):
+    """Poll until ``condition()`` is truthy; its value is returned. Fails the test with ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def database_url() -> str:
+    db = settings.DATABASES["default"]
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+class Stack:
+    """The console's processes. Each runs in its own process group, logs to a file in ``logs``."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"},
+            "DATABASE_URL": database_url(),
+            "REDIS_URL": settings.REDIS_URL,
+            "DJANGO_SETTINGS_MODULE": "console.settings.test",
+            "PYTHONUNBUFFERED": "1",
+            "RESERVATION_TICK_SECONDS": "1",
+            "RECONCILE_SECONDS": "2",
+            "AGENT_HEARTBEAT_SECONDS": "2",
+            "PROVISION_TIMEOUT_SECONDS": "90",
+            "RELEASE_TIMEOUT_SECONDS": "60",
+            "DATABASE_POOL": "false",
+        }
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        return process
+
+    def start_daphne(self):
+        self.start(
+            "daphne",
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "console.asgi:application"],
+        )
+        wait_for(self._healthy, timeout=60, what="daphne to answer /healthz")
+
+    def start_worker(self):
+        self.start(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "console",
+                "worker",
+                "-l",
+                "INFO",
+                "-Q",
+                "default,provisioning",
+                "--concurrency",
+                "2",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+        )
+
+    def start_beat(self, schedule: Path):
+        self.start(
+            "beat", [sys.executable, "-m", "celery", "-A", "console", "beat", "-l", "INFO", "--schedule", str(schedule)]
+        )
+
+    def start_agents(self, tokens: list[dict], state_dir: Path, *options: str):
+        path = state_dir / "tokens.json"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(tokens))
+        self.start(
+            "agents",
+            [
+                sys.executable,
+                "-m",
+                "provisioning.agent.cli",
+                "fleet",
+                "--server",
+                self.base,
+                "--tokens",
+                str(path),
+                "--state-dir",
+                str(state_dir),
+                *options,
+            ],
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL):
+        process = self.processes.pop(name)
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        process.wait(30)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base}/healthz", timeout=2) as response:  # noqa: S310 - loopback
+                return response.status == 200
+        except OSError:
+            return False
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self):
+        for name in ["agents", "beat", "worker", "daphne"]:
+            process = self.processes.pop(name, None)
+            if process is not None:
+                stop_process(process, timeout=20)
+
+
+def purge_celery_queues() -> None:
+    """Tasks other tests enqueued (for rows long rolled back) must not reach this test's worker."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete("default", "provisioning", "unacked", "unacked_index", "unacked_mutex")
+
+
+@pytest.fixture
+def stack(tmp_path, transactional_db):
+    purge_celery_queues()
+    running = Stack(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+        for name in ["daphne", "worker", "beat", "agents"]:
+            text = running.log(name)
+            if text:
+                print(f"----- {name} (last 3000 chars) -----\n{text[-3000:]}")
+
+
+class Api:
+    def __init__(self, base: str, key: str):
+        self.base, self.key = base, key
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(  # noqa: S310 - loopback only
+            f"{self.base}{path}",
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
