@@ -6,6 +6,7 @@ production. Seeding is idempotent: a database that already has sites is left alo
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 from django.db import transaction
 
@@ -207,3 +208,24 @@ def demo_credentials() -> list[tuple[str, str, str]]:
     lines += [(f"Acme AI {role}", email, DEMO_PASSWORD) for email, role in TENANT_USERS.items()]
     lines.append(("Globex Research owner", "owner@globex.example", DEMO_PASSWORD))
     return lines
+
+
+def demo_agent_tokens(*, state_dir: Path) -> list[dict]:
+    """The tokens file for the demo's simulated fleet host (`neocloud-agent fleet`): every node, with a
+    fresh bootstrap token where its agent has no stored secret yet, null where it has one, and the
+    hardware it should pretend to be."""
+    from provisioning.agent.credentials import has_credentials
+    from provisioning.models import Node
+    from provisioning.services.agents import bootstrap_token_create
+
+    entries = []
+    for node in Node.objects.select_related("accelerator_type").order_by("hostname"):
+        enrolled = has_credentials(state_dir / node.hostname) and hasattr(node, "credential")
+        token = None if enrolled else bootstrap_token_create(node=node, actor="make demo", hours=1)
+        entry = {"hostname": node.hostname, "token": token, "gpus": node.gpu_count or 8}
+        if node.accelerator_type is not None:
+            entry.update(
+                gpu_name=node.accelerator_type.device_name, gpu_memory_mib=node.accelerator_type.memory_gib * 1024
+            )
+        entries.append(entry)
+    return entries

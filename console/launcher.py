@@ -106,17 +106,47 @@ def _banner(base: str) -> str:
     return "\n".join(lines)
 
 
+def _start(processes: dict, name: str, command: list[str], env: dict) -> None:
+    processes[name] = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdin=subprocess.DEVNULL)
+    logger.info("started %s (pid %s)", name, processes[name].pid)
+
+
 def _run(args: argparse.Namespace, stores: dict[str, str], processes: dict[str, subprocess.Popen]) -> None:
-    env = {**os.environ, **stores, "PYTHONUNBUFFERED": "1"}
+    env = {"AGENT_HEARTBEAT_SECONDS": "5", **os.environ, **stores, "PYTHONUNBUFFERED": "1"}
     os.environ.update(stores)  # this process reads settings too (the banner)
+    data_dir = Path(args.dir).resolve()
+    tokens = data_dir / "agent-tokens.json"
     _manage(env, "migrate", "--noinput")
     if not args.no_seed:
-        _manage(env, "seed_demo")
-    for name, command in _children(args.host, args.port, args.server, Path(args.dir).resolve()).items():
-        processes[name] = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdin=subprocess.DEVNULL)
-        logger.info("started %s (pid %s)", name, processes[name].pid)
+        _manage(env, "seed_demo", "--agent-tokens", str(tokens), "--agent-state", str(data_dir / "agents"))
+    for name, command in _children(args.host, args.port, args.server, data_dir).items():
+        _start(processes, name, command, env)
     base = f"http://{args.host}:{args.port}"
     _wait_healthy(f"{base}/healthz", processes)
+    if tokens.exists() and not args.no_agents:
+        # One process hosting a simulated agent for every demo node, each with its own connection and
+        # secret, so reservations made in the demo really go live.
+        _start(
+            processes,
+            "agents",
+            [
+                sys.executable,
+                "-m",
+                "provisioning.agent.cli",
+                "fleet",
+                "--server",
+                base,
+                "--tokens",
+                str(tokens),
+                "--state-dir",
+                str(data_dir / "agents"),
+                "--backend",
+                "simulated",
+                "--driver",
+                "simulated",
+            ],
+            env,
+        )
     import django
 
     django.setup()
@@ -135,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", choices=["daphne", "uvicorn"], default=os.environ.get("ASGI_SERVER", "daphne"))
     parser.add_argument("--dir", default=os.environ.get("DEMO_DIR", ".demo"), help="Data of embedded servers.")
     parser.add_argument("--no-seed", action="store_true", help="Do not seed the demo world.")
+    parser.add_argument("--no-agents", action="store_true", help="Do not run the simulated node agents.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="launcher: %(message)s")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings.development")

@@ -1,13 +1,27 @@
+import json
+from pathlib import Path
+
 from django.core.management.base import BaseCommand
 
-from console.demo import demo_credentials, seed_demo
+from console.demo import demo_agent_tokens, demo_credentials, seed_demo
 
 
 class Command(BaseCommand):
     help = "Seed the demo fleet, catalog and tenants (does nothing if a fleet exists)."
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument("--agent-tokens", type=Path, help="Write the simulated fleet host's tokens file here.")
+        parser.add_argument("--agent-state", type=Path, help="The fleet host's state directory (with --agent-tokens).")
+
+    def handle(self, *args, agent_tokens=None, agent_state=None, **options):
         created = seed_demo()
         self.stdout.write("Seeded the demo world." if created else "The database already has a fleet; left as is.")
         for who, email, password in demo_credentials():
             self.stdout.write(f"  {who:<24} {email:<26} {password}")
+        if agent_tokens:
+            entries = demo_agent_tokens(state_dir=agent_state or agent_tokens.parent / "agents")
+            agent_tokens.parent.mkdir(parents=True, exist_ok=True)
+            agent_tokens.touch(mode=0o600)
+            agent_tokens.write_text(json.dumps(entries, indent=2))
+            fresh = sum(1 for e in entries if e["token"])
+            self.stdout.write(f"Agent tokens for {len(entries)} nodes ({fresh} to enrol) in {agent_tokens}.")

@@ -1,0 +1,75 @@
+"""The agent installs alone on a GPU host: it imports only the standard library, websockets and (lazily)
+pynvml, and nothing of Django or the rest of the project."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import provisioning.agent
+
+AGENT = Path(provisioning.agent.__file__).parent
+ROOT = AGENT.parent.parent
+THIRD_PARTY = {"pynvml", "websockets"}
+FORBIDDEN = ("django", "rest_framework", "channels", "console", "marketplace")
+
+
+def agent_modules() -> list[str]:
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for path in AGENT.rglob("*.py")
+    )
+
+
+def test_importing_every_agent_module_loads_nothing_of_django_or_the_project():
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {agent_modules()!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True, env={"PATH": ""}
+    )
+    loaded = json.loads(completed.stdout)
+
+    assert "provisioning.agent.cli" in loaded and "provisioning.agent.backends.nvml" in loaded
+    assert [name for name in loaded if name.split(".")[0] in FORBIDDEN] == []
+    assert [
+        name for name in loaded if name.startswith("provisioning.") and not name.startswith("provisioning.agent")
+    ] == []
+    assert "pynvml" not in loaded, "pynvml is imported only when the NVML backend starts"
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def allowed(module: str) -> bool:
+    top = module.split(".")[0]
+    return top in sys.stdlib_module_names or top in THIRD_PARTY or module.startswith("provisioning.agent")
+
+
+def test_agent_files_import_only_the_standard_library_pynvml_websockets_and_the_agent():
+    offending = {
+        str(path.relative_to(ROOT)): sorted(module for module in imported_modules(path) if not allowed(module))
+        for path in AGENT.rglob("*.py")
+    }
+    assert {path: modules for path, modules in offending.items() if modules} == {}
+
+
+def test_the_agent_reads_nothing_outside_its_package_at_run_time():
+    """The simulated profile ships inside the package; ../shared is read only by derive.py, by hand."""
+    mentions = [
+        str(path.relative_to(ROOT))
+        for path in AGENT.rglob("*.py")
+        if "shared" in path.read_text(encoding="utf-8") and path.name != "derive.py"
+    ]
+    assert mentions == []
+    assert (AGENT / "profiles" / "h100-sxm-80gb.json").is_file()
