@@ -17,6 +17,10 @@ from console.devservers import free_port
 pytestmark = pytest.mark.slow
 
 
+def log_text(tmp_path) -> str:
+    return (tmp_path / "launcher.log").read_text(errors="replace")
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -76,6 +80,11 @@ def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, 
         assert any("redis-server" in c for c in commands), commands
         assert any(" worker" in c for c in commands) and any(" beat" in c for c in commands), commands
         assert any(server in c for c in commands), commands
+        assert any("provisioning.agent.cli fleet" in c for c in commands), commands
+        deadline_agents = time.monotonic() + 60
+        while time.monotonic() < deadline_agents and "nodes enrolled, connecting" not in log_text(tmp_path):
+            time.sleep(0.3)
+        assert "fleet: 28 of 28 nodes enrolled, connecting" in log_text(tmp_path), log_text(tmp_path)[-3000:]
 
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=60) == 0
