@@ -1,0 +1,50 @@
+"""The portal shows provisioning as it happens: real Chromium on daphne, with the worker, beat and a
+simulated agent doing the work."""
+
+import pytest
+
+from tests.browser.conftest import chromium  # noqa: F401 - the shared browser fixture
+from tests.e2e.conftest import wait_for
+from tests.e2e.test_provisioning import api_for_new_tenant, connected, fleet_of
+from tests.factories import PASSWORD
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, chromium):  # noqa: F811
+    from marketplace.models import Reservation
+
+    nodes, offer, tokens = fleet_of(1)
+    stack.start_daphne()
+    stack.start_worker()
+    stack.start_beat(tmp_path / "beat-schedule")
+    stack.start_agents(tokens, tmp_path / "agents", "--speed", "0.4")  # slow enough to watch
+    wait_for(lambda: connected(nodes), timeout=60, what="the agent to connect")
+    api = api_for_new_tenant(stack)
+    status, body = api.call("POST", "/api/v1/reservations/", {"offer": offer.id, "duration_hours": 1})
+    assert status == 201, body
+    member = Reservation.objects.get(pk=body["id"]).created_by
+
+    context = chromium.new_context(base_url=stack.base)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.goto("/login/")
+    page.get_by_label("Email").fill(member.email)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/catalog/")
+    page.goto(f"/reservations/{body['id']}/")
+    page.wait_for_function("document.body.dataset.live === 'on'")
+    page.evaluate("window.sameDocument = true")
+    row = page.locator(f'tr[data-node="{nodes[0].hostname}"]')
+    # Progress arrives over the WebSocket: the percentage grows without a reload.
+    page.wait_for_function(
+        """([host]) => { const cell = document.querySelector(`tr[data-node="${host}"] .pct`);
+                         return cell && parseInt(cell.textContent) > 0 && parseInt(cell.textContent) < 100; }""",
+        arg=[nodes[0].hostname],
+    )
+    assert page.evaluate("window.sameDocument") is True
+    page.screenshot(path=str(tmp_path / "provisioning.png"), full_page=True)
+    assert "provision" in row.inner_text()
+    page.locator("#reservation-state", has_text="active").wait_for(timeout=90_000)
+    context.close()
