@@ -8,8 +8,8 @@ from channels.auth import AuthMiddlewareStack
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.urls import path
 
-from marketplace.consumers import TenantConsumer
-from provisioning.consumers import AgentConsumer
+from marketplace.consumers import ReservationTelemetryConsumer, TenantConsumer
+from provisioning.consumers import AgentConsumer, FleetConsumer
 
 
 def browser(consumer):
@@ -20,4 +20,6 @@ def browser(consumer):
 websocket_urlpatterns = [
     path("agent/v1/", AgentConsumer.as_asgi()),
     path("ws/tenant/", browser(TenantConsumer)),
+    path("ws/reservations/<uuid:pk>/", browser(ReservationTelemetryConsumer)),
+    path("ws/fleet/", browser(FleetConsumer)),
 ]

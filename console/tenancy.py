@@ -3,7 +3,7 @@
 SESSION_KEY = "organization_id"
 
 # The API resolves its tenant itself, after DRF authentication (console.api.TenantScopedMixin).
-_SKIP_PREFIXES = ("/api/", "/static/", "/healthz")
+_SKIP_PREFIXES = ("/api/", "/static/", "/healthz", "/metrics", "/agent/")
 
 
 class TenantMiddleware:

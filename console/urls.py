@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from console.metrics import metrics
 from console.portal import views as portal
 from provisioning.api.enroll import enroll
 
@@ -12,6 +13,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(("console.api_urls", "api"), namespace="api")),
     path("healthz", portal.healthz, name="healthz"),
+    path("metrics", metrics, name="metrics"),
     path("agent/v1/enroll", enroll, name="agent-enroll"),
     path("", include(("console.portal.urls", "portal"), namespace="portal")),
 ]

@@ -12,3 +12,4 @@ class MarketplaceConfig(AppConfig):
 
         hooks.on_command_finished(provisioning_flow.on_command_finished)
         hooks.on_command_progress(provisioning_flow.on_command_progress)
+        hooks.on_node_audience(provisioning_flow.node_audience)

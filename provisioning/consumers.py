@@ -11,9 +11,12 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from console.consumers import FeedConsumer, WithoutDbHousekeeping
 from console.errors import DomainError
+from console.events import FLEET_GROUP
+from provisioning import hooks
 from provisioning.models import NodeCommand
-from provisioning.services import agents
+from provisioning.services import agents, telemetry
 
 logger = logging.getLogger(__name__)
 CLOSE_UNAUTHORIZED = 4401
@@ -56,8 +59,16 @@ def _unfinished_frames(node_id: int) -> list[dict]:
     return frames
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+@database_sync_to_async
+def _stream(node_id: int) -> telemetry.NodeStream:
+    stream = telemetry.node_stream(node_id=node_id)
+    stream.audience = hooks.node_audience(node_id)
+    return stream
+
+
+class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
     node_id: int | None = None
+    stream: telemetry.NodeStream | None = None
 
     async def connect(self):
         try:
@@ -75,7 +86,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 "type": "welcome",
                 "node": node.hostname,
                 "heartbeat_seconds": settings.AGENT_HEARTBEAT_SECONDS,
-                "telemetry_seconds": 1,
+                "telemetry_seconds": settings.TELEMETRY_SECONDS,
             }
         )
 
@@ -94,7 +105,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             handler = getattr(self, f"on_{frame['type']}", None)
             if handler is None:
                 raise FrameError(f"Unknown frame type {frame['type']!r}.", code="unknown_type")
-            await database_sync_to_async(agents.node_seen)(node_id=self.node_id)
+            if frame["type"] != "telemetry":  # telemetry is the hot path; heartbeats keep last_seen_at
+                await database_sync_to_async(agents.node_seen)(node_id=self.node_id)
             await handler(frame)
         except DomainError as error:
             await self.send_frame({"type": "error", "code": error.code, "message": error.message})
@@ -129,8 +141,25 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
         except (KeyError, TypeError, ValueError) as error:
             raise FrameError(f"hello: a GPU entry is incomplete ({error}).") from None
+        self.stream = await _stream(self.node_id)
+        telemetry.ensure_flusher()
         for command in await _unfinished_frames(self.node_id):
             await self.send_frame(command)
+
+    async def on_telemetry(self, frame):
+        if self.stream is None:
+            raise telemetry.BadTelemetry("telemetry before hello: send the inventory first.")
+        try:
+            at, readings = telemetry.validate(frame, self.stream)
+        except telemetry.BadTelemetry:
+            telemetry.BUFFER.rejected += 1
+            raise
+        telemetry.BUFFER.add(self.stream, at, readings)
+        tenant_text, fleet_text = telemetry.encode(self.stream, at, readings)
+        for group in self.stream.audience:
+            await self.channel_layer.group_send(group, {"type": "telemetry.frame", "text": tenant_text})
+        await self.channel_layer.group_send(FLEET_GROUP, {"type": "telemetry.frame", "text": fleet_text})
+        await telemetry.snapshot(self.stream, tenant_text, fleet_text)
 
     async def on_heartbeat(self, frame):
         pass  # node_seen already recorded it
@@ -179,5 +208,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await self.send_frame(frame)
         elif event == "agent.rotate":
             await self.send_frame({"type": "rotate_secret", "secret": data["secret"]})
+        elif event == "agent.audience" and self.stream is not None:
+            self.stream.audience = await database_sync_to_async(hooks.node_audience)(self.node_id)
         elif event == "agent.disconnect":
             await self.close(code=int(data.get("code", CLOSE_UNAUTHORIZED)))
+
+
+class FleetConsumer(FeedConsumer):
+    """The operators' fleet view: every node's telemetry summary and lifecycle moves. Staff only."""
+
+    async def audience(self):
+        user = self.scope.get("user")
+        return FLEET_GROUP if user is not None and user.is_authenticated and user.is_staff else None
+
+    async def event_message(self, message):
+        if message["event"] == "node.state":
+            await self.send(text_data=json.dumps({"type": "node_state", **message["data"]}))

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 _command_finished: list[Callable] = []
 _command_progress: list[Callable] = []
+_node_audience: list[Callable] = []
 
 
 def on_command_finished(callback: Callable) -> Callable:
@@ -30,3 +31,15 @@ def command_finished(command) -> None:
 def command_progress(command) -> None:
     for callback in _command_progress:
         callback(command)
+
+
+def on_node_audience(callback: Callable) -> Callable:
+    """Register ``callback(node_id) -> list[str]``: the Channels groups (besides the operators' fleet
+    group) that may see a node's telemetry right now — the tenant reservation holding it."""
+    if callback not in _node_audience:
+        _node_audience.append(callback)
+    return callback
+
+
+def node_audience(node_id: int) -> list[str]:
+    return [group for callback in _node_audience for group in callback(node_id)]

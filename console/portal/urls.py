@@ -16,6 +16,7 @@ urlpatterns = [
     path("offers/<int:offer_id>/reserve/", views.reserve, name="reserve"),
     path("reservations/", views.reservations, name="reservations"),
     path("reservations/<uuid:reservation_id>/", views.reservation_detail, name="reservation"),
+    path("fleet/", views.fleet, name="fleet"),
     path("api-keys/", views.api_keys, name="api-keys"),
     path("api-keys/<uuid:key_id>/revoke/", views.api_key_revoke_view, name="api-key-revoke"),
 ]

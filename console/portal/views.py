@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from console.errors import DomainError
+from console.errors import DomainError, Forbidden
 from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm
 from console.tenancy import SESSION_KEY
 from marketplace.api.filters import OfferFilter
@@ -32,7 +32,7 @@ from marketplace.services.reservations import (
     reservation_extend,
     reservation_quote,
 )
-from provisioning.selectors.fleet import accelerator_type_list, site_regions
+from provisioning.selectors.fleet import accelerator_type_list, fleet_overview, site_regions
 
 
 def tenant_required(view):
@@ -264,3 +264,11 @@ def reservation_detail(request, reservation_id):
         },
         status=status,
     )
+
+
+@login_required
+def fleet(request):
+    """The operators' live fleet view (staff only: tenants never see other tenants' nodes)."""
+    if not request.user.is_staff:
+        raise Forbidden("The fleet view is for operators.")
+    return render(request, "portal/fleet.html", fleet_overview())

@@ -261,3 +261,9 @@ CELERY_TASK_ROUTES = {
     "marketplace.tasks.release_reservation": {"queue": "provisioning"},
     "provisioning.tasks.*": {"queue": "provisioning"},
 }
+
+# --- Telemetry ------------------------------------------------------------------------------------
+TELEMETRY_SECONDS = env_int("TELEMETRY_SECONDS", 1)
+ROLLUP_FLUSH_SECONDS = env_int("ROLLUP_FLUSH_SECONDS", 10)
+ROLLUP_RETENTION_DAYS = env_int("ROLLUP_RETENTION_DAYS", 90)
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")  # /metrics answers only requests bearing it

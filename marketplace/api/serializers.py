@@ -5,7 +5,7 @@ from rest_framework import serializers
 
 from marketplace.choices import Role
 from marketplace.models import ApiKey, Offer, OfferTermDiscount, Reservation
-from marketplace.selectors.reservations import reservation_progress
+from marketplace.selectors.reservations import reservation_energy_kwh, reservation_progress
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 from provisioning.choices import CommandKind, CommandState
 
@@ -180,13 +180,19 @@ class NodeProgressSerializer(serializers.Serializer):
 
 
 class ReservationDetailSerializer(ReservationSerializer):
-    """A reservation with what its nodes' agents last reported."""
+    """A reservation with what its nodes' agents last reported, and the energy it has drawn."""
 
     progress = serializers.SerializerMethodField()
+    energy_kwh = serializers.SerializerMethodField()
 
     class Meta(ReservationSerializer.Meta):
-        fields = [*ReservationSerializer.Meta.fields, "progress"]
+        fields = [*ReservationSerializer.Meta.fields, "activated_at", "deactivated_at", "energy_kwh", "progress"]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=4, allow_null=True))
+    def get_energy_kwh(self, reservation: Reservation):
+        energy = reservation_energy_kwh(reservation=reservation)
+        return None if energy is None else str(energy)
 
     @extend_schema_field(NodeProgressSerializer(many=True))
     def get_progress(self, reservation: Reservation) -> list[dict]:
@@ -231,3 +237,34 @@ class OfferAvailabilitySerializer(serializers.Serializer):
 class AvailabilityQuerySerializer(serializers.Serializer):
     start = serializers.DateTimeField(required=False, help_text="Default: this hour.")
     end = serializers.DateTimeField(required=False, help_text="Default: 24 hours after start; at most 14 days.")
+
+
+class RollupSerializer(serializers.Serializer):
+    minute = serializers.DateTimeField()
+    uuid = serializers.CharField()
+    util_mean = serializers.FloatField(allow_null=True)
+    util_max = serializers.FloatField(allow_null=True)
+    power_mean = serializers.FloatField(allow_null=True)
+    power_max = serializers.FloatField(allow_null=True)
+    temp_max = serializers.FloatField(allow_null=True)
+    fb_used_max = serializers.FloatField(allow_null=True, help_text="MiB")
+    energy_j = serializers.FloatField()
+
+
+class TelemetryGpuSerializer(serializers.Serializer):
+    uuid = serializers.CharField()
+    index = serializers.IntegerField()
+    node = serializers.CharField()
+
+
+class ReservationTelemetrySerializer(serializers.Serializer):
+    gpus = TelemetryGpuSerializer(many=True)
+    rollups = RollupSerializer(many=True)
+    latest = serializers.ListField(
+        child=serializers.DictField(),
+        help_text="Each node's latest batch, as on the WebSocket /ws/reservations/{id}/ (dcgm-exporter field names).",
+    )
+
+
+class TelemetryQuerySerializer(serializers.Serializer):
+    minutes = serializers.IntegerField(min_value=1, max_value=7 * 24 * 60, default=60)

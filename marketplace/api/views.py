@@ -24,12 +24,14 @@ from marketplace.api.serializers import (
     ReservationDetailSerializer,
     ReservationExtendSerializer,
     ReservationSerializer,
+    ReservationTelemetrySerializer,
+    TelemetryQuerySerializer,
 )
 from marketplace.choices import ReservationState
 from marketplace.models import ApiKey, Reservation
 from marketplace.selectors.capacity import availability_by_hour, availability_window
 from marketplace.selectors.catalog import offer_for_reservation, offer_get, offer_list
-from marketplace.selectors.reservations import reservation_get, reservation_list
+from marketplace.selectors.reservations import reservation_get, reservation_list, reservation_telemetry
 from marketplace.selectors.tenancy import api_key_get, api_key_list
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.idempotency import idempotent
@@ -184,6 +186,18 @@ class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.Retrie
             tenant=self.tenant, key=key, endpoint=f"POST {request.path}", payload=request.data, perform=perform
         )
         return Response(body, status=code, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    @extend_schema(
+        summary="One-minute GPU telemetry of its nodes, and their latest batch",
+        parameters=[TelemetryQuerySerializer],
+        responses={200: ReservationTelemetrySerializer, **error_responses(400, 403, 404)},
+    )
+    @action(detail=True, methods=["get"], filterset_class=None, pagination_class=None)
+    def telemetry(self, request, pk=None):
+        query = TelemetryQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        data = reservation_telemetry(reservation=self.get_object(), minutes=query.validated_data["minutes"])
+        return Response(ReservationTelemetrySerializer(data).data)
 
     @extend_schema(
         summary="Cancel (before start) or release (after)",

@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Prefetch, QuerySet
 
 from console.errors import NotFound
-from marketplace.choices import ReservationState
+from marketplace.choices import HOLDING_STATES, ReservationState
 from marketplace.models import Allocation, Reservation
 from marketplace.tenancy import TenantContext
 
@@ -72,3 +72,28 @@ def reservation_progress(*, reservation: Reservation) -> list[dict]:
         }
         for c in sorted(latest.values(), key=lambda c: c.node.hostname)
     ]
+
+
+def _node_ids(reservation: Reservation) -> list[int]:
+    return list(reservation.allocations.values_list("node_id", flat=True))
+
+
+def reservation_telemetry(*, reservation: Reservation, minutes: int) -> dict:
+    """Its GPUs, their one-minute rollups over the last ``minutes``, and each node's latest batch."""
+    from provisioning.selectors.telemetry import gpus_of_nodes, latest_frames, rollups_of_nodes, since_minutes
+
+    node_ids = _node_ids(reservation)
+    return {
+        "gpus": gpus_of_nodes(node_ids=node_ids),
+        "rollups": rollups_of_nodes(node_ids=node_ids, since=since_minutes(minutes)),
+        "latest": latest_frames(node_ids=node_ids) if reservation.state in HOLDING_STATES else [],
+    }
+
+
+def reservation_energy_kwh(*, reservation: Reservation):
+    """kWh its GPUs drew while it was active (energy counters, one-minute rollups); None before active."""
+    from provisioning.selectors.telemetry import energy_kwh
+
+    if reservation.activated_at is None:
+        return None
+    return energy_kwh(node_ids=_node_ids(reservation), start=reservation.activated_at, end=reservation.deactivated_at)

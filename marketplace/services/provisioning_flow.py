@@ -176,3 +176,13 @@ def reservation_force_release(*, reservation: Reservation, actor: str) -> Reserv
             reservation_complete(reservation_id=reservation.pk)
     reservation.refresh_from_db()
     return reservation
+
+
+def node_audience(node_id: int) -> list[str]:
+    """provisioning.hooks: who may see a node's telemetry now — the reservation holding it, if any."""
+    from console.events import reservation_group
+
+    holding = Reservation.objects.filter(
+        state__in=(S.PROVISIONING, S.ACTIVE, S.RELEASING), allocations__node_id=node_id, allocations__live=True
+    ).values_list("pk", flat=True)
+    return [reservation_group(pk) for pk in holding]

@@ -22,6 +22,7 @@ from marketplace.selectors.capacity import earliest_fit
 from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_pick
 from marketplace.tenancy import TenantContext
 from provisioning.models import Node
+from provisioning.services.agents import agent_group
 
 logger = logging.getLogger(__name__)
 S = ReservationState
@@ -247,10 +248,18 @@ def _constraint(error: IntegrityError) -> str | None:
 
 
 def _move(reservation: Reservation, target: str, **also_set) -> str:
+    now = timezone.now()
+    if target == S.ACTIVE:
+        also_set.setdefault("activated_at", now)
+    elif reservation.state == S.ACTIVE:  # leaving active: the active interval ends (energy, billing)
+        also_set.setdefault("deactivated_at", now)
     previous = transition(reservation, table=RESERVATION_TRANSITIONS, target=target, **also_set)
     if target not in HOLDING_STATES:
         Allocation.objects.filter(reservation=reservation, live=True).update(live=False)
     _event(reservation, f"reservation.{target}", previous_state=previous)
+    # Who may see these nodes' telemetry changed: tell their agents' connections (provisioning.consumers).
+    for node_id in reservation.allocations.values_list("node_id", flat=True):
+        publish_on_commit(agent_group(node_id), "agent.audience", {})
     # The nodes are set up and torn down by Celery tasks through their agents (provisioning_flow).
     from marketplace import tasks
 

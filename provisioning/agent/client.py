@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class NodeAgent:
         self.state = "stopped"
         self.heartbeat_seconds = DEFAULT_HEARTBEAT_S
         self.telemetry_seconds: float | None = None
+        self._telemetry_seq = 0
 
     @property
     def node(self) -> str:
@@ -198,8 +200,24 @@ class NodeAgent:
             self._connection = None
 
     def _periodic(self) -> list[tuple[float, Callable[[], Frame]]]:
-        """Frames sent on a timer while connected. Telemetry joins here as (telemetry_seconds, builder)."""
-        return [(self.heartbeat_seconds, self._heartbeat)]
+        """Frames sent on a timer while connected: heartbeats, and telemetry when the console asks for it."""
+        periodic = [(self.heartbeat_seconds, self._heartbeat)]
+        if self.telemetry_seconds:
+            periodic.append((self.telemetry_seconds, self._telemetry))
+        return periodic
+
+    def _telemetry(self) -> Frame:
+        """One batch for the whole node (docs/agent-protocol.md, Telemetry): dcgm-exporter's names."""
+        self._telemetry_seq += 1
+        gpus = [telemetry_reading(reading) for reading in self._backend.sample()]
+        if self._telemetry_seq % HEALTH_EVERY_TICKS == 1:  # health reads are rarer than the cheap ones
+            by_uuid = {gpu["uuid"]: gpu for gpu in gpus}
+            for health in self._backend.health():
+                gpu = by_uuid.get(health.uuid)
+                if gpu is not None:
+                    _put(gpu, "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", health.ecc_uncorrected)
+                    _put(gpu, "DCGM_FI_DEV_XID_ERRORS", health.xid_count)
+        return {"type": "telemetry", "seq": self._telemetry_seq, "at": time.time(), "gpus": gpus}
 
     async def _every(self, interval: float, build: Callable[[], Frame]) -> None:
         while True:
@@ -351,3 +369,24 @@ class NodeAgent:
             level = logging.WARNING if state == "refused" else logging.INFO
             logger.log(level, "%s: %s%s", self.node, state, f" ({detail})" if detail else "")
         self.state = state
+
+
+HEALTH_EVERY_TICKS = 10
+
+
+def _put(target: dict, name: str, value) -> None:
+    if value is not None:
+        target[name] = value
+
+
+def telemetry_reading(reading) -> dict:
+    """A GpuReading under dcgm-exporter's field names; readings the GPU refused are left out."""
+    gpu = {"uuid": reading.uuid, "index": reading.index}
+    _put(gpu, "DCGM_FI_DEV_GPU_UTIL", reading.gpu_util)
+    _put(gpu, "DCGM_FI_DEV_FB_USED", reading.mem_used_mib)
+    _put(gpu, "DCGM_FI_DEV_FB_TOTAL", reading.mem_total_mib)
+    _put(gpu, "DCGM_FI_DEV_POWER_USAGE", None if reading.power_w is None else round(reading.power_w, 3))
+    _put(gpu, "DCGM_FI_DEV_GPU_TEMP", reading.temp_c)
+    _put(gpu, "DCGM_FI_DEV_SM_CLOCK", reading.sm_mhz)
+    _put(gpu, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", reading.energy_mj)
+    return gpu

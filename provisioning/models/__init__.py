@@ -1,6 +1,7 @@
 from .agents import COMMAND_TRANSITIONS, UNFINISHED, BootstrapToken, NodeCommand, NodeCredential
 from .fleet import NODE_TRANSITIONS, Gpu, Node, NodeStateChange, Rack, Site
 from .hardware import AcceleratorType
+from .telemetry import GpuRollup
 
 __all__ = [
     "COMMAND_TRANSITIONS",
@@ -9,6 +10,7 @@ __all__ = [
     "AcceleratorType",
     "BootstrapToken",
     "Gpu",
+    "GpuRollup",
     "Node",
     "NodeCommand",
     "NodeCredential",

@@ -21,3 +21,27 @@ def accelerator_type_list() -> QuerySet[AcceleratorType]:
 
 def site_regions() -> list[str]:
     return list(Site.objects.order_by("region").values_list("region", flat=True).distinct())
+
+
+def fleet_overview() -> dict:
+    """Sites → racks → nodes with each node's latest telemetry summary, for the operators' heatmap.
+    Three queries and one Redis read, whatever the fleet size."""
+    from provisioning.models import Node, Rack
+    from provisioning.selectors.telemetry import latest_summaries
+
+    summaries = latest_summaries()
+    nodes_by_rack: dict[int, list] = {}
+    totals = {"nodes": 0, "gpus": 0, "available": 0, "offline": 0}
+    for node in Node.objects.select_related("accelerator_type").order_by("hostname"):
+        nodes_by_rack.setdefault(node.rack_id, []).append({"node": node, "summary": summaries.get(node.pk)})
+        totals["nodes"] += 1
+        totals["gpus"] += node.gpu_count
+        totals["available"] += node.state == NodeState.AVAILABLE
+        totals["offline"] += node.state == NodeState.OFFLINE
+    racks_by_site: dict[int, list] = {}
+    for rack in Rack.objects.order_by("name"):
+        racks_by_site.setdefault(rack.site_id, []).append({"rack": rack, "nodes": nodes_by_rack.get(rack.pk, [])})
+    sites = [
+        {"site": site, "racks": racks_by_site.get(site.pk, [])} for site in Site.objects.order_by("region", "name")
+    ]
+    return {"sites": sites, "totals": totals}

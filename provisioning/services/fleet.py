@@ -7,6 +7,7 @@ from decimal import Decimal
 from django.db import transaction
 
 from console.errors import DomainError
+from console.events import FLEET_GROUP, publish_on_commit
 from console.lifecycle import transition
 from provisioning.choices import NodeState
 from provisioning.models import NODE_TRANSITIONS, AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
@@ -78,6 +79,7 @@ def node_set_inventory(*, node: Node, gpus: Sequence[GpuSpec]) -> Node:
 def node_transition(*, node: Node, target: str, actor: str = "", reason: str = "") -> Node:
     """Move a node along its lifecycle (NODE_TRANSITIONS); raises IllegalTransition (409) otherwise."""
     previous = transition(node, table=NODE_TRANSITIONS, target=NodeState(target))
+    publish_on_commit(FLEET_GROUP, "node.state", {"node": node.hostname, "state": str(target)})
     NodeStateChange.objects.create(
         node=node, from_state=previous, to_state=target, actor=actor[:254], reason=reason[:200]
     )
