@@ -45,20 +45,15 @@ def enrol(node) -> str:
 
 
 def hello(node, uuids=None) -> dict:
+    uuids = uuids or [f"GPU-{node.hostname}-{i}" for i in range(8)]
     return {
         "type": "hello",
         "agent_version": "0.1.0",
         "driver_version": "580.159.04",
         "backend": "simulated",
         "gpus": [
-            {
-                "index": i,
-                "uuid": (uuids or [f"GPU-{node.hostname}-{i}" for i in range(8)])[i],
-                "name": H100,
-                "memory_mib": 81559,
-                "power_limit_w": 700,
-            }
-            for i in range(8)
+            {"index": i, "uuid": uuid, "name": H100, "memory_mib": 81559, "power_limit_w": 700}
+            for i, uuid in enumerate(uuids)
         ],
     }
 
