@@ -267,3 +267,7 @@ TELEMETRY_SECONDS = env_int("TELEMETRY_SECONDS", 1)
 ROLLUP_FLUSH_SECONDS = env_int("ROLLUP_FLUSH_SECONDS", 10)
 ROLLUP_RETENTION_DAYS = env_int("ROLLUP_RETENTION_DAYS", 90)
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")  # /metrics answers only requests bearing it
+CELERY_BEAT_SCHEDULE["telemetry-rollups-expire"] = {
+    "task": "provisioning.tasks.telemetry_rollups_expire",
+    "schedule": 3600.0,
+}
