@@ -216,16 +216,13 @@ def demo_agent_tokens(*, state_dir: Path) -> list[dict]:
     hardware it should pretend to be."""
     from provisioning.agent.credentials import has_credentials
     from provisioning.models import Node
+    from provisioning.selectors.fleet import node_hardware_hints
     from provisioning.services.agents import bootstrap_token_create
 
     entries = []
     for node in Node.objects.select_related("accelerator_type").order_by("hostname"):
         enrolled = has_credentials(state_dir / node.hostname) and hasattr(node, "credential")
         token = None if enrolled else bootstrap_token_create(node=node, actor="make demo", hours=1)
-        entry = {"hostname": node.hostname, "token": token, "gpus": node.gpu_count or 8}
-        if node.accelerator_type is not None:
-            entry.update(
-                gpu_name=node.accelerator_type.device_name, gpu_memory_mib=node.accelerator_type.memory_gib * 1024
-            )
+        entry = {"hostname": node.hostname, "token": token, **node_hardware_hints(node)}
         entries.append(entry)
     return entries

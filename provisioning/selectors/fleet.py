@@ -45,3 +45,11 @@ def fleet_overview() -> dict:
         {"site": site, "racks": racks_by_site.get(site.pk, [])} for site in Site.objects.order_by("region", "name")
     ]
     return {"sites": sites, "totals": totals}
+
+
+def node_hardware_hints(node) -> dict:
+    """What a simulated agent needs to pretend to be this node's hardware (`neocloud-agent fleet`)."""
+    hints = {"gpus": node.gpu_count or 8}
+    if node.accelerator_type is not None:
+        hints.update(gpu_name=node.accelerator_type.device_name, gpu_memory_mib=node.accelerator_type.memory_gib * 1024)
+    return hints

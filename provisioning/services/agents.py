@@ -10,7 +10,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from console.errors import DomainError, NotFound
+from console.errors import DomainError, Forbidden, NotFound
 from console.events import publish, publish_on_commit
 from console.lifecycle import IllegalTransition, transition
 from console.tokens import matches, new_token, parse
@@ -59,10 +59,8 @@ def bootstrap_token_create(*, node: Node, actor: str, hours: int | None = None) 
     return token.plaintext
 
 
-def _refused(message: str) -> DomainError:
-    error = DomainError(message, code="enrolment_refused")
-    error.status_code = 403
-    return error
+class EnrolmentRefused(Forbidden):
+    code = "enrolment_refused"
 
 
 @transaction.atomic
@@ -75,13 +73,13 @@ def node_enrol(*, token: str, hostname: str, agent_version: str = "") -> tuple[N
         else None
     )
     if row is None or not matches(row.token_hash, parsed):
-        raise _refused("The bootstrap token is not valid.")
+        raise EnrolmentRefused("The bootstrap token is not valid.")
     if row.used_at is not None:
-        raise _refused("The bootstrap token was already used; ask an operator for a new one.")
+        raise EnrolmentRefused("The bootstrap token was already used; ask an operator for a new one.")
     if row.expires_at <= timezone.now():
-        raise _refused("The bootstrap token has expired; ask an operator for a new one.")
+        raise EnrolmentRefused("The bootstrap token has expired; ask an operator for a new one.")
     if row.node.hostname != (hostname or "").strip().lower():
-        raise _refused(f"The bootstrap token was made for another host, not {hostname!r}.")
+        raise EnrolmentRefused(f"The bootstrap token was made for another host, not {hostname!r}.")
     row.used_at = timezone.now()
     row.save(update_fields=["used_at"])
     secret = new_token(NODE_SECRET_SCHEME)

@@ -10,6 +10,7 @@ import json as jsonlib
 from django.core.management.base import BaseCommand, CommandError
 
 from provisioning.models import Node
+from provisioning.selectors.fleet import node_hardware_hints
 from provisioning.services.agents import bootstrap_token_create
 
 
@@ -37,7 +38,7 @@ class Command(BaseCommand):
             {
                 "hostname": node.hostname,
                 "token": bootstrap_token_create(node=node, actor="manage.py", hours=hours),
-                **_model_hints(node),
+                **node_hardware_hints(node),
             }
             for node in sorted(nodes, key=lambda n: n.hostname)
         ]
@@ -46,17 +47,6 @@ class Command(BaseCommand):
         else:
             for entry in tokens:
                 self.stdout.write(f"{entry['hostname']}\t{entry['token']}")
-
-
-def _model_hints(node: Node) -> dict:
-    """What a simulated agent needs to pretend to be this node's hardware."""
-    if node.accelerator_type is None:
-        return {}
-    return {
-        "gpu_name": node.accelerator_type.device_name,
-        "gpu_memory_mib": node.accelerator_type.memory_gib * 1024,
-        "gpus": node.gpu_count or 8,
-    }
 
 
 def _dumps(value) -> str:
