@@ -31,6 +31,9 @@ class FeedConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
     async def connect(self):
         self.group = await self.audience()
         if self.group is None:
+            # Accept, then close with the code: a close before accepting reaches a browser as a failed
+            # handshake (1006), and it could not tell "not allowed, stop" from "retry".
+            await self.accept()
             await self.close(code=self.refusal_code)
             return
         await self.channel_layer.group_add(self.group, self.channel_name)

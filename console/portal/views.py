@@ -22,7 +22,13 @@ from marketplace.api.filters import OfferFilter
 from marketplace.choices import ROLE_RANK, ReservationState, Role
 from marketplace.selectors.capacity import availability_by_hour, availability_window
 from marketplace.selectors.catalog import offer_get, offer_list
-from marketplace.selectors.reservations import reservation_get, reservation_list, reservation_progress
+from marketplace.selectors.reservations import (
+    reservation_energy_kwh,
+    reservation_get,
+    reservation_gpus_now,
+    reservation_list,
+    reservation_progress,
+)
 from marketplace.selectors.tenancy import api_key_get, api_key_list, tenant_context_for_user
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.idempotency import idempotent
@@ -260,6 +266,8 @@ def reservation_detail(request, reservation_id):
             "reservation": reservation,
             "extend_form": extend_form,
             "progress": reservation_progress(reservation=reservation),
+            "telemetry_gpus": reservation_gpus_now(reservation=reservation),
+            "energy_kwh": reservation_energy_kwh(reservation=reservation),
             "can_cancel": reservation.state in ("pending", "provisioning", "active"),
         },
         status=status,

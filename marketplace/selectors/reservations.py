@@ -97,3 +97,28 @@ def reservation_energy_kwh(*, reservation: Reservation):
     if reservation.activated_at is None:
         return None
     return energy_kwh(node_ids=_node_ids(reservation), start=reservation.activated_at, end=reservation.deactivated_at)
+
+
+def reservation_gpus_now(*, reservation: Reservation) -> list[dict]:
+    """Its GPUs with their latest readings (for the page before its live feed catches up)."""
+    from datetime import UTC, datetime
+
+    from provisioning.selectors.telemetry import gpus_of_nodes, latest_frames
+    from provisioning.services import telemetry as t
+
+    node_ids = _node_ids(reservation)
+    latest = {}
+    if reservation.state in HOLDING_STATES:
+        for frame in latest_frames(node_ids=node_ids):
+            at = datetime.fromtimestamp(frame["at"], UTC)
+            for gpu in frame["gpus"]:
+                latest[gpu["uuid"]] = {
+                    "util": gpu.get(t.UTIL),
+                    "power": gpu.get(t.POWER),
+                    "fb_used": gpu.get(t.FB_USED),
+                    "fb_total": gpu.get(t.FB_TOTAL),
+                    "temp": gpu.get(t.TEMP),
+                    "sm_clock": gpu.get(t.SM_CLOCK),
+                    "at": at,
+                }
+    return [{**gpu, **latest.get(gpu["uuid"], {})} for gpu in gpus_of_nodes(node_ids=node_ids)]

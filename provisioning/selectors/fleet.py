@@ -40,10 +40,22 @@ def fleet_overview() -> dict:
         totals["offline"] += node.state == NodeState.OFFLINE
     racks_by_site: dict[int, list] = {}
     for rack in Rack.objects.order_by("name"):
-        racks_by_site.setdefault(rack.site_id, []).append({"rack": rack, "nodes": nodes_by_rack.get(rack.pk, [])})
-    sites = [
-        {"site": site, "racks": racks_by_site.get(site.pk, [])} for site in Site.objects.order_by("region", "name")
-    ]
+        nodes = nodes_by_rack.get(rack.pk, [])
+        watts = [n["summary"]["power"] for n in nodes if n["summary"] and n["summary"].get("power") is not None]
+        racks_by_site.setdefault(rack.site_id, []).append(
+            {"rack": rack, "nodes": nodes, "power_kw": round(sum(watts) / 1000, 1) if watts else None}
+        )
+    sites = []
+    for site in Site.objects.order_by("region", "name"):
+        racks = racks_by_site.get(site.pk, [])
+        members = [n["node"] for r in racks for n in r["nodes"]]
+        counts = {
+            "nodes": len(members),
+            "gpus": sum(n.gpu_count for n in members),
+            "available": sum(n.state == NodeState.AVAILABLE for n in members),
+            "offline": sum(n.state == NodeState.OFFLINE for n in members),
+        }
+        sites.append({"site": site, "racks": racks, "counts": counts})
     return {"sites": sites, "totals": totals}
 
 

@@ -3,7 +3,7 @@ simulated agent doing the work."""
 
 import pytest
 
-from tests.browser.conftest import chromium  # noqa: F401 - the shared browser fixture
+from tests.browser.conftest import chromium  # noqa: F401 - the shared browser fixture (requested below)
 from tests.e2e.conftest import wait_for
 from tests.e2e.test_provisioning import api_for_new_tenant, connected, fleet_of
 from tests.factories import PASSWORD
@@ -11,7 +11,7 @@ from tests.factories import PASSWORD
 pytestmark = [pytest.mark.slow]
 
 
-def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, chromium):  # noqa: F811
+def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, request):
     from marketplace.models import Reservation
 
     nodes, offer, tokens = fleet_of(1)
@@ -25,9 +25,11 @@ def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, chromiu
     assert status == 201, body
     member = Reservation.objects.get(pk=body["id"]).created_by
 
-    context = chromium.new_context(base_url=stack.base)
+    # The browser last: its event loop runs on this thread from here on (see tests/browser/conftest.py).
+    browser = request.getfixturevalue("chromium")
+    context = browser.new_context(base_url=stack.base)
     page = context.new_page()
-    page.set_default_timeout(20_000)
+    page.set_default_timeout(60_000)  # CI machines are small and busy: generous, never a timing assertion
     page.goto("/login/")
     page.get_by_label("Email").fill(member.email)
     page.get_by_label("Password").fill(PASSWORD)
@@ -47,4 +49,9 @@ def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, chromiu
     page.screenshot(path=str(tmp_path / "provisioning.png"), full_page=True)
     assert "provision" in row.inner_text()
     page.locator("#reservation-state", has_text="active").wait_for(timeout=90_000)
+    # Active (the page reloads once): the GPUs' charts follow the node's telemetry, tick by tick.
+    page.locator('[data-telemetry-live="on"]').wait_for()
+    page.wait_for_function("parseInt(document.querySelector('[data-telemetry]').dataset.frames) >= 3")
+    assert page.locator("[data-gpu]").count() == 8
+    page.screenshot(path=str(tmp_path / "active.png"), full_page=True)
     context.close()
