@@ -110,6 +110,7 @@ def _backend(args: argparse.Namespace, hostname: str, member: FleetMember | None
         gpus=member.gpus or args.gpus,
         gpu_name=member.gpu_name,
         memory_mib=member.gpu_memory_mib,
+        power_limit_w=member.gpu_power_limit_w,
     )
 
 

@@ -27,6 +27,7 @@ class FleetMember:
     gpus: int | None = None
     gpu_name: str | None = None
     gpu_memory_mib: int | None = None
+    gpu_power_limit_w: int | None = None
 
 
 def load_members(path: Path) -> list[FleetMember]:
@@ -45,7 +46,7 @@ def _member(item: dict[str, Any], where: str) -> FleetMember:
     hostname = item.get("hostname")
     if not isinstance(hostname, str) or not hostname or "/" in hostname or hostname in (".", ".."):
         raise ValueError(f"{where} needs a hostname that can name a directory")
-    expected = {"token": str, "gpus": int, "gpu_name": str, "gpu_memory_mib": int}
+    expected = {"token": str, "gpus": int, "gpu_name": str, "gpu_memory_mib": int, "gpu_power_limit_w": int}
     for field, kind in expected.items():
         if item.get(field) is not None and not isinstance(item[field], kind):
             raise ValueError(f"{where} ({hostname}): {field} must be a {kind.__name__} or null")

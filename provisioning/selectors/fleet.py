@@ -63,5 +63,9 @@ def node_hardware_hints(node) -> dict:
     """What a simulated agent needs to pretend to be this node's hardware (`neocloud-agent fleet`)."""
     hints = {"gpus": node.gpu_count or 8}
     if node.accelerator_type is not None:
-        hints.update(gpu_name=node.accelerator_type.device_name, gpu_memory_mib=node.accelerator_type.memory_gib * 1024)
+        hints.update(
+            gpu_name=node.accelerator_type.device_name,
+            gpu_memory_mib=node.accelerator_type.memory_gib * 1024,
+            gpu_power_limit_w=node.accelerator_type.tdp_watts,
+        )
     return hints

@@ -61,6 +61,17 @@ def test_loaded_gpus_draw_about_700_w_with_a_throttled_clock_and_warm_towards_63
     assert 35 <= min(temperatures) and max(temperatures) == 63
 
 
+def test_another_models_power_limit_scales_the_recorded_power():
+    clock = Clock()
+    backend = simulated(clock, power_limit_w=350)  # an L40S-class card
+    backend.set_load(True)
+    run(backend, clock, 3)
+    sustained = flat(run(backend, clock, 30))
+
+    assert 325 <= statistics.mean(r.power_w for r in sustained) <= 355
+    assert backend.inventory().gpus[0].power_limit_w == 350
+
+
 def test_released_gpus_cool_back_to_idle():
     clock = Clock()
     backend = simulated(clock)

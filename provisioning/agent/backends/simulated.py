@@ -147,10 +147,11 @@ class _SimulatedGpu:
         start: float,
         *,
         memory_total_mib: int,
+        power_factor: float = 1.0,
     ) -> None:
         self.index, self.uuid, self.profile, self.rng = index, uuid_, profile, rng
         self.memory_total_mib = memory_total_mib
-        scale = rng.uniform(*POWER_SCALE_RANGE)
+        scale = rng.uniform(*POWER_SCALE_RANGE) * power_factor
         self.tracks = {name: _Track(segment, rng, scale, profile.dt_s) for name, segment in profile.segments.items()}
         self.thermal = _ThermalLag(profile.thermal, rng, start)
         counter = profile.energy_counter_mj + rng.uniform(0, profile.energy_counter_mj)
@@ -201,13 +202,17 @@ class SimulatedBackend(GpuBackend):
         seed: int | str | None = None,
         gpu_name: str | None = None,
         memory_mib: int | None = None,
+        power_limit_w: int | None = None,
         energy_interval_s: float = ENERGY_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``seed`` defaults to the hostname: each simulated host differs, and is the same on every run.
         ``gpu_name`` and ``memory_mib`` make the GPUs report another model (the console's fleet has models
-        with no recording yet) while their readings still follow the profile's."""
+        with no recording yet) while their readings still follow the profile's; ``power_limit_w`` scales the
+        recorded power to that model's limit (an L40S under load draws about 350 W, not an H100's 700 W)."""
         self._profile = load_profile(model)
+        self._power_limit_w = power_limit_w or self._profile.power_limit_w
+        power_factor = self._power_limit_w / self._profile.power_limit_w
         self._gpu_name = gpu_name or self._profile.name
         self._clock = clock
         self._energy = EnergyThrottle(energy_interval_s, clock)
@@ -222,6 +227,7 @@ class SimulatedBackend(GpuBackend):
                 _rng(f"{seed}/{index}"),
                 start,
                 memory_total_mib=memory_mib or self._profile.memory_total_mib,
+                power_factor=power_factor,
             )
             for index in range(gpus)
         ]
@@ -235,7 +241,7 @@ class SimulatedBackend(GpuBackend):
                     uuid=gpu.uuid,
                     name=self._gpu_name,
                     memory_mib=gpu.memory_total_mib,
-                    power_limit_w=self._profile.power_limit_w,
+                    power_limit_w=self._power_limit_w,
                 )
                 for gpu in self._gpus
             ],
