@@ -67,33 +67,48 @@ class Agent:
         )
 
     async def connect(self):
-        connected, _ = await self.ws.connect()
+        connected, _ = await self.ws.connect(timeout=15)  # generous for busy CI machines
         return connected
 
     async def send(self, frame: dict):
         await self.ws.send_to(text_data=json.dumps(frame))
 
-    async def receive(self, timeout: float = 5) -> dict:
+    async def receive(self, timeout: float = 15) -> dict:
         return json.loads(await self.ws.receive_from(timeout))
 
-    async def expect(self, kind: str, timeout: float = 5) -> dict:
+    async def expect(self, kind: str, timeout: float = 15) -> dict:
         while True:
             frame = await self.receive(timeout)
             if frame["type"] == kind:
                 return frame
 
     async def closed_with(self) -> int:
-        output = await self.ws.receive_output(5)
+        output = await self.ws.receive_output(15)
         return output.get("code")
 
     async def start(self, node, **hello_kwargs) -> dict:
+        """Connect and send the inventory; returns once the console has taken it in (so a test's next
+        step never races the hello, however busy the machine)."""
         assert await self.connect()
         welcome = await self.expect("welcome")
-        await self.send(hello(node, **hello_kwargs))
+        frame = hello(node, **hello_kwargs)
+        await self.send(frame)
+        uuids = {gpu["uuid"] for gpu in frame["gpus"]}
+        deadline = asyncio.get_running_loop().time() + 15
+        while asyncio.get_running_loop().time() < deadline:
+            if await db(_inventory_is)(node.pk, uuids):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the consumer sends unfinished commands right after storing the inventory
         return welcome
 
     async def close(self):
         await self.ws.disconnect()
+
+
+def _inventory_is(node_id: int, uuids: set[str]) -> bool:
+    node = Node.objects.get(pk=node_id)
+    return node.agent_version == "0.1.0" and set(node.gpus.values_list("uuid", flat=True)) == uuids
 
 
 def run(coroutine_function):

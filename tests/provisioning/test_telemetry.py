@@ -78,19 +78,30 @@ async def _uuids(node):
         yield uuid
 
 
+CONNECT_TIMEOUT = 15  # generous: CI machines are small and may be busy; never a timing assertion
+
+
+async def accepted(ws) -> None:
+    connected, code = await ws.connect(timeout=CONNECT_TIMEOUT)
+    assert connected, f"refused with close code {code}"
+
+
 async def refusal(ws) -> int:
     """The close code a feed answers with, having accepted (so a browser sees the code, not a 1006)."""
-    connected, _ = await ws.connect()
-    assert connected
-    return (await ws.receive_output(2))["code"]
+    await accepted(ws)
+    return (await ws.receive_output(CONNECT_TIMEOUT))["code"]
 
 
-async def frames(ws, quiet=1.0) -> list[dict]:
-    """What arrives until the socket stays quiet for ``quiet`` seconds (without cancelling it, as a
-    timed-out receive_from would)."""
-    received = []
-    while not await ws.receive_nothing(timeout=quiet):
-        received.append(json.loads(await ws.receive_from()))
+async def frames(ws, *, until, timeout: float = 20, settle: float = 0.5) -> list[dict]:
+    """Frames until ``until(received)`` holds (or ``timeout``), then whatever arrives in ``settle`` more
+    seconds — so an unwanted extra frame would still be caught. Never cancels the socket, as a timed-out
+    receive_from would."""
+    received, deadline = [], time.monotonic() + timeout
+    while not until(received) and time.monotonic() < deadline:
+        if not await ws.receive_nothing(timeout=0.2):
+            received.append(json.loads(await ws.receive_from(CONNECT_TIMEOUT)))
+    while not await ws.receive_nothing(timeout=settle):
+        received.append(json.loads(await ws.receive_from(CONNECT_TIMEOUT)))
     return received
 
 
@@ -106,13 +117,17 @@ def test_a_tenant_sees_only_its_own_reservations_telemetry_and_operators_see_all
         snoop = browser(f"/ws/reservations/{their_reservation.id}/", member)
         fleet = browser("/ws/fleet/", operator)
         not_staff = browser("/ws/fleet/", member)
-        assert (await me.connect())[0] and (await fleet.connect())[0]
+        await accepted(me)
+        await accepted(fleet)
         refused_reservation = await refusal(snoop)
         refused_fleet = await refusal(not_staff)
         agents = [await started(mine, secrets[mine.pk]), await started(theirs, secrets[theirs.pk])]
         await agents[0].send(mine_batch)
         await agents[1].send(theirs_batch)
-        mine_frames, fleet_frames = await frames(me), await frames(fleet)
+        mine_frames = await frames(me, until=lambda got: len(got) >= 1)
+        fleet_frames = await frames(
+            fleet, until=lambda got: {mine.hostname, theirs.hostname} <= {f.get("node") for f in got}
+        )
         for ws in (me, fleet, *[a.ws for a in agents]):
             await ws.disconnect()
         return refused_reservation, refused_fleet, mine_frames, fleet_frames
@@ -121,7 +136,8 @@ def test_a_tenant_sees_only_its_own_reservations_telemetry_and_operators_see_all
     assert refused_reservation == 4404 and refused_fleet == 4403
     assert [f["node"] for f in mine_frames] == [mine.hostname]
     assert mine_frames[0]["gpus"][0][telemetry.POWER] == 300.5
-    assert {f["node"] for f in fleet_frames} == {mine.hostname, theirs.hostname}
+    # Other fleets on this Redis (a benchmark, a demo) may publish to the operators' group too.
+    assert {mine.hostname, theirs.hostname} <= {f["node"] for f in fleet_frames}
     summary = next(f for f in fleet_frames if f["node"] == mine.hostname)
     assert summary["util"] == 53.5 and summary["power"] == 2404.0 and summary["health"] == "ok"
 
@@ -150,14 +166,14 @@ def test_a_bad_batch_is_refused_and_no_stream_is_closed(tenant, problem, setting
 
     async def scenario():
         watcher = browser(f"/ws/reservations/{reservation.id}/", member)
-        await watcher.connect()
+        await accepted(watcher)
         sender = await started(node, secrets[node.pk])
         other = await started(neighbour, secrets[neighbour.pk])
         await sender.send(bad)
         error = await sender.expect("error")
         await sender.send(good)  # the same connection goes on
         await other.send(neighbours)
-        received = await frames(watcher)
+        received = await frames(watcher, until=lambda got: len(got) >= 1)
         for ws in (watcher.disconnect, sender.close, other.close):
             await ws()
         return error, received
