@@ -220,10 +220,14 @@ class NodeAgent:
         return {"type": "telemetry", "seq": self._telemetry_seq, "at": time.time(), "gpus": gpus}
 
     async def _every(self, interval: float, build: Callable[[], Frame]) -> None:
+        # Start at a random point of the interval: agents that connect together (a fleet host, or all
+        # of them after a console restart) would otherwise send in bursts (bench/telemetry: p99 136 ms
+        # in step against 4 ms spread out).
+        await asyncio.sleep(random.uniform(0, interval))  # noqa: S311 - spreading load, not a secret
         while True:
-            await asyncio.sleep(interval)
             if not await self._send(build()):
                 return
+            await asyncio.sleep(interval)
 
     def _heartbeat(self) -> Frame:
         self._beats += 1
