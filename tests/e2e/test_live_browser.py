@@ -30,11 +30,12 @@ def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, request
     context = browser.new_context(base_url=stack.base)
     page = context.new_page()
     page.set_default_timeout(60_000)  # CI machines are small and busy: generous, never a timing assertion
-    page.goto("/login/")
-    page.get_by_label("Email").fill(member.email)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url("**/catalog/")
+    # Signed in with a session made here (the sign-in form itself is covered by tests/browser).
+    from django.test import Client
+
+    session = Client()
+    assert session.login(username=member.email, password=PASSWORD)
+    context.add_cookies([{"name": "sessionid", "value": session.cookies["sessionid"].value, "url": stack.base}])
     page.goto(f"/reservations/{body['id']}/")
     page.wait_for_function("document.body.dataset.live === 'on'")
     page.evaluate("window.sameDocument = true")

@@ -13,7 +13,6 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
 
-from console.asgi import application
 from marketplace.models import Reservation
 from marketplace.selectors.reservations import reservation_energy_kwh
 from marketplace.services.reservations import reservation_activate, reservation_begin, reservation_create
@@ -33,9 +32,26 @@ def cookie_for(user) -> str:
 
 
 def browser(path: str, cookie: str) -> WebsocketCommunicator:
-    return WebsocketCommunicator(
-        application, path, headers=[(b"cookie", cookie.encode()), (b"origin", b"http://testserver")]
-    )
+    # The routes built now, from the current settings: AllowedHostsOriginValidator reads ALLOWED_HOSTS
+    # when it is constructed, and test fixtures (live_server) change them during a session.
+    from channels.routing import URLRouter
+
+    app = URLRouter(_browser_routes())
+    return WebsocketCommunicator(app, path, headers=[(b"cookie", cookie.encode()), (b"origin", b"http://testserver")])
+
+
+def _browser_routes():
+    from django.urls import path as route
+
+    from console.routing import browser as browser_route
+    from marketplace.consumers import ReservationTelemetryConsumer, TenantConsumer
+    from provisioning.consumers import FleetConsumer
+
+    return [
+        route("ws/tenant/", browser_route(TenantConsumer)),
+        route("ws/reservations/<uuid:pk>/", browser_route(ReservationTelemetryConsumer)),
+        route("ws/fleet/", browser_route(FleetConsumer)),
+    ]
 
 
 def batch(node, *, at=None, **overrides) -> dict:
