@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import console
+
 logger = logging.getLogger("console.devservers")
 
 DATABASE_NAME = "neocloud"
@@ -313,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     child = None
     try:
         with data_stores(Path(args.dir).resolve()) as env:
-            child = subprocess.Popen(command, env={**os.environ, **env})
+            child_env = {**os.environ, **env}
+            if not console.SETTINGS_MODULE_FROM_ENVIRONMENT:
+                child_env.pop("DJANGO_SETTINGS_MODULE", None)  # set by importing console, not by the user
+            child = subprocess.Popen(command, env=child_env)
             return child.wait()
     except Stop:
         if child is not None:

@@ -98,3 +98,31 @@ def test_the_test_profile_runs_on_real_postgresql_and_redis():
     assert settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
     assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
     assert settings.CELERY_BROKER_URL.startswith("redis://")
+
+
+def test_the_suite_runs_on_the_test_profile():
+    """`make test` starts pytest through console.devservers; importing the console package sets a
+    default settings module, which must not reach pytest (it once ran the suite on development)."""
+    assert settings.SETTINGS_MODULE == "console.settings.test"
+
+
+def test_devservers_hands_on_no_settings_module_of_its_own():
+    env = {k: v for k, v in clean_environ().items() if k != "DJANGO_SETTINGS_MODULE"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "console.devservers",
+            "--",
+            sys.executable,
+            "-c",
+            "import os; print(os.environ.get('DJANGO_SETTINGS_MODULE'))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=settings.BASE_DIR,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"
