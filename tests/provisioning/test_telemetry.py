@@ -32,8 +32,8 @@ def cookie_for(user) -> str:
 
 
 def browser(path: str, cookie: str) -> WebsocketCommunicator:
-    # The routes built now, from the current settings: AllowedHostsOriginValidator reads ALLOWED_HOSTS
-    # when it is constructed, and test fixtures (live_server) change them during a session.
+    # The browser routes built now, from the settings in force (AllowedHostsOriginValidator reads
+    # ALLOWED_HOSTS once, when it is constructed), with the real consumers and middleware.
     from channels.routing import URLRouter
 
     app = URLRouter(_browser_routes())
