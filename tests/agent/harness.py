@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pynvml
 import websockets
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -140,3 +141,14 @@ async def running(agent: NodeAgent) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         task.cancel()
         await asyncio.wait([task])
+
+
+def nvml_present() -> bool:
+    """Whether this host has a working NVML (an NVIDIA driver): the no-GPU tests only mean something
+    without one, and a GPU host runs the nvml backend for real instead (bench/gpu_check.py)."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True

@@ -11,6 +11,7 @@ from provisioning.agent.backends import BackendUnavailable, get_backend
 from provisioning.agent.backends.base import GpuReading
 from provisioning.agent.backends.nvml import NvmlBackend, read_optional
 from provisioning.agent.backends.simulated import SimulatedBackend, gpu_uuid
+from tests.agent.harness import nvml_present
 
 
 class Clock:
@@ -159,16 +160,7 @@ def test_an_unknown_backend_or_model_is_refused_by_name():
         get_backend("simulated", hostname="n1", model="b200")
 
 
-def nvml_present() -> bool:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
-
-
-@pytest.mark.skipif(nvml_present(), reason="this host has NVML")
+@pytest.mark.skipif(nvml_present(), reason="a test of hosts without NVML; this one has a GPU driver")
 def test_without_a_gpu_the_nvml_backend_is_cleanly_unavailable():
     with pytest.raises(BackendUnavailable, match="NVML is not available on this host: .*Not Found"):
         NvmlBackend()

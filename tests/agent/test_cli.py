@@ -7,25 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pynvml
 import pytest
 
 from provisioning.agent.cli import main
 from provisioning.agent.client import NodeAgent
 from provisioning.agent.fleet import FleetMember, load_members, run_fleet
-from tests.agent.harness import FakeConsole, enrolled, make_agent
+from tests.agent.harness import FakeConsole, enrolled, make_agent, nvml_present
 
 
-def nvml_present() -> bool:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
-
-
-@pytest.mark.skipif(nvml_present(), reason="this host has NVML")
+@pytest.mark.skipif(nvml_present(), reason="a test of hosts without NVML; this one has a GPU driver")
 def test_gpu_check_without_nvml_exits_2_with_a_clear_message():
     completed = subprocess.run(
         [sys.executable, "-m", "provisioning.agent.cli", "gpu-check"], capture_output=True, text=True, check=False
