@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -814,36 +813,10 @@ def measure_api(
 def machine_info(wrk: str | None) -> dict:
     from importlib.metadata import version
 
-    from django.db import connection
+    from machine import describe_machine
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown",
-    )
-    memory_kib = next(
-        (
-            int(line.split()[1])
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal")
-        ),
-        0,
-    )
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW server_version")
-        postgres = cursor.fetchone()[0]
     return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "date_local": subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip(),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "memory_gib": round(memory_kib / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "postgresql": postgres,
+        **describe_machine(),
         "django": version("django"),
         "uvicorn": version("uvicorn"),
         "daphne": version("daphne"),

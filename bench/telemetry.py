@@ -54,7 +54,6 @@ import bisect
 import json
 import math
 import os
-import platform
 import queue
 import shutil
 import signal
@@ -1428,37 +1427,11 @@ def shorten(frame: str) -> str:
 def machine_info(redis_url: str) -> dict:
     from importlib.metadata import version
 
-    from django.db import connection
+    from machine import describe_machine
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown",
-    )
-    memory_kib = next(
-        (
-            int(line.split()[1])
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal")
-        ),
-        0,
-    )
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW server_version")
-        postgres = cursor.fetchone()[0]
     packages = ["django", "channels", "channels-redis", "daphne", "uvicorn", "websockets", "msgpack"]
     return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "date_local": subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip(),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "memory_gib": round(memory_kib / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "postgresql": postgres,
+        **describe_machine(),
         "redis_server": redis_client(redis_url).info("server").get("redis_version"),
         "redis-py": version("redis"),
         **{name: version(name) for name in packages},
