@@ -12,7 +12,10 @@ from django.db import transaction
 
 from marketplace.choices import OfferShape, Role
 from marketplace.services.catalog import offer_create
+from marketplace.services.ledger import credits_grant
+from marketplace.services.spend import credit_limit_set, spend_alert_create
 from marketplace.services.tenancy import membership_set, organization_create, user_create
+from marketplace.tenancy import TenantContext
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
 from provisioning.models import AcceleratorType, Site
 from provisioning.services.fleet import (
@@ -199,6 +202,15 @@ def seed_demo() -> bool:
     globex = organization_create(name="Globex Research", slug="globex", owner=globex_owner)
     # The Acme owner also consults for Globex, so the organization switcher has something to switch.
     membership_set(organization=globex, user=users["owner@acme.example"], role=Role.MEMBER)
+    # Prepaid credit to spend; Globex also has a credit line and alerts, so every billing page has content.
+    credits_grant(organization=acme, amount="25000", memo="Demo credit")
+    credits_grant(organization=globex, amount="2000", memo="Demo credit")
+    credit_limit_set(organization=globex, limit="5000")
+    for threshold in ("100", "1000"):
+        spend_alert_create(
+            tenant=TenantContext(organization=acme, user=users["owner@acme.example"], role=Role.OWNER),
+            threshold=threshold,
+        )
     return True
 
 

@@ -48,3 +48,33 @@ class ReservationState(models.TextChoices):
 HOLDING_STATES = frozenset(
     {ReservationState.PENDING, ReservationState.PROVISIONING, ReservationState.ACTIVE, ReservationState.RELEASING}
 )
+
+
+class AccountKind(models.TextChoices):
+    """Ledger accounts. A tenant has credits, holds and usage; the platform has grants. Amounts are
+    signed so that every transaction's legs sum to zero (ARCHITECTURE invariant 4)."""
+
+    CREDITS = "credits", "Credits"  # tenant: prepaid money, neither spent nor held
+    HOLDS = "holds", "Holds"  # tenant: money set aside for reservations' expected cost
+    USAGE = "usage", "Usage"  # tenant: money spent on rated usage (platform revenue)
+    GRANTS = "grants", "Grants"  # platform: credits operators granted (minus their sum)
+
+
+TENANT_ACCOUNT_KINDS = frozenset({AccountKind.CREDITS, AccountKind.HOLDS, AccountKind.USAGE})
+PLATFORM_ACCOUNT_KINDS = frozenset({AccountKind.GRANTS})
+
+
+class TransactionKind(models.TextChoices):
+    GRANT = "grant", "Credit grant"
+    HOLD = "hold", "Hold"
+    HOLD_RELEASE = "hold_release", "Hold release"
+    USAGE = "usage", "Usage"
+    REVERSAL = "reversal", "Reversal"
+
+
+class NoticeKind(models.TextChoices):
+    SPEND_ALERT = "spend_alert", "Spend alert"
+    BALANCE_DEPLETED = "balance_depleted", "Balance ran out"
+    BALANCE_RESTORED = "balance_restored", "Balance restored"
+    RELEASED_UNPAID = "released_unpaid", "Released: balance ran out"
+    CREDITS_GRANTED = "credits_granted", "Credits granted"

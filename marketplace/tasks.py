@@ -41,3 +41,43 @@ def reservations_reconcile() -> dict[str, int]:
 @shared_task(ignore_result=True)
 def idempotency_records_expire() -> int:
     return expire_records()
+
+
+# Billing (marketplace.services.metering, spend, invoicing, pricing), on the "billing" queue.
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def usage_rate() -> dict[str, int]:
+    """Rate every active reservation up to now, then release what overstayed an empty balance."""
+    from marketplace.services.metering import usage_rate as rate
+    from marketplace.services.spend import balances_enforce
+
+    return {**rate(), **balances_enforce()}
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def rate_reservation(reservation_id: str) -> dict[str, int]:
+    from marketplace.services.metering import usage_rate as rate
+
+    return rate(reservation_ids=[reservation_id])
+
+
+@shared_task(ignore_result=True)
+def billing_tick() -> int:
+    from marketplace.services.invoicing import cost_tick
+
+    return cost_tick()
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def invoices_close() -> int:
+    from marketplace.services.invoicing import invoices_close as close
+
+    return close()
+
+
+@shared_task(ignore_result=True)
+def prices_apply() -> int:
+    from marketplace.services.pricing import prices_apply as apply
+
+    return apply()

@@ -8,6 +8,7 @@ import factory
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Offer
+from marketplace.services.ledger import credits_grant
 from marketplace.services.tenancy import membership_set, organization_create, user_create
 from marketplace.tenancy import TenantContext
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
@@ -103,10 +104,16 @@ def make_user(email: str | None = None, **extra):
     return user_create(email=email or f"user{next(_n)}@example.com", password=PASSWORD, **extra)
 
 
-def make_tenant(name: str | None = None, *, role: str = Role.OWNER, user=None) -> TenantContext:
-    """An organization and a member with ``role`` in it, as the boundary would resolve them."""
+def make_tenant(
+    name: str | None = None, *, role: str = Role.OWNER, user=None, credit: Decimal | str | None = "100000"
+) -> TenantContext:
+    """An organization and a member with ``role`` in it, as the boundary would resolve them. It has
+    ``credit`` dollars of prepaid credit (None: none), so reservations' holds do not get in the way of
+    tests about something else."""
     owner = make_user()
     organization = organization_create(name=name or f"Org {next(_n)}", owner=owner)
+    if credit is not None:
+        credits_grant(organization=organization, amount=credit, memo="test credit")
     if role == Role.OWNER and user is None:
         return TenantContext(organization=organization, user=owner, role=Role.OWNER)
     member = user or make_user()

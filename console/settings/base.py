@@ -271,3 +271,42 @@ CELERY_BEAT_SCHEDULE["telemetry-rollups-expire"] = {
     "task": "provisioning.tasks.telemetry_rollups_expire",
     "schedule": 3600.0,
 }
+
+# --- Billing (docs/billing.md) --------------------------------------------------------------------
+# How often beat rates active reservations (they are also rated the moment they are released).
+BILLING_RATE_SECONDS = env_int("BILLING_RATE_SECONDS", 60)
+# How often the live cost ticker is pushed to tenants with something active (the issue asks <= 5 s).
+BILLING_TICK_SECONDS = env_int("BILLING_TICK_SECONDS", 5)
+# After a balance runs out, how long before active on-demand reservations are released.
+BILLING_GRACE_MINUTES = env_int("BILLING_GRACE_MINUTES", 60)
+# A month's invoices are finalized this long after it ends (late releases are rated by then).
+INVOICE_CLOSE_DELAY_MINUTES = env_int("INVOICE_CLOSE_DELAY_MINUTES", 60)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "usage-rate": {
+            "task": "marketplace.tasks.usage_rate",
+            "schedule": float(BILLING_RATE_SECONDS),
+            "options": {"expires": float(BILLING_RATE_SECONDS)},
+        },
+        "billing-tick": {
+            "task": "marketplace.tasks.billing_tick",
+            "schedule": float(BILLING_TICK_SECONDS),
+            "options": {"expires": float(BILLING_TICK_SECONDS)},
+        },
+        "invoices-close": {"task": "marketplace.tasks.invoices_close", "schedule": 600.0},
+        "prices-apply": {"task": "marketplace.tasks.prices_apply", "schedule": 60.0},
+    }
+)
+CELERY_TASK_ROUTES.update(
+    {
+        f"marketplace.tasks.{name}": {"queue": "billing"}
+        for name in (
+            "usage_rate",
+            "rate_reservation",
+            "billing_tick",
+            "invoices_close",
+            "prices_apply",
+            "balances_enforce",
+        )
+    }
+)

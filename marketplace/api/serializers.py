@@ -3,8 +3,10 @@ from decimal import Decimal
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from marketplace.choices import Role
+from marketplace.choices import Role, TermMonths
 from marketplace.models import ApiKey, Offer, OfferTermDiscount, Reservation
+from marketplace.money import cents
+from marketplace.selectors.billing import reservation_cost
 from marketplace.selectors.reservations import reservation_energy_kwh, reservation_progress
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 from provisioning.choices import CommandKind, CommandState
@@ -145,6 +147,7 @@ class ReservationSerializer(serializers.ModelSerializer):
             "end",
             "state",
             "state_changed_at",
+            "term_months",
             "price",
             "allocations",
             "failure_reason",
@@ -184,10 +187,22 @@ class ReservationDetailSerializer(ReservationSerializer):
 
     progress = serializers.SerializerMethodField()
     energy_kwh = serializers.SerializerMethodField()
+    cost_so_far = serializers.SerializerMethodField(help_text="Its active seconds at its price, rated or not yet.")
 
     class Meta(ReservationSerializer.Meta):
-        fields = [*ReservationSerializer.Meta.fields, "activated_at", "deactivated_at", "energy_kwh", "progress"]
+        fields = [
+            *ReservationSerializer.Meta.fields,
+            "activated_at",
+            "deactivated_at",
+            "cost_so_far",
+            "energy_kwh",
+            "progress",
+        ]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=2))
+    def get_cost_so_far(self, reservation: Reservation) -> str:
+        return str(cents(reservation_cost(reservation=reservation)))
 
     @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=4, allow_null=True))
     def get_energy_kwh(self, reservation: Reservation):
@@ -209,10 +224,18 @@ class ReservationCreateSerializer(serializers.Serializer):
     duration_hours = serializers.DecimalField(
         max_digits=8, decimal_places=2, min_value=Decimal("0.02"), required=False, help_text="Either end or this."
     )
+    term_months = serializers.ChoiceField(
+        choices=TermMonths.choices,
+        required=False,
+        help_text="A reserved term at the offer's discount for it, instead of end or duration_hours.",
+    )
 
     def validate(self, attrs):
-        if ("end" in attrs) == ("duration_hours" in attrs):
-            raise serializers.ValidationError({"end": ["Give either end or duration_hours, not both or neither."]})
+        given = [name for name in ("end", "duration_hours", "term_months") if name in attrs]
+        if len(given) != 1:
+            raise serializers.ValidationError(
+                {"end": ["Give exactly one of end, duration_hours (on demand) or term_months (a reserved term)."]}
+            )
         return attrs
 
 

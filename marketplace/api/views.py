@@ -165,13 +165,16 @@ class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.Retrie
             data = params.validated_data
             offer = offer_for_reservation(offer_id=data["offer"])
             start = data.get("start") or timezone.now()
-            end = data.get("end") or start + timedelta(hours=float(data["duration_hours"]))
+            end = data.get("end")
+            if "duration_hours" in data:
+                end = start + timedelta(hours=float(data["duration_hours"]))
             reservation = reservation_create(
                 tenant=self.tenant,
                 offer=offer,
                 quantity=data["quantity"],
                 start=start,
                 end=end,
+                term_months=data.get("term_months"),
                 idempotency_key=key,
             )
             return status.HTTP_201_CREATED, ReservationSerializer(

@@ -9,7 +9,8 @@ from django.contrib.postgres.indexes import GistIndex
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 
-from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState
+from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, TermMonths
+from marketplace.money import SECONDS_PER_HOUR, cents, cost, seconds_between
 from provisioning.models import AcceleratorType, Node, Rack
 
 from .catalog import Offer
@@ -56,6 +57,10 @@ class Reservation(models.Model):
     # The active interval: from every node reporting ready to the release (energy, and later billing).
     activated_at = models.DateTimeField(null=True, blank=True)
     deactivated_at = models.DateTimeField(null=True, blank=True)
+    # None: on demand. Otherwise a reserved term at the offer's term discount (price kept as above).
+    term_months = models.PositiveSmallIntegerField(null=True, blank=True, choices=TermMonths.choices)
+    # Set by billing (marketplace.services.metering) once every active second is rated and the hold released.
+    billing_settled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -79,6 +84,10 @@ class Reservation(models.Model):
             ),
             models.Index(fields=["organization", "state"], name="reservation_org_state_idx"),
             models.Index(fields=["state"], name="reservation_state_idx"),
+            # What rating still has to look at.
+            models.Index(
+                fields=["id"], name="reservation_unsettled_idx", condition=models.Q(billing_settled_at__isnull=True)
+            ),
         ]
 
     def __str__(self) -> str:
@@ -98,12 +107,18 @@ class Reservation(models.Model):
 
     @property
     def hours(self) -> Decimal:
-        return Decimal(self.duration.total_seconds()) / Decimal(3600)
+        return seconds_between(self.start, self.end) / SECONDS_PER_HOUR
 
     @property
     def estimated_cost(self) -> Decimal:
-        """The whole period at the kept price; billing (later) rates what was really active."""
-        return (self.price_per_gpu_hour * self.gpu_count * self.hours).quantize(Decimal("0.01"))
+        """The whole period at the kept price (what was held); billing rates what was really active."""
+        return cents(
+            cost(
+                price_per_gpu_hour=self.price_per_gpu_hour,
+                gpus=self.gpu_count,
+                seconds=seconds_between(self.start, self.end),
+            )
+        )
 
 
 class Allocation(models.Model):

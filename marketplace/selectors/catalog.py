@@ -87,3 +87,20 @@ def offer_filter(offers: QuerySet[Offer], *, available_only: bool = False) -> Qu
     if available_only:
         offers = offers.filter(Q(shape="node", available_nodes__gt=0) | Q(shape="rack", available_racks__gt=0))
     return offers
+
+
+def price_in_force(*, offer, at=None):
+    """The offer's on-demand price per GPU-hour at ``at`` (now): the latest price-book row in force,
+    or the offer's own price where the book has none."""
+    from django.utils import timezone
+
+    from marketplace.models import OfferPrice
+
+    at = at or timezone.now()
+    price = (
+        OfferPrice.objects.filter(offer=offer, effective_from__lte=at)
+        .order_by("-effective_from")
+        .values_list("price_per_gpu_hour", flat=True)
+        .first()
+    )
+    return offer.price_per_gpu_hour if price is None else price

@@ -2,7 +2,7 @@
 Reservation and Allocation rows."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -18,7 +18,11 @@ from console.lifecycle import IllegalTransition, transition
 from console.tasks import enqueue_on_commit
 from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, Role
 from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organization, Quota, Reservation
+from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between
 from marketplace.selectors.capacity import earliest_fit
+from marketplace.selectors.catalog import price_in_force
+from marketplace.services.ledger import hold_place
+from marketplace.services.metering import SETTLING_STATES
 from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_pick
 from marketplace.tenancy import TenantContext
 from provisioning.models import Node
@@ -46,18 +50,25 @@ class Quote:
     end: datetime
     node_count: int
     gpu_count: int
+    price_per_gpu_hour: Decimal
+    term_months: int | None = None
 
     @property
     def hours(self) -> Decimal:
-        return Decimal((self.end - self.start).total_seconds()) / Decimal(3600)
+        return seconds_between(self.start, self.end) / SECONDS_PER_HOUR
 
     @property
-    def price_per_gpu_hour(self) -> Decimal:
-        return self.offer.price_per_gpu_hour
+    def expected_cost(self) -> Decimal:
+        """The whole period at the price: what is held when it is made."""
+        return cost(
+            price_per_gpu_hour=self.price_per_gpu_hour,
+            gpus=self.gpu_count,
+            seconds=seconds_between(self.start, self.end),
+        )
 
     @property
     def estimated_cost(self) -> Decimal:
-        return (self.price_per_gpu_hour * self.gpu_count * self.hours).quantize(Decimal("0.01"))
+        return cents(self.expected_cost)
 
 
 def _window_error(message: str, field: str) -> DomainError:
@@ -65,9 +76,17 @@ def _window_error(message: str, field: str) -> DomainError:
 
 
 def reservation_quote(
-    *, offer: Offer, quantity: int, start: datetime | None, end: datetime, now: datetime | None = None
+    *,
+    offer: Offer,
+    quantity: int,
+    start: datetime | None,
+    end: datetime | None,
+    term_months: int | None = None,
+    now: datetime | None = None,
 ) -> Quote:
-    """Validate a request against the offer and say what it would hold. Raises DomainError (400)."""
+    """Validate a request against the offer and say what it would hold and cost: on demand for
+    [start, end) at the price in force, or a reserved term of ``term_months`` from start at the
+    offer's discount for that term. Raises DomainError (400)."""
     now = now or timezone.now()
     if not offer.is_active:
         raise DomainError(
@@ -83,6 +102,24 @@ def reservation_quote(
             fields={"quantity": ["Must be 1 for a rack offer."]},
         )
     start = now if start is None else start  # up to CLOCK_SKEW in the past is accepted as it is
+    price = price_in_force(offer=offer, at=now)
+    if term_months is not None:
+        discount = offer.term_discounts.filter(term_months=term_months).first()
+        if discount is None:
+            terms = sorted(offer.term_discounts.values_list("term_months", flat=True))
+            offered = ", ".join(f"{t}" for t in terms) or "none"
+            raise DomainError(
+                f"This offer has no {term_months}-month term (terms offered, in months: {offered}).",
+                code="invalid_term",
+                fields={"term_months": [f"Choose one of: {offered}."]},
+            )
+        term_end = add_months(start, term_months)
+        if end is not None and end != term_end:
+            raise _window_error("A reserved term ends when the term does; leave the end out.", "end")
+        end = term_end
+        price = (price * (Decimal(100) - discount.percent_off) / Decimal(100)).quantize(Decimal("0.0001"))
+    elif end is None:
+        raise _window_error("An on-demand reservation needs an end.", "end")
     if start < now - CLOCK_SKEW:
         raise _window_error("The start is in the past.", "start")
     if start > now + MAX_ADVANCE:
@@ -91,14 +128,21 @@ def reservation_quote(
         raise _window_error("The end must be after the start.", "end")
     if end - start < MIN_DURATION:
         raise _window_error("A reservation lasts at least a minute.", "end")
-    if end - start > timedelta(hours=offer.max_duration_hours):
+    if term_months is None and end - start > timedelta(hours=offer.max_duration_hours):
         raise _window_error(f"This offer allows at most {offer.max_duration_hours} hours per reservation.", "end")
     if offer.shape == OfferShape.RACK:
         nodes = _typical_rack_size(offer)
     else:
         nodes = quantity
     return Quote(
-        offer=offer, quantity=quantity, start=start, end=end, node_count=nodes, gpu_count=nodes * offer.gpus_per_node
+        offer=offer,
+        quantity=quantity,
+        start=start,
+        end=end,
+        node_count=nodes,
+        gpu_count=nodes * offer.gpus_per_node,
+        price_per_gpu_hour=price,
+        term_months=term_months,
     )
 
 
@@ -186,12 +230,14 @@ def reservation_create(
     offer: Offer,
     quantity: int,
     start: datetime | None,
-    end: datetime,
+    end: datetime | None,
+    term_months: int | None = None,
     idempotency_key: str | None = None,
 ) -> Reservation:
-    """Hold nodes (or one whole rack) of ``offer`` for [start, end). All or nothing."""
+    """Hold nodes (or one whole rack) of ``offer`` for [start, end), and the expected cost from the
+    tenant's balance (402 when it cannot cover it). All or nothing."""
     tenant.require(Role.MEMBER, "reserving capacity")
-    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end)
+    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months)
     _lock_tenant(tenant.organization)
     if offer.shape == OfferShape.NODE:
         _check_quota(
@@ -223,7 +269,8 @@ def reservation_create(
                 node_count=node_count,
                 gpu_count=node_count * offer.gpus_per_node,
                 period=period,
-                price_per_gpu_hour=offer.price_per_gpu_hour,
+                price_per_gpu_hour=quote.price_per_gpu_hour,
+                term_months=quote.term_months,
                 idempotency_key=idempotency_key,
             )
             Allocation.objects.bulk_create(
@@ -234,6 +281,9 @@ def reservation_create(
             logger.error("Exclusion constraint refused a placement for %s", offer)
             raise CapacityUnavailable("That capacity was just taken; try again.") from None
         raise
+    if node_count != quote.node_count:  # a rack of another size than quoted: hold for what was placed
+        quote = replace(quote, node_count=node_count, gpu_count=reservation.gpu_count)
+    hold_place(reservation=reservation, amount=quote.expected_cost, memo=f"Hold for reservation {reservation.pk}")
     _event(reservation, "reservation.created")
     if quote.start <= timezone.now():  # starts now: do not wait for the next beat tick
         from marketplace import tasks
@@ -248,6 +298,9 @@ def _constraint(error: IntegrityError) -> str | None:
 
 
 def _move(reservation: Reservation, target: str, **also_set) -> str:
+    # Lock the row before reading the clock: a rating run holding it has rated up to a moment before
+    # this one, so the active interval never ends before what was already billed.
+    Reservation.objects.select_for_update().filter(pk=reservation.pk).values_list("pk", flat=True).first()
     now = timezone.now()
     if target == S.ACTIVE:
         also_set.setdefault("activated_at", now)
@@ -267,6 +320,8 @@ def _move(reservation: Reservation, target: str, **also_set) -> str:
         enqueue_on_commit(tasks.provision_reservation, str(reservation.pk))
     elif target == S.RELEASING:
         enqueue_on_commit(tasks.release_reservation, str(reservation.pk))
+    if target in SETTLING_STATES and target != S.COMPLETED:  # rate it to its end, release the rest of the hold
+        enqueue_on_commit(tasks.rate_reservation, str(reservation.pk))
     return previous
 
 
@@ -332,6 +387,16 @@ def reservation_extend(*, tenant: TenantContext, reservation: Reservation, end: 
             latest_end=clash.period.lower.isoformat(),
         )
     period = DateTimeTZRange(reservation.start, end, "[)")
+    more = cost(
+        price_per_gpu_hour=reservation.price_per_gpu_hour,
+        gpus=reservation.gpu_count,
+        seconds=seconds_between(reservation.start, end),
+    ) - cost(
+        price_per_gpu_hour=reservation.price_per_gpu_hour,
+        gpus=reservation.gpu_count,
+        seconds=seconds_between(reservation.start, old_end),
+    )
+    hold_place(reservation=reservation, amount=more, memo=f"Hold for extending reservation {reservation.pk}")
     try:
         with transaction.atomic():
             reservation.allocations.filter(live=True).update(period=period)
@@ -353,7 +418,7 @@ def reservation_extend(*, tenant: TenantContext, reservation: Reservation, end: 
 def _step(reservation_id, *, sources: tuple[str, ...], target: str, ready=None, **also_set) -> bool:
     """Move the reservation to ``target`` if it is in one of ``sources`` (and ``ready`` says yes);
     False, changing nothing, if it already moved on. Safe to run twice."""
-    reservation = Reservation.objects.filter(pk=reservation_id).first()
+    reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
     if reservation is None or reservation.state not in sources or (ready and not ready(reservation)):
         return False
     try:

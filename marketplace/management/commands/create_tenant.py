@@ -1,6 +1,7 @@
 """Create an organization with its owner (creating the owner's user if needed).
 
     python manage.py create_tenant "Acme AI" --owner ops@acme.example [--slug acme] [--password ...]
+                                  [--credit 500.00]
 
 Prints the organization's slug and id, tab-separated, so scripts can capture them."""
 
@@ -11,6 +12,7 @@ from django.db import transaction
 
 from console.errors import DomainError
 from marketplace.selectors.tenancy import user_find
+from marketplace.services.ledger import credits_grant
 from marketplace.services.tenancy import organization_create, user_create
 
 
@@ -26,13 +28,16 @@ class Command(BaseCommand):
             help="Password for a newly created owner (or set OWNER_PASSWORD). Without one, the "
             "owner cannot sign in until an operator sets one.",
         )
+        parser.add_argument("--credit", help="Starting prepaid credit in USD (granted in the ledger).")
 
     @transaction.atomic
-    def handle(self, *args, name, owner, slug=None, password=None, **options):
+    def handle(self, *args, name, owner, slug=None, password=None, credit=None, **options):
         password = password or os.environ.get("OWNER_PASSWORD")
         try:
             user = user_find(email=owner) or user_create(email=owner, password=password)
             organization = organization_create(name=name, owner=user, slug=slug)
+            if credit is not None:
+                credits_grant(organization=organization, amount=credit, memo="Starting credit")
         except DomainError as error:
             raise CommandError(error.message) from None
         self.stdout.write(f"{organization.slug}\t{organization.id}")

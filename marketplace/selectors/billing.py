@@ -1,0 +1,359 @@
+"""Reads of billing: balances, usage, running cost, invoices. Tenant-facing functions take a
+TenantContext; the organization-id ones serve services and operator pages."""
+
+from collections import defaultdict
+from datetime import date, datetime
+from decimal import Decimal
+
+from django.core.exceptions import ValidationError
+from django.db import connection
+from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+from django.db.models import Max, QuerySet, Sum
+from django.utils import timezone
+
+from console.errors import NotFound
+from marketplace.choices import AccountKind, ReservationState
+from marketplace.models import (
+    BillingNotice,
+    BillingProfile,
+    Invoice,
+    LedgerAccount,
+    LedgerEntry,
+    Reservation,
+    SpendAlert,
+    UsageRecord,
+)
+from marketplace.money import cents, cost, month_bounds, month_start, seconds_between
+from marketplace.tenancy import TenantContext
+
+ZERO = Decimal(0)
+
+
+def account_balances(*, organization_ids) -> dict:
+    """``{organization_id: {kind: balance}}`` for every account of these organizations."""
+    result = defaultdict(lambda: dict.fromkeys(AccountKind.values, ZERO))
+    rows = (
+        LedgerEntry.objects.filter(account__organization_id__in=list(organization_ids))
+        .values_list("account__organization_id", "account__kind")
+        .annotate(total=Sum("amount"))
+    )
+    for organization_id, kind, total in rows:
+        result[organization_id][kind] = total
+    return result
+
+
+def credit_limit_of(*, organization_id) -> Decimal:
+    limit = BillingProfile.objects.filter(organization_id=organization_id).values_list("credit_limit", flat=True)
+    return limit.first() or ZERO
+
+
+def spendable(*, organization_id) -> Decimal:
+    """What new holds may take: the credits plus the credit line."""
+    credits = (
+        LedgerEntry.objects.filter(account__organization_id=organization_id, account__kind=AccountKind.CREDITS)
+        .aggregate(total=Sum("amount"))
+        .get("total")
+    )
+    return (credits or ZERO) + credit_limit_of(organization_id=organization_id)
+
+
+def spent_in_month(*, organization_id, month: date) -> Decimal:
+    start, end = month_bounds(month)
+    total = UsageRecord.objects.filter(
+        organization_id=organization_id, period__contained_by=DateTimeTZRange(start, end, "[)")
+    ).aggregate(total=Sum("amount"))["total"]
+    return total or ZERO
+
+
+def balance_of(*, organization_id, now: datetime | None = None) -> dict:
+    """The tenant's money: ``balance`` (prepaid and not spent, holds included), ``held``,
+    ``available`` (what is not held), ``credit_limit``, ``spent`` (all time) and ``spent_this_month``."""
+    now = now or timezone.now()
+    kinds = account_balances(organization_ids=[organization_id])[organization_id]
+    profile = BillingProfile.objects.filter(organization_id=organization_id).first()
+    credits, held = kinds[AccountKind.CREDITS], kinds[AccountKind.HOLDS]
+    return {
+        "balance": credits + held,
+        "available": credits,
+        "held": held,
+        "credit_limit": profile.credit_limit if profile else ZERO,
+        "spent": kinds[AccountKind.USAGE],
+        "spent_this_month": spent_in_month(organization_id=organization_id, month=month_start(now)),
+        "depleted_at": profile.depleted_at if profile else None,
+    }
+
+
+def balance_json(balance: dict) -> dict:
+    """The balance for JSON (pushes and the API): money as strings of cents."""
+    return {
+        key: (str(cents(value)) if isinstance(value, Decimal) else value.isoformat() if value else None)
+        for key, value in balance.items()
+    }
+
+
+def hold_remaining(*, reservation_ids) -> dict:
+    """``{reservation_id: what is still held for it}`` (absent: nothing)."""
+    rows = (
+        LedgerEntry.objects.filter(reservation_id__in=list(reservation_ids), account__kind=AccountKind.HOLDS)
+        .values_list("reservation_id")
+        .annotate(total=Sum("amount"))
+    )
+    return {reservation_id: total for reservation_id, total in rows if total}
+
+
+def rated_until(*, reservation_ids) -> dict:
+    """``{reservation_id: end of its last usage record}`` (absent: nothing rated yet)."""
+    if not reservation_ids:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT reservation_id, max(upper(period)) FROM {UsageRecord._meta.db_table} "
+            "WHERE reservation_id = ANY(%s) GROUP BY reservation_id",
+            [list(reservation_ids)],
+        )
+        return dict(cursor.fetchall())
+
+
+def running_costs(*, organization_id, now: datetime | None = None) -> dict:
+    """Per reservation that is or was active and is not settled: what it has cost so far, rated or not
+    yet (the live ticker). ``{id: {"cost", "per_hour", "active"}}`` with Decimal values."""
+    now = now or timezone.now()
+    reservations = list(
+        Reservation.objects.filter(
+            organization_id=organization_id, activated_at__isnull=False, billing_settled_at__isnull=True
+        ).values("id", "state", "activated_at", "deactivated_at", "gpu_count", "price_per_gpu_hour")
+    )
+    result = {}
+    for r in reservations:
+        end = r["deactivated_at"] or now
+        per_hour = r["price_per_gpu_hour"] * r["gpu_count"]
+        result[r["id"]] = {
+            "cost": cost(
+                price_per_gpu_hour=r["price_per_gpu_hour"],
+                gpus=r["gpu_count"],
+                seconds=max(seconds_between(r["activated_at"], end), ZERO),
+            ),
+            "per_hour": per_hour if r["state"] == ReservationState.ACTIVE else ZERO,
+            "active": r["state"] == ReservationState.ACTIVE,
+        }
+    return result
+
+
+def reservation_cost(*, reservation: Reservation, now: datetime | None = None) -> Decimal:
+    """What a reservation has cost so far: its active seconds at its price (rated or not yet)."""
+    if reservation.activated_at is None:
+        return ZERO
+    end = reservation.deactivated_at or now or timezone.now()
+    return cost(
+        price_per_gpu_hour=reservation.price_per_gpu_hour,
+        gpus=reservation.gpu_count,
+        seconds=max(seconds_between(reservation.activated_at, end), ZERO),
+    )
+
+
+def usage_of(*, tenant: TenantContext, start: datetime, end: datetime) -> dict:
+    """Rated usage in [start, end), per reservation, with totals (GET /api/v1/usage/)."""
+    window = DateTimeTZRange(start, end, "[)")
+    rows = (
+        UsageRecord.objects.filter(organization=tenant.organization, period__overlap=window)
+        .values("reservation_id")
+        .annotate(seconds=Sum("seconds"), amount=Sum("amount"), last=Max("created_at"))
+        .order_by("reservation_id")
+    )
+    rows = list(rows)
+    reservations = Reservation.objects.in_bulk([row["reservation_id"] for row in rows])
+    lines = []
+    for row in rows:
+        reservation = reservations[row["reservation_id"]]
+        lines.append(
+            {
+                "reservation": reservation,
+                "seconds": row["seconds"],
+                "gpu_hours": row["seconds"] * reservation.gpu_count / 3600,
+                "amount": row["amount"],
+            }
+        )
+    return {
+        "start": start,
+        "end": end,
+        "lines": lines,
+        "seconds": sum((line["seconds"] for line in lines), ZERO),
+        "gpu_hours": sum((line["gpu_hours"] for line in lines), ZERO),
+        "amount": sum((line["amount"] for line in lines), ZERO),
+    }
+
+
+def invoice_list(*, tenant: TenantContext) -> QuerySet[Invoice]:
+    return Invoice.objects.filter(organization=tenant.organization).order_by("-month")
+
+
+def invoice_get(*, tenant: TenantContext, invoice_id) -> Invoice:
+    try:
+        return invoice_list(tenant=tenant).prefetch_related("lines").get(pk=invoice_id)
+    except (Invoice.DoesNotExist, ValidationError, ValueError):
+        raise NotFound("No such invoice in this organization.") from None
+
+
+def spend_alert_list(*, tenant: TenantContext) -> QuerySet[SpendAlert]:
+    return SpendAlert.objects.filter(organization=tenant.organization).order_by("threshold")
+
+
+def spend_alert_get(*, tenant: TenantContext, alert_id) -> SpendAlert:
+    try:
+        return spend_alert_list(tenant=tenant).get(pk=alert_id)
+    except (SpendAlert.DoesNotExist, ValidationError, ValueError):
+        raise NotFound("No such spend alert in this organization.") from None
+
+
+def notice_list(*, tenant: TenantContext, limit: int = 20) -> list[BillingNotice]:
+    return list(BillingNotice.objects.filter(organization=tenant.organization).order_by("-created_at")[:limit])
+
+
+def platform_account_ids() -> list[int]:
+    return list(LedgerAccount.objects.filter(organization__isnull=True).values_list("pk", flat=True))
+
+
+def _month_range(month: date) -> DateTimeTZRange:
+    return DateTimeTZRange(*month_bounds(month), "[)")
+
+
+def invoice_lines(*, organization_ids, month: date) -> dict:
+    """``{organization_id: [line, ...]}``: per reservation, its rated usage in the month, with the
+    energy its GPUs drew meanwhile. The month's invoice (or, for the month in progress, its preview).
+    Three queries whatever the number of tenants."""
+    from provisioning.models import Gpu, GpuRollup
+
+    organization_ids = list(organization_ids)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT u.organization_id, u.reservation_id, sum(u.seconds), sum(u.amount),
+                       min(lower(u.period)), max(upper(u.period))
+                FROM {UsageRecord._meta.db_table} u
+                WHERE u.organization_id = ANY(%(orgs)s) AND u.period <@ %(month)s
+                GROUP BY 1, 2 ORDER BY 1, 5""",
+            {"orgs": organization_ids, "month": _month_range(month)},
+        )
+        usage = cursor.fetchall()
+        if not usage:
+            return {}
+        cursor.execute(
+            f"""WITH spans AS (
+                    SELECT reservation_id, min(lower(period)) s, max(upper(period)) e
+                    FROM {UsageRecord._meta.db_table}
+                    WHERE organization_id = ANY(%(orgs)s) AND period <@ %(month)s GROUP BY 1)
+                SELECT spans.reservation_id, sum(r.energy_mj)
+                FROM spans
+                JOIN marketplace_allocation a ON a.reservation_id = spans.reservation_id
+                JOIN {Gpu._meta.db_table} g ON g.node_id = a.node_id
+                JOIN {GpuRollup._meta.db_table} r
+                  ON r.gpu_id = g.id AND r.minute >= date_trunc('minute', spans.s) AND r.minute < spans.e
+                GROUP BY 1""",
+            {"orgs": organization_ids, "month": _month_range(month)},
+        )
+        energy = dict(cursor.fetchall())
+    reservations = {
+        r["id"]: r
+        for r in Reservation.objects.filter(pk__in=[row[1] for row in usage]).values(
+            "id",
+            "gpu_count",
+            "price_per_gpu_hour",
+            "term_months",
+            "offer__shape",
+            "offer__gpus_per_node",
+            "offer__accelerator_type__model",
+            "offer__site__name",
+            "node_count",
+        )
+    }
+    lines = defaultdict(list)
+    for organization_id, reservation_id, seconds, amount, start, end in usage:
+        r = reservations[reservation_id]
+        what = "rack" if r["offer__shape"] == "rack" else "node" if r["node_count"] == 1 else "nodes"
+        term = f", {r['term_months']}-month term" if r["term_months"] else ""
+        lines[organization_id].append(
+            {
+                "reservation_id": reservation_id,
+                "description": (
+                    f"{r['node_count']}× {r['offer__gpus_per_node']}× {r['offer__accelerator_type__model']} "
+                    f"{what} · {r['offer__site__name']}{term} · {start:%b %d %H:%M}–{end:%b %d %H:%M} UTC"
+                ),
+                "seconds": seconds,
+                "gpu_count": r["gpu_count"],
+                "gpu_hours": (seconds * r["gpu_count"] / 3600).quantize(Decimal("0.0001")),
+                "price_per_gpu_hour": r["price_per_gpu_hour"],
+                "amount": cents(amount),
+                "energy_kwh": (Decimal(energy.get(reservation_id) or 0) / Decimal(3_600_000_000)).quantize(
+                    Decimal("0.001")
+                ),
+            }
+        )
+    return dict(lines)
+
+
+def invoice_preview(*, tenant: TenantContext, now: datetime | None = None) -> dict:
+    """The month in progress, as its invoice would read if it closed now (rated usage only)."""
+    month = month_start(now or timezone.now())
+    lines = invoice_lines(organization_ids=[tenant.organization.pk], month=month).get(tenant.organization.pk, [])
+    return invoice_totals(month=month, lines=lines)
+
+
+def invoice_totals(*, month: date, lines: list[dict]) -> dict:
+    return {
+        "month": month,
+        "lines": lines,
+        "total": sum((line["amount"] for line in lines), ZERO),
+        "gpu_hours": sum((line["gpu_hours"] for line in lines), ZERO),
+        "energy_kwh": sum((line["energy_kwh"] for line in lines), ZERO),
+    }
+
+
+def cost_ticks(*, now: datetime) -> dict:
+    """For every tenant with something active: its balance and each active reservation's cost so far,
+    with what is not yet rated (the live ticker; one pass, a few queries)."""
+    active = list(
+        Reservation.objects.filter(state=ReservationState.ACTIVE).values(
+            "id", "organization_id", "activated_at", "gpu_count", "price_per_gpu_hour"
+        )
+    )
+    if not active:
+        return {}
+    until = rated_until(reservation_ids=[r["id"] for r in active])
+    by_org = defaultdict(list)
+    for r in active:
+        by_org[r["organization_id"]].append(r)
+    balances = account_balances(organization_ids=by_org)
+    ticks = {}
+    for organization_id, reservations in by_org.items():
+        per_reservation, unrated, per_hour = {}, ZERO, ZERO
+        for r in reservations:
+            price, gpus = r["price_per_gpu_hour"], r["gpu_count"]
+            so_far = cost(
+                price_per_gpu_hour=price, gpus=gpus, seconds=max(seconds_between(r["activated_at"], now), ZERO)
+            )
+            rated_to = until.get(r["id"])
+            rated = (
+                cost(price_per_gpu_hour=price, gpus=gpus, seconds=seconds_between(r["activated_at"], rated_to))
+                if rated_to
+                else ZERO
+            )
+            unrated += max(so_far - rated, ZERO)
+            per_hour += price * gpus
+            per_reservation[str(r["id"])] = {"cost": str(cents(so_far)), "per_hour": str(price * gpus)}
+        kinds = balances[organization_id]
+        ticks[organization_id] = {
+            "as_of": now.isoformat(),
+            "balance": str(cents(kinds[AccountKind.CREDITS] + kinds[AccountKind.HOLDS] - unrated)),
+            "unrated": str(cents(unrated)),
+            "per_hour": str(per_hour),
+            "reservations": per_reservation,
+        }
+    return ticks
+
+
+def reservations_to_rate_count() -> int:
+    """Reservations a rating run would look at now (for progress bars)."""
+    from marketplace.services.metering import SETTLING_STATES
+
+    return Reservation.objects.filter(
+        billing_settled_at__isnull=True, state__in=[ReservationState.ACTIVE, *SETTLING_STATES]
+    ).count()

@@ -1,0 +1,122 @@
+"""Invoices and the live cost ticker. The only writer of Invoice and InvoiceLine.
+
+A month is invoiced once it has ended (and INVOICE_CLOSE_DELAY_MINUTES passed, so releases near
+midnight are rated): every tenant with usage in it gets one finalized invoice, a line per
+reservation, rounded to cents there and only there. Finalized invoices are immutable (a trigger)."""
+
+import logging
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from console.events import publish, tenant_group
+from marketplace.models import Invoice, InvoiceLine, Organization, UsageRecord
+from marketplace.money import month_bounds, month_start
+from marketplace.selectors.billing import cost_ticks, invoice_lines, invoice_totals
+
+logger = logging.getLogger(__name__)
+CHUNK = 1000  # tenants per transaction
+LOOKBACK_MONTHS = 3
+_LOCK_KEY = 0x6E63_696E  # one closing run at a time (pg advisory lock)
+
+
+def invoices_close(*, now: datetime | None = None, progress: Callable[[int], None] | None = None) -> int:
+    """Rate up to now, then finalize every ended month not yet invoiced. Returns invoices written."""
+    from marketplace.services.metering import usage_rate
+
+    now = now or timezone.now()
+    usage_rate(now=now)
+    cutoff = now - timedelta(minutes=settings.INVOICE_CLOSE_DELAY_MINUTES)
+    month, written = month_start(cutoff), 0
+    months = []
+    for _ in range(LOOKBACK_MONTHS):
+        month = month_start(month_bounds(month)[0] - timedelta(days=1))
+        months.append(month)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [_LOCK_KEY])
+        if not cursor.fetchone()[0]:
+            logger.info("Another run is closing invoices")
+            return 0
+        try:
+            for month in reversed(months):
+                written += invoice_month(month=month, progress=progress)
+        finally:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [_LOCK_KEY])
+    return written
+
+
+def _uninvoiced(month: date) -> list:
+    start, end = month_bounds(month)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT DISTINCT u.organization_id FROM {UsageRecord._meta.db_table} u
+                WHERE u.period <@ tstzrange(%s, %s, '[)') AND NOT EXISTS (
+                    SELECT 1 FROM {Invoice._meta.db_table} i
+                    WHERE i.organization_id = u.organization_id AND i.month = %s)
+                ORDER BY 1""",
+            [start, end, month],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def invoice_month(*, month: date, progress: Callable[[int], None] | None = None) -> int:
+    """Finalize ``month`` for every tenant with usage in it and no invoice yet, a chunk of tenants per
+    transaction (a killed run is resumed by the next). Returns invoices written."""
+    organizations = _uninvoiced(month)
+    written = 0
+    for i in range(0, len(organizations), CHUNK):
+        chunk = organizations[i : i + CHUNK]
+        with transaction.atomic():
+            written += _write(month=month, organization_ids=chunk)
+        if progress:
+            progress(len(chunk))
+    return written
+
+
+def _write(*, month: date, organization_ids: list) -> int:
+    slugs = dict(Organization.objects.filter(pk__in=organization_ids).values_list("pk", "slug"))
+    invoices, lines = [], []
+    for organization_id, org_lines in invoice_lines(organization_ids=organization_ids, month=month).items():
+        totals = invoice_totals(month=month, lines=org_lines)
+        invoice = Invoice(
+            organization_id=organization_id,
+            number=f"NC-{month:%Y%m}-{slugs[organization_id]}",
+            month=month,
+            total=totals["total"],
+            gpu_hours=totals["gpu_hours"],
+            energy_kwh=totals["energy_kwh"],
+        )
+        invoices.append(invoice)
+        lines += [
+            InvoiceLine(
+                invoice=invoice,
+                reservation_id=line["reservation_id"],
+                description=line["description"][:300],
+                seconds=line["seconds"],
+                gpu_count=line["gpu_count"],
+                gpu_hours=line["gpu_hours"],
+                price_per_gpu_hour=line["price_per_gpu_hour"],
+                amount=line["amount"],
+                energy_kwh=line["energy_kwh"],
+            )
+            for line in org_lines
+        ]
+    Invoice.objects.bulk_create(invoices)
+    InvoiceLine.objects.bulk_create(lines, batch_size=5000)
+    return len(invoices)
+
+
+def cost_tick(*, now: datetime | None = None) -> int:
+    """Push each tenant with something active its running cost and balance (beat, every few seconds).
+    Returns tenants told."""
+    ticks = cost_ticks(now=now or timezone.now())
+    for organization_id, tick in ticks.items():
+        try:
+            publish(tenant_group(organization_id), "billing.cost", tick)
+        except Exception:  # noqa: BLE001 - the next tick carries the same, newer
+            logger.exception("Could not push the cost tick")
+            break
+    return len(ticks)

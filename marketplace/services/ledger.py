@@ -1,0 +1,184 @@
+"""The double-entry ledger (ARCHITECTURE invariant 4). The only writer of ledger accounts,
+transactions and entries. Every movement is a transaction whose legs sum to zero, checked here
+before writing and by PostgreSQL when the transaction commits (migration 0006); nothing is changed
+afterwards, a correction is a reversal.
+
+Sign convention: an account's balance is the sum of its entries. A tenant's ``credits`` are its
+prepaid money that is neither held nor spent; ``holds`` are set aside for reservations' expected cost;
+``usage`` is what it spent. The platform's ``grants`` account is minus every credit granted."""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db import transaction
+
+from console.errors import Conflict, DomainError
+from console.events import publish_on_commit, tenant_group
+from marketplace.choices import AccountKind, NoticeKind, TransactionKind
+from marketplace.models import LedgerAccount, LedgerEntry, LedgerTransaction, Organization, Reservation
+from marketplace.money import cents, parse_amount
+
+
+class LedgerUnbalanced(Exception):
+    """A programming error: the legs of a transaction do not sum to zero."""
+
+
+class InsufficientBalance(DomainError):
+    status_code = 402
+    code = "insufficient_balance"
+
+
+@dataclass(frozen=True)
+class Leg:
+    account: LedgerAccount
+    amount: Decimal
+    reservation_id: object = None
+
+
+def accounts_of(organization_ids: Iterable) -> dict[tuple, LedgerAccount]:
+    """Every tenant account of these organizations and the platform's, created where missing:
+    ``{(organization_id or None, kind): account}``."""
+    organization_ids = sorted(set(organization_ids), key=str)
+    wanted = [LedgerAccount(organization_id=o, kind=k) for o in organization_ids for k in _TENANT_KINDS]
+    wanted += [LedgerAccount(organization_id=None, kind=AccountKind.GRANTS)]
+    LedgerAccount.objects.bulk_create(wanted, ignore_conflicts=True)
+    found = LedgerAccount.objects.filter(organization_id__in=organization_ids) | LedgerAccount.objects.filter(
+        organization__isnull=True
+    )
+    return {(a.organization_id, a.kind): a for a in found}
+
+
+_TENANT_KINDS = (AccountKind.CREDITS, AccountKind.HOLDS, AccountKind.USAGE)
+
+
+def post_many(batch: Sequence[tuple[LedgerTransaction, Sequence[Leg]]]) -> None:
+    """Write transactions with their legs, in bulk. Each must balance; zero legs are dropped."""
+    entries = []
+    for txn, legs in batch:
+        legs = [leg for leg in legs if leg.amount != 0]
+        total = sum((leg.amount for leg in legs), Decimal(0))
+        if total != 0 or len(legs) < 2:
+            raise LedgerUnbalanced(f"{txn.kind} legs sum to {total} over {len(legs)} legs")
+        entries += [
+            LedgerEntry(transaction=txn, account=leg.account, amount=leg.amount, reservation_id=leg.reservation_id)
+            for leg in legs
+        ]
+    with transaction.atomic():
+        LedgerTransaction.objects.bulk_create([txn for txn, _ in batch])
+        LedgerEntry.objects.bulk_create(entries)
+
+
+def post(*, kind: str, legs: Sequence[Leg], organization_id=None, memo: str = "", by=None) -> LedgerTransaction:
+    txn = LedgerTransaction(kind=kind, organization_id=organization_id, memo=memo[:500], created_by=by)
+    post_many([(txn, legs)])
+    return txn
+
+
+def _balance(account: LedgerAccount, reservation_id=None) -> Decimal:
+    entries = LedgerEntry.objects.filter(account=account)
+    if reservation_id is not None:
+        entries = entries.filter(reservation_id=reservation_id)
+    return sum(entries.values_list("amount", flat=True), Decimal(0))
+
+
+def _lock(organization_id) -> None:
+    """Serialise one tenant's balance checks (others are not blocked)."""
+    Organization.objects.select_for_update().filter(pk=organization_id).values_list("pk", flat=True).first()
+
+
+def _recheck(organization_id) -> None:
+    from marketplace.services.spend import balance_check
+
+    balance_check(organization_id=organization_id)
+    balance_changed(organization_id)
+
+
+def _notify(organization_id, kind: str, message: str) -> None:
+    from marketplace.services.spend import notice_add
+
+    notice_add(organization_id=organization_id, kind=kind, message=message)
+
+
+@transaction.atomic
+def credits_grant(*, organization: Organization, amount, memo: str = "", by=None) -> LedgerTransaction:
+    """An operator adds prepaid credit: grants -> the tenant's credits."""
+    amount = parse_amount(amount)
+    accounts = accounts_of([organization.pk])
+    txn = post(
+        kind=TransactionKind.GRANT,
+        organization_id=organization.pk,
+        memo=memo or "Credit grant",
+        by=by,
+        legs=[
+            Leg(accounts[(None, AccountKind.GRANTS)], -amount),
+            Leg(accounts[(organization.pk, AccountKind.CREDITS)], amount),
+        ],
+    )
+    _notify(organization.pk, NoticeKind.CREDITS_GRANTED, f"${cents(amount)} of credit was added to your balance.")
+    _recheck(organization.pk)
+    return txn
+
+
+@transaction.atomic
+def ledger_reverse(*, txn: LedgerTransaction, memo: str = "", by=None) -> LedgerTransaction:
+    """Undo a grant (say, given by mistake) with a transaction of opposite legs. Holds and usage are
+    corrected through the reservation they belong to, not reversed by hand."""
+    txn = LedgerTransaction.objects.select_for_update().get(pk=txn.pk)
+    if txn.kind != TransactionKind.GRANT:
+        raise Conflict(f"Only credit grants are reversed by hand; this is a {txn.get_kind_display().lower()}.")
+    if LedgerTransaction.objects.filter(reverses=txn).exists():
+        raise Conflict("This transaction has already been reversed.")
+    legs = [Leg(e.account, -e.amount, e.reservation_id) for e in txn.entries.select_related("account")]
+    reversal = LedgerTransaction(
+        kind=TransactionKind.REVERSAL,
+        organization_id=txn.organization_id,
+        memo=memo or f"Reversal of {txn.id}",
+        reverses=txn,
+        created_by=by,
+    )
+    post_many([(reversal, legs)])
+    if txn.organization_id:
+        _recheck(txn.organization_id)
+    return reversal
+
+
+def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> LedgerTransaction | None:
+    """Set ``amount`` aside from the tenant's credits for ``reservation``, or refuse (402) when the
+    credits, with the credit line, cannot cover it. Call inside the transaction creating or
+    extending the reservation, so the refusal undoes it."""
+    if amount <= 0:
+        return None
+    from marketplace.selectors.billing import spendable
+
+    organization_id = reservation.organization_id
+    _lock(organization_id)
+    available = spendable(organization_id=organization_id)
+    if amount > available:
+        raise InsufficientBalance(
+            f"This needs a hold of ${cents(amount)} for its expected cost, and your organization has "
+            f"${cents(max(available, Decimal(0)))} available. Add credit (ask an operator) or reserve less.",
+            required=str(cents(amount)),
+            available=str(cents(available)),
+        )
+    accounts = accounts_of([organization_id])
+    txn = post(
+        kind=TransactionKind.HOLD,
+        organization_id=organization_id,
+        memo=memo,
+        legs=[
+            Leg(accounts[(organization_id, AccountKind.CREDITS)], -amount, reservation.pk),
+            Leg(accounts[(organization_id, AccountKind.HOLDS)], amount, reservation.pk),
+        ],
+    )
+    balance_changed(organization_id)
+    return txn
+
+
+def balance_changed(organization_id) -> None:
+    """Tell the tenant's browsers (after commit) what its balance is now."""
+    from marketplace.selectors.billing import balance_json, balance_of
+
+    publish_on_commit(
+        tenant_group(organization_id), "billing.balance", balance_json(balance_of(organization_id=organization_id))
+    )
