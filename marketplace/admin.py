@@ -5,11 +5,18 @@ from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db.models import Count, Q
 
 from console.admin_columns import annotated_column
+from marketplace.billing_admin import (
+    OfferPriceAddInline,
+    OfferPriceHistoryInline,
+    OrganizationBillingMixin,
+    save_offer_prices,
+)
 from marketplace.models import (
     Allocation,
     ApiKey,
     Membership,
     Offer,
+    OfferPrice,
     OfferTermDiscount,
     Organization,
     Quota,
@@ -60,11 +67,11 @@ class UserAdmin(DjangoUserAdmin):
 
 
 @admin.register(Organization)
-class OrganizationAdmin(admin.ModelAdmin):
+class OrganizationAdmin(OrganizationBillingMixin, admin.ModelAdmin):
     list_display = ["name", "slug", "member_total", "active_key_total", "created_at"]
     search_fields = ["name", "slug", "memberships__user__email"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["id", "created_at"]
+    readonly_fields = ["id", "created_at", "balance_display"]
     inlines = [MembershipInline, ApiKeyInline]
 
     def get_queryset(self, request):
@@ -140,9 +147,19 @@ class OfferAdmin(admin.ModelAdmin):
     list_display = ["__str__", "site", "accelerator_type", "shape", "gpus_per_node", "price_per_gpu_hour", "is_active"]
     list_filter = ["is_active", "shape", "site__kind", "site", "accelerator_type__vendor", "accelerator_type"]
     search_fields = ["site__name", "accelerator_type__model", "accelerator_type__slug"]
-    list_editable = ["price_per_gpu_hour", "is_active"]
+    list_editable = ["is_active"]
     list_select_related = ["site", "accelerator_type"]
-    inlines = [OfferTermDiscountInline]
+    inlines = [OfferPriceHistoryInline, OfferPriceAddInline, OfferTermDiscountInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Once sold, the price changes only through the price book (effective-dated, below).
+        return ["price_per_gpu_hour"] if obj is not None else []
+
+    def save_formset(self, request, form, formset, change):
+        if formset.model is OfferPrice:
+            save_offer_prices(request, formset)
+        else:
+            super().save_formset(request, form, formset, change)
 
 
 class QuotaInline(admin.TabularInline):
