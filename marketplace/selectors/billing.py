@@ -2,13 +2,14 @@
 TenantContext; the organization-id ones serve services and operator pages."""
 
 from collections import defaultdict
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
-from django.db.models import Max, QuerySet, Sum
+from django.db.models import DateTimeField, Func, Max, QuerySet, Sum
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from console.errors import NotFound
@@ -68,19 +69,42 @@ def spent_in_month(*, organization_id, month: date) -> Decimal:
 def balance_of(*, organization_id, now: datetime | None = None) -> dict:
     """The tenant's money: ``balance`` (prepaid and not spent, holds included), ``held``,
     ``available`` (what is not held), ``credit_limit``, ``spent`` (all time) and ``spent_this_month``."""
+    return balances_of(organization_ids=[organization_id], now=now)[organization_id]
+
+
+def balances_of(*, organization_ids, now: datetime | None = None) -> dict:
+    """balance_of for many tenants at once, in three queries: ``{organization_id: balance}``."""
     now = now or timezone.now()
-    kinds = account_balances(organization_ids=[organization_id])[organization_id]
-    profile = BillingProfile.objects.filter(organization_id=organization_id).first()
-    credits, held = kinds[AccountKind.CREDITS], kinds[AccountKind.HOLDS]
-    return {
-        "balance": credits + held,
-        "available": credits,
-        "held": held,
-        "credit_limit": profile.credit_limit if profile else ZERO,
-        "spent": kinds[AccountKind.USAGE],
-        "spent_this_month": spent_in_month(organization_id=organization_id, month=month_start(now)),
-        "depleted_at": profile.depleted_at if profile else None,
+    organization_ids = list(organization_ids)
+    kinds = account_balances(organization_ids=organization_ids)
+    profiles = {
+        p["organization_id"]: p
+        for p in BillingProfile.objects.filter(organization_id__in=organization_ids).values(
+            "organization_id", "credit_limit", "depleted_at"
+        )
     }
+    start, end = month_bounds(month_start(now))
+    month_spend = dict(
+        UsageRecord.objects.filter(
+            organization_id__in=organization_ids, period__contained_by=DateTimeTZRange(start, end, "[)")
+        )
+        .values_list("organization_id")
+        .annotate(total=Sum("amount"))
+    )
+    result = {}
+    for organization_id in organization_ids:
+        accounts, profile = kinds[organization_id], profiles.get(organization_id, {})
+        credits, held = accounts[AccountKind.CREDITS], accounts[AccountKind.HOLDS]
+        result[organization_id] = {
+            "balance": credits + held,
+            "available": credits,
+            "held": held,
+            "credit_limit": profile.get("credit_limit", ZERO),
+            "spent": accounts[AccountKind.USAGE],
+            "spent_this_month": month_spend.get(organization_id, ZERO),
+            "depleted_at": profile.get("depleted_at"),
+        }
+    return result
 
 
 def balance_json(balance: dict) -> dict:
@@ -161,7 +185,9 @@ def usage_of(*, tenant: TenantContext, start: datetime, end: datetime) -> dict:
         .order_by("reservation_id")
     )
     rows = list(rows)
-    reservations = Reservation.objects.in_bulk([row["reservation_id"] for row in rows])
+    reservations = Reservation.objects.select_related("offer__site", "offer__accelerator_type").in_bulk(
+        [row["reservation_id"] for row in rows]
+    )
     lines = []
     for row in rows:
         reservation = reservations[row["reservation_id"]]
@@ -307,14 +333,14 @@ def invoice_totals(*, month: date, lines: list[dict]) -> dict:
     }
 
 
-def cost_ticks(*, now: datetime) -> dict:
-    """For every tenant with something active: its balance and each active reservation's cost so far,
-    with what is not yet rated (the live ticker; one pass, a few queries)."""
-    active = list(
-        Reservation.objects.filter(state=ReservationState.ACTIVE).values(
-            "id", "organization_id", "activated_at", "gpu_count", "price_per_gpu_hour"
-        )
-    )
+def cost_ticks(*, now: datetime, organization_id=None) -> dict:
+    """For every tenant with something active (or only ``organization_id``, for a page rendering the
+    ticker's first values): its balance and each active reservation's cost so far, with what is not
+    yet rated (the live ticker; one pass, a few queries)."""
+    active = Reservation.objects.filter(state=ReservationState.ACTIVE)
+    if organization_id is not None:
+        active = active.filter(organization_id=organization_id)
+    active = list(active.values("id", "organization_id", "activated_at", "gpu_count", "price_per_gpu_hour"))
     if not active:
         return {}
     until = rated_until(reservation_ids=[r["id"] for r in active])
@@ -357,3 +383,23 @@ def reservations_to_rate_count() -> int:
     return Reservation.objects.filter(
         billing_settled_at__isnull=True, state__in=[ReservationState.ACTIVE, *SETTLING_STATES]
     ).count()
+
+
+def daily_spend(*, tenant: TenantContext, month: date, now: datetime | None = None) -> list[dict]:
+    """Rated usage of ``month`` per UTC day, ``[{"day", "amount"}]`` for every day of the month (up to
+    today for the month in progress), zero where nothing was spent: the billing page's chart. A usage
+    record counts on the day it starts (records are one rating run long, a minute or so; none crosses
+    a month, so the month's days sum to its invoice before rounding)."""
+    now = now or timezone.now()
+    start, end = month_bounds(month)
+    rows = (
+        UsageRecord.objects.filter(organization=tenant.organization, period__contained_by=DateTimeTZRange(start, end))
+        .annotate(day=TruncDate(Func("period", function="lower", output_field=DateTimeField()), tzinfo=UTC))
+        .values("day")
+        .annotate(total=Sum("amount"))
+        .order_by("day")
+    )
+    spent = {row["day"]: row["total"] for row in rows}
+    stop = end if now >= end else max(now, start) + timedelta(days=1)  # the month in progress: up to today
+    days = [start.date() + timedelta(days=n) for n in range((stop.date() - start.date()).days)]
+    return [{"day": day, "amount": spent.get(day, ZERO)} for day in days]

@@ -177,8 +177,12 @@ def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> Ledge
 
 def balance_changed(organization_id) -> None:
     """Tell the tenant's browsers (after commit) what its balance is now."""
-    from marketplace.selectors.billing import balance_json, balance_of
+    from marketplace.selectors.billing import balance_of
 
-    publish_on_commit(
-        tenant_group(organization_id), "billing.balance", balance_json(balance_of(organization_id=organization_id))
-    )
+    balance_changed_to(organization_id, balance_of(organization_id=organization_id))
+
+
+def balance_changed_to(organization_id, balance: dict) -> None:
+    from marketplace.selectors.billing import balance_json
+
+    publish_on_commit(tenant_group(organization_id), "billing.balance", balance_json(balance))

@@ -14,7 +14,7 @@ from console.events import publish_on_commit, tenant_group
 from marketplace.choices import NoticeKind, ReservationState, Role
 from marketplace.models import BillingNotice, BillingProfile, Organization, Reservation, SpendAlert
 from marketplace.money import cents, month_start, parse_amount
-from marketplace.selectors.billing import account_balances, spent_in_month
+from marketplace.selectors.billing import account_balances, balances_of, spent_in_month
 from marketplace.tenancy import TenantContext
 
 logger = logging.getLogger(__name__)
@@ -71,15 +71,26 @@ def spend_alert_delete(*, tenant: TenantContext, alert: SpendAlert) -> None:
 
 def after_rating(*, organization_ids, now: datetime) -> None:
     """After usage was rated: fire the spend alerts reached, note balances that ran out or came back,
-    and push each touched tenant its balance."""
-    from marketplace.services.ledger import balance_changed
+    and push each touched tenant its balance. A few queries for all of them, then work only where
+    something is due."""
+    from marketplace.services.ledger import balance_changed_to
 
     month = month_start(now)
-    for organization_id in organization_ids:
-        with transaction.atomic():
-            _alerts_check(organization_id=organization_id, month=month)
-            _depletion_check(organization_id=organization_id, now=now)
-            balance_changed(organization_id)
+    balances = balances_of(organization_ids=organization_ids, now=now)
+    alerting = set(
+        SpendAlert.objects.filter(organization_id__in=list(balances))
+        .exclude(last_notified_month=month)
+        .values_list("organization_id", flat=True)
+    )
+    for organization_id, balance in balances.items():
+        out = balance["available"] + balance["credit_limit"] < 0
+        if organization_id in alerting:
+            with transaction.atomic():
+                _alerts_check(organization_id=organization_id, month=month)
+        if out != (balance["depleted_at"] is not None):
+            with transaction.atomic():
+                _depletion_check(organization_id=organization_id, now=now)
+        balance_changed_to(organization_id, balance)
 
 
 def _alerts_check(*, organization_id, month) -> None:
