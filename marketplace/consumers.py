@@ -19,7 +19,8 @@ def _tenant_for(scope):
 
 
 class TenantConsumer(FeedConsumer):
-    """Reservation states, progress (and later balance and alerts) of the organization being worked in."""
+    """Reservation states and progress, running cost, balance and billing notices of the organization
+    being worked in."""
 
     @database_sync_to_async
     def audience(self):
