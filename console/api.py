@@ -31,6 +31,7 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
     text = {
         400: "Invalid input.",
         401: "Missing or invalid API key.",
+        402: "Your balance, with your credit line, cannot cover the hold for the expected cost.",
         403: "Your role does not allow this.",
         404: "Not found in your organization.",
         409: "Conflicts with the current state.",

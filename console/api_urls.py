@@ -4,6 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
+from marketplace.api.billing import BalanceView, BillingNoticeView, InvoiceViewSet, SpendAlertViewSet, UsageView
 from marketplace.api.views import ApiKeyViewSet, MeView, OfferViewSet, ReservationViewSet
 from provisioning.api.views import AcceleratorTypeViewSet, SiteViewSet
 
@@ -14,10 +15,15 @@ router.register("accelerator-types", AcceleratorTypeViewSet, basename="accelerat
 router.register("offers", OfferViewSet, basename="offer")
 router.register("api-keys", ApiKeyViewSet, basename="api-key")
 router.register("reservations", ReservationViewSet, basename="reservation")
+router.register("invoices", InvoiceViewSet, basename="invoice")
+router.register("spend-alerts", SpendAlertViewSet, basename="spend-alert")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
     path("me/", MeView.as_view(), name="me"),
+    path("balance/", BalanceView.as_view(), name="balance"),
+    path("usage/", UsageView.as_view(), name="usage"),
+    path("billing-notices/", BillingNoticeView.as_view(), name="billing-notices"),
     path("", include(router.urls)),
 ]

@@ -41,10 +41,10 @@ def parse_amount(value, *, field: str = "amount", allow_zero: bool = False) -> D
         raise DomainError(f"{value!r} is not an amount of money.", fields={field: ["Enter a number, e.g. 250.00."]})
     if amount < 0 or (amount == 0 and not allow_zero):
         raise DomainError("The amount must be positive.", fields={field: ["Must be more than 0."]})
+    if amount >= Decimal("1e11"):  # before quantize, which cannot hold more than 28 digits
+        raise DomainError("That amount is too large.", fields={field: ["At most 99,999,999,999.99."]})
     if amount != amount.quantize(CENT):
         raise DomainError("Amounts have at most two decimals.", fields={field: ["At most two decimals."]})
-    if amount >= Decimal("1e11"):
-        raise DomainError("That amount is too large.", fields={field: ["At most 99,999,999,999.99."]})
     return amount
 
 

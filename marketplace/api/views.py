@@ -156,7 +156,7 @@ class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.Retrie
         "the same key with another body is refused with 422.",
         request=ReservationCreateSerializer,
         parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
-        responses={201: ReservationSerializer, **error_responses(400, 403, 409, 422)},
+        responses={201: ReservationSerializer, **error_responses(400, 402, 403, 409, 422)},
     )
     def create(self, request):
         def perform():
@@ -215,7 +215,7 @@ class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.Retrie
     @extend_schema(
         summary="Move the end later, while its nodes stay free",
         request=ReservationExtendSerializer,
-        responses={200: ReservationSerializer, **error_responses(400, 403, 404, 409)},
+        responses={200: ReservationSerializer, **error_responses(400, 402, 403, 404, 409)},
     )
     @action(detail=True, methods=["post"])
     def extend(self, request, pk=None):
