@@ -29,9 +29,43 @@ class ReserveForm(forms.Form):
         input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"],
     )
     duration_hours = forms.DecimalField(
-        min_value=Decimal("0.02"), max_digits=8, decimal_places=2, initial=1, label="Duration (hours)"
+        min_value=Decimal("0.02"),
+        max_digits=8,
+        decimal_places=2,
+        initial=1,
+        required=False,
+        label="Duration (hours)",
+        help_text="On demand only: a reserved term lasts its months.",
+    )
+    # Choices are the offer's terms, set by the view; empty is on demand.
+    term_months = forms.TypedChoiceField(
+        choices=[("", "On demand")],
+        coerce=int,
+        empty_value=None,
+        required=False,
+        label="Pricing",
+        widget=forms.Select(attrs={"data-term-select": ""}),
     )
     idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
+
+    def clean(self):
+        data = super().clean()
+        on_demand = data.get("term_months") is None
+        if on_demand and data.get("duration_hours") is None and "duration_hours" not in self.errors:
+            self.add_error("duration_hours", "How many hours? (Or choose a reserved term.)")
+        return data
+
+
+class SpendAlertForm(forms.Form):
+    """A monthly spend threshold; the service checks it again (and for duplicates)."""
+
+    threshold = forms.DecimalField(
+        min_value=Decimal("0.01"),
+        max_digits=13,
+        decimal_places=2,
+        label="Alert at ($ this month)",
+        widget=forms.NumberInput(attrs={"step": "0.01", "min": "0.01", "placeholder": "e.g. 5000"}),
+    )
 
 
 class ExtendForm(forms.Form):

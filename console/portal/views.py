@@ -1,7 +1,8 @@
 """Portal pages. Thin: the tenant comes from TenantMiddleware, reads from selectors, writes from services."""
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
 from functools import wraps
 
 from django import forms
@@ -16,12 +17,28 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from console.errors import DomainError, Forbidden
-from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm
+from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm, SpendAlertForm
 from console.tenancy import SESSION_KEY
 from marketplace.api.filters import OfferFilter
-from marketplace.choices import ROLE_RANK, ReservationState, Role
+from marketplace.choices import ROLE_RANK, NoticeKind, ReservationState, Role
+from marketplace.exports import invoice_csv_response
+from marketplace.money import cents, month_start
+from marketplace.selectors.billing import (
+    balance_of,
+    cost_ticks,
+    daily_spend,
+    hold_remaining,
+    invoice_get,
+    invoice_list,
+    invoice_preview,
+    notice_list,
+    reservation_cost,
+    spend_alert_get,
+    spend_alert_list,
+    spendable,
+)
 from marketplace.selectors.capacity import availability_by_hour, availability_window
-from marketplace.selectors.catalog import offer_get, offer_list
+from marketplace.selectors.catalog import offer_get, offer_list, price_in_force
 from marketplace.selectors.reservations import (
     reservation_energy_kwh,
     reservation_get,
@@ -32,12 +49,14 @@ from marketplace.selectors.reservations import (
 from marketplace.selectors.tenancy import api_key_get, api_key_list, tenant_context_for_user
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.idempotency import idempotent
+from marketplace.services.ledger import InsufficientBalance
 from marketplace.services.reservations import (
     reservation_cancel,
     reservation_create,
     reservation_extend,
     reservation_quote,
 )
+from marketplace.services.spend import spend_alert_create, spend_alert_delete
 from provisioning.selectors.fleet import accelerator_type_list, fleet_overview, site_regions
 
 
@@ -75,7 +94,94 @@ def healthz(request):
 
 
 def home(request):
-    return redirect("portal:catalog" if request.user.is_authenticated else "portal:login")
+    """Signed in: the tenant's dashboard. Anonymous: the sign-in page (no ``next``: after signing in,
+    the catalog)."""
+    if not request.user.is_authenticated:
+        return redirect("portal:login")
+    return dashboard(request)
+
+
+# --- Money on pages ---------------------------------------------------------------------------------
+
+
+def money(value) -> str:
+    """``$1,234.56`` (``-$12.00`` below zero), as the browser's Intl formatter writes it (billing.js)."""
+    value = cents(Decimal(value))
+    return f"{'-' if value < 0 else ''}${abs(value):,.2f}"
+
+
+def _wallet(tenant, *, now: datetime) -> dict:
+    """The tenant's balance for a page, with the live ticker's first values (the shape of the
+    ``billing.cost`` push), so the page is right before the first push arrives."""
+    organization_id = tenant.organization.pk
+    balance = balance_of(organization_id=organization_id, now=now)
+    tick = cost_ticks(now=now, organization_id=organization_id).get(organization_id)
+    if tick is None:  # nothing active: nothing accrues, the ledger balance is the balance
+        tick = {
+            "as_of": now.isoformat(),
+            "balance": str(cents(balance["balance"])),
+            "unrated": "0.00",
+            "per_hour": "0",
+            "reservations": {},
+        }
+    spendable = balance["available"] + balance["credit_limit"]
+    return {
+        "balance": balance,
+        "tick": tick,
+        "money": {
+            "balance": money(tick["balance"]),
+            "per_hour": money(tick["per_hour"]),
+            "held": money(balance["held"]),
+            "available": money(balance["available"]),
+            "credit_limit": money(balance["credit_limit"]),
+            "spent_this_month": money(balance["spent_this_month"]),
+            "spendable": money(spendable),
+        },
+        "spendable": spendable,
+        "banner": _banner(tenant, balance),
+    }
+
+
+def _running_cost(reservation, tick: dict, *, now: datetime) -> Decimal:
+    """What ``reservation`` has cost so far: the ticker's figure where it is active (so the page and
+    the first push agree), else from its active interval."""
+    ticked = tick["reservations"].get(str(reservation.pk))
+    return Decimal(ticked["cost"]) if ticked else reservation_cost(reservation=reservation, now=now)
+
+
+def _banner(tenant, balance: dict) -> str | None:
+    """While the balance is out: the notice that says what will happen and when."""
+    if balance["depleted_at"] is None:
+        return None
+    for notice in notice_list(tenant=tenant, limit=20):
+        if notice.kind == NoticeKind.BALANCE_DEPLETED:
+            return notice.message
+    return "Your balance has run out. Add credit, or your active on-demand reservations will be released."
+
+
+@tenant_required
+def dashboard(request):
+    """The tenant's overview: money (live), what runs now and what it costs, what starts next."""
+    tenant, now = request.tenant, timezone.now()
+    wallet = _wallet(tenant, now=now)
+    running = [
+        {
+            "reservation": r,
+            "cost": money(_running_cost(r, wallet["tick"], now=now)),
+            "per_hour": money(r.price_per_gpu_hour * r.gpu_count),
+        }
+        for r in reservation_list(tenant=tenant, state=ReservationState.ACTIVE).order_by("activated_at")[:50]
+    ]
+    upcoming = (
+        reservation_list(tenant=tenant)
+        .filter(state__in=[ReservationState.PENDING, ReservationState.PROVISIONING])
+        .order_by("period")[:5]
+    )
+    return render(
+        request,
+        "portal/dashboard.html",
+        {**wallet, "running": running, "upcoming": upcoming, "notices": notice_list(tenant=tenant, limit=5)},
+    )
 
 
 @login_required
@@ -162,11 +268,40 @@ def _calendar(offer, hours: int = 48) -> dict:
     return {"hours": rows, "peak": peak, "unit": "racks" if offer.shape == "rack" else "nodes"}
 
 
+def _term_choices(offer) -> list[tuple]:
+    """The reserve form's terms: on demand at the price in force, then each reserved term the offer
+    has at its discounted price (as reservation_quote computes it)."""
+    price = price_in_force(offer=offer)
+    choices = [("", f"On demand · ${price:.2f}/GPU-h")]
+    for discount in offer.term_discounts.order_by("term_months"):
+        discounted = (price * (Decimal(100) - discount.percent_off) / Decimal(100)).quantize(Decimal("0.0001"))
+        choices.append(
+            (
+                discount.term_months,
+                f"{discount.term_months} month{'s' if discount.term_months > 1 else ''} · "
+                f"${discounted:.2f}/GPU-h (−{discount.percent_off:.0f}%)",
+            )
+        )
+    return choices
+
+
+def _refusal_text(error: DomainError) -> str:
+    """A refusal for people: the 402 for a hold the balance cannot cover, with its amounts as money."""
+    if error.code != InsufficientBalance.code:
+        return error.message
+    available = max(Decimal(error.details.get("available", 0)), Decimal(0))
+    return (
+        f"This needs a hold of {money(error.details.get('required', 0))} for its expected cost, and your "
+        f"organization has {money(available)} available for holds. Add credit (ask an operator) or reserve less."
+    )
+
+
 @tenant_required
 def reserve(request, offer_id):
-    """Reserve from an offer: fill in, see the price, confirm."""
+    """Reserve from an offer: fill in, see the price and the hold, confirm."""
     offer = offer_get(offer_id=offer_id)
     form = ReserveForm(request.POST or None, initial={"idempotency_key": uuid.uuid4().hex})
+    form.fields["term_months"].choices = _term_choices(offer)
     quote, status = None, 200
     if offer.shape == "rack":
         form.fields["quantity"].widget = forms.HiddenInput()
@@ -174,10 +309,14 @@ def reserve(request, offer_id):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         start = data["start"] or timezone.now()
-        end = start + timedelta(hours=float(data["duration_hours"]))
+        term = data["term_months"]
+        # A reserved term ends when its months do; on demand ends after the hours asked for.
+        end = None if term else start + timedelta(hours=float(data["duration_hours"]))
         try:
             if "confirm" not in request.POST:
-                quote = reservation_quote(offer=offer, quantity=data["quantity"], start=start, end=end)
+                quote = reservation_quote(
+                    offer=offer, quantity=data["quantity"], start=start, end=end, term_months=term
+                )
             else:
                 key = data["idempotency_key"] or uuid.uuid4().hex
 
@@ -188,6 +327,7 @@ def reserve(request, offer_id):
                         quantity=data["quantity"],
                         start=start,
                         end=end,
+                        term_months=term,
                         idempotency_key=key,
                     )
                     return 201, {"id": str(made.id)}
@@ -202,10 +342,11 @@ def reserve(request, offer_id):
                 messages.success(request, "Reserved. It will be provisioned when its start comes.")
                 return redirect("portal:reservation", reservation_id=body["id"])
         except DomainError as error:
-            form.add_error(None, error.message)
+            form.add_error(None, _refusal_text(error))
             status = error.status_code
     elif request.method == "POST":
         status = 400
+    can_hold = spendable(organization_id=request.tenant.organization.pk)
     return render(
         request,
         "portal/reserve.html",
@@ -214,6 +355,10 @@ def reserve(request, offer_id):
             "form": form,
             "quote": quote,
             "calendar": _calendar(offer),
+            "has_terms": len(form.fields["term_months"].choices) > 1,
+            "spendable": money(can_hold),
+            "short_of": quote is not None and quote.estimated_cost > can_hold,
+            "insufficient": status == 402,
         },
         status=status,
     )
@@ -224,13 +369,21 @@ def reservations(request):
     state = request.GET.get("state") or None
     if state not in ReservationState.values:
         state = None
+    now = timezone.now()
+    wallet = _wallet(request.tenant, now=now)
+    rows = [
+        {"reservation": r, "cost": money(_running_cost(r, wallet["tick"], now=now)) if r.activated_at else None}
+        for r in reservation_list(tenant=request.tenant, state=state)[:200]
+    ]
     return render(
         request,
         "portal/reservations.html",
         {
-            "reservations": reservation_list(tenant=request.tenant, state=state)[:200],
+            "rows": rows,
             "states": ReservationState.choices,
             "state": state,
+            "tick": wallet["tick"],
+            "banner": wallet["banner"],
         },
     )
 
@@ -259,19 +412,106 @@ def reservation_detail(request, reservation_id):
             messages.error(request, error.message)
             status = error.status_code
         reservation = reservation_get(tenant=request.tenant, reservation_id=reservation_id)
+    now = timezone.now()
+    wallet = _wallet(request.tenant, now=now)
+    active = reservation.state == ReservationState.ACTIVE
     return render(
         request,
         "portal/reservation.html",
         {
+            **wallet,
             "reservation": reservation,
             "extend_form": extend_form,
             "progress": reservation_progress(reservation=reservation),
             "telemetry_gpus": reservation_gpus_now(reservation=reservation),
             "energy_kwh": reservation_energy_kwh(reservation=reservation),
             "can_cancel": reservation.state in ("pending", "provisioning", "active"),
+            "cost_so_far": money(_running_cost(reservation, wallet["tick"], now=now)),
+            "cost_per_hour": money(reservation.price_per_gpu_hour * reservation.gpu_count if active else 0),
+            "hold_left": money(hold_remaining(reservation_ids=[reservation.pk]).get(reservation.pk, 0)),
         },
         status=status,
     )
+
+
+# --- Billing ----------------------------------------------------------------------------------------
+
+
+def _form_refusal(form: forms.Form, error: DomainError) -> None:
+    """A service's refusal on the form: on its fields where it names them, else above the form."""
+    named = {name: problems for name, problems in (error.fields or {}).items() if name in form.fields}
+    for name, problems in named.items():
+        form.add_error(name, problems)
+    if not named:
+        form.add_error(None, error.message)
+
+
+def _spend_chart(tenant, *, now: datetime) -> dict:
+    """This month's rated spend per UTC day, for the chart (cents as strings: JSON has no Decimal)."""
+    days = daily_spend(tenant=tenant, month=month_start(now), now=now)
+    return {"days": [d["day"].isoformat() for d in days], "amounts": [str(cents(d["amount"])) for d in days]}
+
+
+@tenant_required
+def billing(request):
+    """Balance (live), this month's spend per day and its invoice so far, finalized invoices, spend
+    alerts (admins add and remove them) and the latest notices."""
+    tenant, now = request.tenant, timezone.now()
+    form = SpendAlertForm(request.POST or None)
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                alert = spend_alert_create(tenant=tenant, threshold=form.cleaned_data["threshold"])
+            except DomainError as error:
+                _form_refusal(form, error)
+                status = error.status_code
+            else:
+                messages.success(request, f"You will be told when this month's spend reaches {money(alert.threshold)}.")
+                return redirect("portal:billing")
+        else:
+            status = 400
+    wallet = _wallet(tenant, now=now)
+    return render(
+        request,
+        "portal/billing.html",
+        {
+            **wallet,
+            "chart": _spend_chart(tenant, now=now),
+            "preview": invoice_preview(tenant=tenant, now=now),
+            "invoices": invoice_list(tenant=tenant),
+            "alerts": spend_alert_list(tenant=tenant),
+            "alert_form": form,
+            "notices": notice_list(tenant=tenant, limit=20),
+        },
+        status=status,
+    )
+
+
+@tenant_required
+@require_POST
+def spend_alert_remove(request, alert_id):
+    alert = spend_alert_get(tenant=request.tenant, alert_id=alert_id)  # another tenant's: 404
+    try:
+        spend_alert_delete(tenant=request.tenant, alert=alert)
+    except DomainError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(request, f"Removed the {money(alert.threshold)} alert.")
+    return redirect("portal:billing")
+
+
+@tenant_required
+def invoice_detail(request, invoice_id):
+    """A finalized invoice, laid out to print (or save as PDF) on A4."""
+    invoice = invoice_get(tenant=request.tenant, invoice_id=invoice_id)
+    return render(request, "portal/invoice.html", {"invoice": invoice, "lines": list(invoice.lines.all())})
+
+
+@tenant_required
+def invoice_csv(request, invoice_id):
+    """The invoice's lines for spreadsheets: one row per line, then the totals row."""
+    return invoice_csv_response(invoice_get(tenant=request.tenant, invoice_id=invoice_id))
 
 
 @login_required

@@ -6,11 +6,8 @@ services for roles that may not make them (403).
 Money leaves as decimal strings, never floats: cents where people read it, and the ledger's ten
 decimal places where a client wants to reconcile (``amount_exact``)."""
 
-import csv
-import io
 from datetime import UTC, datetime, timedelta
 
-from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
@@ -20,6 +17,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from console.api import TenantScopedMixin, error_responses
+from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start
 from marketplace.selectors.billing import (
@@ -199,34 +197,6 @@ class UsageView(TenantScopedMixin, APIView):
         return Response(UsageSerializer({"currency": CURRENCY, **usage}).data)
 
 
-def invoice_csv(invoice: Invoice) -> str:
-    """An invoice as CSV: a row per line and a total row (what accounting tools import)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(
-        ["reservation", "description", "gpu_count", "gpu_hours", "price_per_gpu_hour", "amount", "energy_kwh"]
-    )
-    for line in invoice.lines.all():
-        writer.writerow(
-            [
-                line.reservation_id,
-                _cell(line.description),
-                line.gpu_count,
-                line.gpu_hours,
-                line.price_per_gpu_hour,
-                line.amount,
-                line.energy_kwh,
-            ]
-        )
-    writer.writerow(["", "Total", "", invoice.gpu_hours, "", invoice.total, invoice.energy_kwh])
-    return out.getvalue()
-
-
-def _cell(text: str) -> str:
-    """Text a spreadsheet would run as a formula, made inert."""
-    return f"'{text}" if text[:1] in ("=", "+", "-", "@") else text
-
-
 @extend_schema_view(
     list=extend_schema(
         summary="Your organization's finalized invoices, newest month first",
@@ -280,8 +250,7 @@ class InvoiceViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveMo
     @action(detail=True, methods=["get"], pagination_class=None)
     def csv(self, request, pk=None):
         invoice = self.get_object()
-        response = HttpResponse(invoice_csv(invoice), content_type="text/csv; charset=utf-8")
-        response["Content-Disposition"] = f'attachment; filename="{invoice.number}.csv"'
+        response = invoice_csv_response(invoice)
         return response
 
 

@@ -13,6 +13,8 @@ from console.errors import Conflict, DomainError
 from marketplace.models import Offer, OfferPrice
 from marketplace.selectors.catalog import price_in_force
 
+MAX_PRICE = Decimal("1e6")  # OfferPrice.price_per_gpu_hour holds 10 digits, 4 of them decimals
+
 
 @transaction.atomic
 def offer_price_set(
@@ -26,9 +28,14 @@ def offer_price_set(
         price = Decimal(str(price_per_gpu_hour))
     except ArithmeticError:
         price = None
-    if price is None or not price.is_finite() or price < 0 or price != price.quantize(Decimal("0.0001")):
+    if (
+        price is None
+        or not price.is_finite()
+        or not 0 <= price < MAX_PRICE  # before quantize, which cannot hold more than 28 digits
+        or price != price.quantize(Decimal("0.0001"))
+    ):
         raise DomainError(
-            "A price is a non-negative amount with at most four decimals.",
+            "A price is a non-negative amount below 1,000,000 with at most four decimals.",
             fields={"price_per_gpu_hour": ["Enter e.g. 2.4900."]},
         )
     if effective_from < now - timedelta(minutes=1):

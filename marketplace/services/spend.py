@@ -89,7 +89,8 @@ def after_rating(*, organization_ids, now: datetime) -> None:
                 _alerts_check(organization_id=organization_id, month=month)
         if out != (balance["depleted_at"] is not None):
             with transaction.atomic():
-                _depletion_check(organization_id=organization_id, now=now)
+                depleted_at = _depletion_check(organization_id=organization_id, now=now)
+            balance = {**balance, "depleted_at": depleted_at}  # the push says what the check decided
         balance_changed_to(organization_id, balance)
 
 
@@ -120,7 +121,8 @@ def _spendable(organization_id, profile: BillingProfile):
     return credits + profile.credit_limit
 
 
-def _depletion_check(*, organization_id, now: datetime) -> None:
+def _depletion_check(*, organization_id, now: datetime) -> datetime | None:
+    """Note a balance that ran out (or came back). Returns since when it is out, None if it is not."""
     profile = BillingProfile.objects.select_for_update().filter(organization_id=organization_id).first()
     profile = profile or _profile(organization_id)
     out = _spendable(organization_id, profile) < 0
@@ -144,6 +146,7 @@ def _depletion_check(*, organization_id, now: datetime) -> None:
             kind=NoticeKind.BALANCE_RESTORED,
             message="Your balance is positive again; nothing will be released.",
         )
+    return profile.depleted_at
 
 
 def balance_check(*, organization_id, now: datetime | None = None) -> None:

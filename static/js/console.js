@@ -17,3 +17,15 @@ document.addEventListener("click", async (event) => {
     button.textContent = "Select and copy";
   }
 });
+// Reserve form: a reserved term lasts its months, so the duration in hours does not apply.
+function syncTerm(select) {
+  const hours = select.form?.elements.duration_hours;
+  if (hours) hours.disabled = select.value !== "";
+}
+document.addEventListener("change", (event) => {
+  if (event.target.matches("select[data-term-select]")) syncTerm(event.target);
+});
+document.querySelectorAll("select[data-term-select]").forEach(syncTerm);
+document.addEventListener("click", (event) => {
+  if (event.target.closest("[data-print]")) window.print();
+});

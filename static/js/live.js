@@ -1,5 +1,6 @@
 // The tenant's live feed (/ws/tenant/): reservation states and provisioning progress, applied to
 // whatever the page shows. One small module; pages mark what it may update with data attributes.
+// Every event is also dispatched on document as a "tenant-event" ({event, data}) for other scripts.
 (function () {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   let delay = 1000;
@@ -42,6 +43,8 @@
       const { event, data } = JSON.parse(message.data);
       if (event === "reservation.progress") setProgress(data);
       else if (event.startsWith("reservation.") && data.state) setState(data.id, data.state);
+      // Other scripts of the page (billing.js) follow the same feed, without a second socket.
+      document.dispatchEvent(new CustomEvent("tenant-event", { detail: { event, data } }));
     };
     socket.onclose = (closing) => {
       document.body.dataset.live = "off";

@@ -1,0 +1,50 @@
+"""Billing documents for download, one rendering for every surface (the portal and the API)."""
+
+import csv
+import io
+
+from django.http import HttpResponse
+
+from marketplace.models import Invoice
+
+INVOICE_CSV_COLUMNS = [
+    "reservation",
+    "description",
+    "gpu_count",
+    "gpu_hours",
+    "price_per_gpu_hour",
+    "amount",
+    "energy_kwh",
+]
+
+
+def invoice_csv(invoice: Invoice) -> str:
+    """An invoice as CSV: a row per line and a total row (what accounting tools import)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(INVOICE_CSV_COLUMNS)
+    for line in invoice.lines.all():
+        writer.writerow(
+            [
+                line.reservation_id,
+                _inert(line.description),
+                line.gpu_count,
+                line.gpu_hours,
+                line.price_per_gpu_hour,
+                line.amount,
+                line.energy_kwh,
+            ]
+        )
+    writer.writerow(["", "Total", "", invoice.gpu_hours, "", invoice.total, invoice.energy_kwh])
+    return out.getvalue()
+
+
+def invoice_csv_response(invoice: Invoice) -> HttpResponse:
+    response = HttpResponse(invoice_csv(invoice), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{invoice.number}.csv"'
+    return response
+
+
+def _inert(text: str) -> str:
+    """Text a spreadsheet would run as a formula (site names are operators' free text), made inert."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@") else text
