@@ -115,7 +115,7 @@ def credits_grant(*, organization: Organization, amount, memo: str = "", by=None
             Leg(accounts[(organization.pk, AccountKind.CREDITS)], amount),
         ],
     )
-    _notify(organization.pk, NoticeKind.CREDITS_GRANTED, f"${cents(amount)} of credit was added to your balance.")
+    _notify(organization.pk, NoticeKind.CREDITS_GRANTED, f"${cents(amount):,} of credit was added to your balance.")
     _recheck(organization.pk)
     return txn
 
@@ -156,8 +156,8 @@ def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> Ledge
     available = spendable(organization_id=organization_id)
     if amount > available:
         raise InsufficientBalance(
-            f"This needs a hold of ${cents(amount)} for its expected cost, and your organization has "
-            f"${cents(max(available, Decimal(0)))} available. Add credit (ask an operator) or reserve less.",
+            f"This needs a hold of ${cents(amount):,} for its expected cost, and your organization has "
+            f"${cents(max(available, Decimal(0))):,} available. Add credit (ask an operator) or reserve less.",
             required=str(cents(amount)),
             available=str(cents(available)),
         )

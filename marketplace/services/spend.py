@@ -58,7 +58,7 @@ def spend_alert_create(*, tenant: TenantContext, threshold) -> SpendAlert:
         with transaction.atomic():
             alert = SpendAlert.objects.create(organization=tenant.organization, threshold=threshold)
     except IntegrityError:
-        raise Conflict(f"There is already an alert at ${threshold}.", code="duplicate_alert") from None
+        raise Conflict(f"There is already an alert at ${threshold:,}.", code="duplicate_alert") from None
     # An alert set below this month's spend fires at the next rating, once.
     return alert
 
@@ -109,7 +109,7 @@ def _alerts_check(*, organization_id, month) -> None:
         notice_add(
             organization_id=organization_id,
             kind=NoticeKind.SPEND_ALERT,
-            message=f"Spend this month reached ${cents(spent)}, past your ${alert.threshold} alert.",
+            message=f"Spend this month reached ${cents(spent):,}, past your ${alert.threshold:,} alert.",
         )
     SpendAlert.objects.filter(pk__in=[a.pk for a in reached]).update(last_notified_month=month)
 

@@ -400,7 +400,7 @@ class TestNotices:
         client = client_for(tenant)
         notices = client.get("/api/v1/billing-notices/").json()
         assert [n["kind"] for n in notices] == ["credits_granted"] * 4  # with the fixture's grant
-        assert "$3.00" in notices[0]["message"] and "$100000.00" in notices[-1]["message"]
+        assert "$3.00" in notices[0]["message"] and "$100,000.00" in notices[-1]["message"]
         assert len(client.get("/api/v1/billing-notices/", {"limit": 2}).json()) == 2
         theirs = client_for(other_tenant).get("/api/v1/billing-notices/").json()
         assert len(theirs) == 1 and "$3.00" not in theirs[0]["message"]
