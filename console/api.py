@@ -65,4 +65,30 @@ class TenantScopedMixin:
             raise Forbidden("You are not a member of any organization.", code="no_organization")
 
 
+class TenantRowsMixin(TenantScopedMixin):
+    """A viewset over one kind of tenant row, read only through its tenant-scoped selectors:
+    ``rows(tenant)`` lists them and ``row(tenant, pk)`` finds one (404 for another tenant's).
+    ``detail_serializer_class``, when set, renders a single row."""
+
+    lookup_value_regex = "[^/]+"
+    detail_serializer_class = None
+
+    def rows(self, tenant):
+        raise NotImplementedError
+
+    def row(self, tenant, pk):
+        raise NotImplementedError
+
+    def get_queryset(self):
+        return self.rows(self.tenant)
+
+    def get_object(self):
+        return self.row(self.tenant, self.kwargs["pk"])
+
+    def get_serializer_class(self):
+        if self.action == "retrieve" and self.detail_serializer_class is not None:
+            return self.detail_serializer_class
+        return self.serializer_class
+
+
 __all__ = ["ErrorSerializer", "Pagination", "TenantScopedMixin", "error_responses", "extend_schema"]

@@ -16,7 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from console.api import TenantScopedMixin, error_responses
+from console.api import TenantRowsMixin, TenantScopedMixin, error_responses
 from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start
@@ -207,23 +207,20 @@ class UsageView(TenantScopedMixin, APIView):
         responses={200: InvoiceDetailSerializer, **error_responses(403, 404)},
     ),
 )
-class InvoiceViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class InvoiceViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Finalized monthly invoices (a month is finalized about an hour after it ends); the month in
     progress is at /invoices/current/."""
 
     serializer_class = InvoiceSerializer
+    detail_serializer_class = InvoiceDetailSerializer
     queryset = Invoice.objects.none()  # the schema's model; requests read through invoice_list
     filterset_class = None
-    lookup_value_regex = "[^/]+"
 
-    def get_queryset(self):
-        return invoice_list(tenant=self.tenant)
+    def rows(self, tenant):
+        return invoice_list(tenant=tenant)
 
-    def get_object(self):
-        return invoice_get(tenant=self.tenant, invoice_id=self.kwargs["pk"])
-
-    def get_serializer_class(self):
-        return InvoiceDetailSerializer if self.action == "retrieve" else InvoiceSerializer
+    def row(self, tenant, pk):
+        return invoice_get(tenant=tenant, invoice_id=pk)
 
     @extend_schema(
         summary="The month in progress, as its invoice would read if it closed now",
@@ -263,19 +260,18 @@ class InvoiceViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveMo
         summary="Remove a spend alert (admins and owners)", responses={204: None, **error_responses(403, 404)}
     ),
 )
-class SpendAlertViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+class SpendAlertViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     """Spend alerts: the organization is told once a month when its spend reaches a threshold."""
 
     serializer_class = SpendAlertSerializer
     queryset = SpendAlert.objects.none()  # the schema's model; requests read through spend_alert_list
     filterset_class = None
-    lookup_value_regex = "[^/]+"
 
-    def get_queryset(self):
-        return spend_alert_list(tenant=self.tenant)
+    def rows(self, tenant):
+        return spend_alert_list(tenant=tenant)
 
-    def get_object(self):
-        return spend_alert_get(tenant=self.tenant, alert_id=self.kwargs["pk"])
+    def row(self, tenant, pk):
+        return spend_alert_get(tenant=tenant, alert_id=pk)
 
     @extend_schema(
         summary="Be told when this month's spend reaches a threshold (admins and owners)",

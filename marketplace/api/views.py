@@ -10,7 +10,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from console.api import TenantScopedMixin, error_responses
+from console.api import TenantRowsMixin, TenantScopedMixin, error_responses
 from marketplace.api.filters import OfferFilter
 from marketplace.api.serializers import (
     ApiKeyCreatedSerializer,
@@ -84,16 +84,15 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
     ),
     retrieve=extend_schema(summary="An API key", responses={200: ApiKeySerializer, **error_responses(403, 404)}),
 )
-class ApiKeyViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class ApiKeyViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = ApiKeySerializer
     queryset = ApiKey.objects.none()  # the schema's model; requests read through api_key_list
-    lookup_value_regex = "[^/]+"
 
-    def get_queryset(self):
-        return api_key_list(tenant=self.tenant)
+    def rows(self, tenant):
+        return api_key_list(tenant=tenant)
 
-    def get_object(self):
-        return api_key_get(tenant=self.tenant, key_id=self.kwargs["pk"])
+    def row(self, tenant, pk):
+        return api_key_get(tenant=tenant, key_id=pk)
 
     @extend_schema(
         summary="Create an API key",
@@ -135,20 +134,17 @@ class ReservationFilter(django_filters.FilterSet):
         responses={200: ReservationDetailSerializer, **error_responses(403, 404)},
     ),
 )
-class ReservationViewSet(TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = ReservationSerializer
+    detail_serializer_class = ReservationDetailSerializer
     queryset = Reservation.objects.none()  # the schema's model; requests read through reservation_list
     filterset_class = ReservationFilter
-    lookup_value_regex = "[^/]+"
 
-    def get_queryset(self):
-        return reservation_list(tenant=self.tenant)
+    def rows(self, tenant):
+        return reservation_list(tenant=tenant)
 
-    def get_object(self):
-        return reservation_get(tenant=self.tenant, reservation_id=self.kwargs["pk"])
-
-    def get_serializer_class(self):
-        return ReservationDetailSerializer if self.action == "retrieve" else ReservationSerializer
+    def row(self, tenant, pk):
+        return reservation_get(tenant=tenant, reservation_id=pk)
 
     @extend_schema(
         summary="Reserve nodes or a whole rack",
