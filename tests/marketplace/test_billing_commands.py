@@ -1,15 +1,11 @@
 """Billing's operator commands (grant_credits, create_tenant --credit, rate_usage), run as scripts would
 run them: a separate process on the test database, output captured; refusals through call_command."""
 
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
 
 import pytest
-from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
@@ -25,21 +21,7 @@ from marketplace.services.reservations import (
     reservation_release,
 )
 from tests.factories import OfferFactory, RackFactory, make_node, make_tenant
-
-
-def manage(*args: str) -> subprocess.CompletedProcess:
-    """``manage.py`` in a separate process, on this test's database."""
-    database = settings.DATABASES["default"]
-    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "console.settings.test"}
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=settings.BASE_DIR,
-        timeout=120,
-    )
+from tests.processes import manage
 
 
 def credits_of(organization) -> Decimal:

@@ -1,29 +1,12 @@
 """Operator commands, run as scripts would run them: a separate process, output captured."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from marketplace.models import ApiKey, Membership, Organization
 from marketplace.services.api_keys import api_key_authenticate
-
-
-def manage(*args: str, db_name: str) -> subprocess.CompletedProcess:
-    database = settings.DATABASES["default"]
-    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{db_name}"
-    env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "console.settings.test"}
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=settings.BASE_DIR,
-        timeout=120,
-    )
+from tests.processes import manage
 
 
 @pytest.mark.django_db(transaction=True)
