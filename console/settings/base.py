@@ -275,6 +275,8 @@ CELERY_BEAT_SCHEDULE["telemetry-rollups-expire"] = {
 # --- Billing (docs/billing.md) --------------------------------------------------------------------
 # How often beat rates active reservations (they are also rated the moment they are released).
 BILLING_RATE_SECONDS = env_int("BILLING_RATE_SECONDS", 60)
+# Reservations a rating run rates per PostgreSQL transaction (a killed worker loses only its open batch).
+BILLING_RATE_BATCH = env_int("BILLING_RATE_BATCH", 500)
 # How often the live cost ticker is pushed to tenants with something active (the issue asks <= 5 s).
 BILLING_TICK_SECONDS = env_int("BILLING_TICK_SECONDS", 5)
 # After a balance runs out, how long before active on-demand reservations are released.

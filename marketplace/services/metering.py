@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.utils import timezone
@@ -32,7 +33,6 @@ ZERO = Decimal(0)
 
 # Rated in every run: active ones up to now; these once, to their end, then settled.
 SETTLING_STATES = (S.RELEASING, S.COMPLETED, S.CANCELLED, S.FAILED)
-BATCH_SIZE = 500
 _KINDS = (AccountKind.CREDITS, AccountKind.HOLDS, AccountKind.USAGE)
 
 _CANDIDATES = f"""
@@ -48,12 +48,14 @@ def usage_rate(
     *,
     now: datetime | None = None,
     reservation_ids: list | None = None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
     """Rate every reservation that needs it (or only ``reservation_ids``) up to ``now``. Safe to run
-    twice, or concurrently: a second run finds nothing left to rate. Returns counts."""
+    twice, or concurrently: a second run finds nothing left to rate. ``batch_size`` reservations are
+    rated per transaction (settings.BILLING_RATE_BATCH). Returns counts."""
     now = now or timezone.now()
+    batch_size = batch_size or settings.BILLING_RATE_BATCH
     totals = {"reservations": 0, "records": 0, "settled": 0}
     touched: set = set()
     after = "00000000-0000-0000-0000-000000000000"
