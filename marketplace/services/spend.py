@@ -44,6 +44,7 @@ def credit_limit_set(*, organization: Organization, limit) -> BillingProfile:
     profile.save(update_fields=["credit_limit"])
     from marketplace.services.ledger import balance_changed
 
+    _depletion_check(organization_id=organization.pk, now=timezone.now())  # a smaller line may leave it out
     balance_changed(organization.pk)
     return profile
 

@@ -340,3 +340,18 @@ class TestEnforcement:
         assert not notices(org, NoticeKind.BALANCE_RESTORED)
         after = overdrawn["depleted_at"] + timedelta(minutes=settings.BILLING_GRACE_MINUTES, seconds=1)
         assert balances_enforce(now=after) == {"released": 1}
+
+
+def test_lowering_a_credit_line_that_is_in_use_starts_the_grace_period():
+    tenant = make_tenant(credit=None)
+    credit_limit_set(organization=tenant.organization, limit="100")
+    offer = OfferFactory(price_per_gpu_hour=Decimal("1.00"))
+    make_node(rack=RackFactory(site=offer.site), accelerator=offer.accelerator_type)
+    start = timezone.now() + timedelta(hours=1)
+    reservation_create(tenant=tenant, offer=offer, quantity=1, start=start, end=start + timedelta(hours=5))  # $40 held
+    assert BillingProfile.objects.get(organization=tenant.organization).depleted_at is None
+
+    credit_limit_set(organization=tenant.organization, limit="10")  # -40 + 10 < 0
+    profile = BillingProfile.objects.get(organization=tenant.organization)
+    assert profile.depleted_at is not None
+    assert BillingNotice.objects.filter(organization=tenant.organization, kind=NoticeKind.BALANCE_DEPLETED).count() == 1
