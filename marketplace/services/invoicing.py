@@ -42,10 +42,32 @@ def invoices_close(*, now: datetime | None = None, progress: Callable[[int], Non
             return 0
         try:
             for month in reversed(months):
+                late = _unrated_before(month_bounds(month)[1])
+                if late:  # a concurrent run still holds them, or workers were down: close it next time
+                    logger.warning("Not closing %s yet: %d reservations have unrated time in it", month, late)
+                    continue
                 written += invoice_month(month=month, progress=progress)
         finally:
             cursor.execute("SELECT pg_advisory_unlock(%s)", [_LOCK_KEY])
     return written
+
+
+def _unrated_before(end: datetime) -> int:
+    """Reservations with active time before ``end`` that no usage record covers yet."""
+    from marketplace.models import Reservation
+    from marketplace.services.metering import SETTLING_STATES
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT count(*) FROM {Reservation._meta.db_table} r
+                WHERE r.billing_settled_at IS NULL AND r.activated_at < %(end)s AND r.state = ANY(%(states)s)
+                  AND coalesce(
+                        (SELECT max(upper(u.period)) FROM {UsageRecord._meta.db_table} u WHERE u.reservation_id = r.id),
+                        r.activated_at
+                      ) < least(coalesce(r.deactivated_at, 'infinity'), %(end)s)""",
+            {"end": end, "states": ["active", *SETTLING_STATES]},
+        )
+        return cursor.fetchone()[0]
 
 
 def _uninvoiced(month: date) -> list:

@@ -208,6 +208,25 @@ class TestClosing:
         assert invoice.month == LAST_MONTH and invoice.total == Decimal("39.84")
         assert invoices_close(now=ended + delay + timedelta(minutes=2)) == 0
 
+    def test_a_month_with_unrated_active_time_waits_for_its_rating(self, offer):
+        from marketplace.services.invoicing import _unrated_before
+        from marketplace.services.metering import usage_rate
+
+        tenant = make_tenant()
+        ended = month_bounds(LAST_MONTH)[1]
+        completed = ran(tenant, offer, at(LAST_MONTH, 10, 9), at(LAST_MONTH, 10, 11))
+        assert _unrated_before(ended) == 1  # released, not rated yet
+        usage_rate(reservation_ids=[completed.pk])
+        assert _unrated_before(ended) == 0
+        running = reserve(tenant, offer, timedelta(hours=2))
+        assert reservation_begin(reservation_id=running.pk) and reservation_activate(reservation_id=running.pk)
+        Reservation.objects.filter(pk=running.pk).update(activated_at=at(LAST_MONTH, 28))
+        assert _unrated_before(ended) == 1  # active since last month, nothing rated
+        usage_rate(now=ended - timedelta(hours=1))
+        assert _unrated_before(ended) == 1  # rated, but not to the month's end
+        usage_rate(now=ended + timedelta(minutes=5))
+        assert _unrated_before(ended) == 0
+
     def test_the_month_in_progress_is_a_preview_not_an_invoice(self, offer):
         tenant = make_tenant()
         since = timezone.now() - timedelta(hours=1)
