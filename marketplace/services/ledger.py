@@ -40,13 +40,20 @@ def accounts_of(organization_ids: Iterable) -> dict[tuple, LedgerAccount]:
     """Every tenant account of these organizations and the platform's, created where missing:
     ``{(organization_id or None, kind): account}``."""
     organization_ids = sorted(set(organization_ids), key=str)
-    wanted = [LedgerAccount(organization_id=o, kind=k) for o in organization_ids for k in _TENANT_KINDS]
-    wanted += [LedgerAccount(organization_id=None, kind=AccountKind.GRANTS)]
-    LedgerAccount.objects.bulk_create(wanted, ignore_conflicts=True)
-    found = LedgerAccount.objects.filter(organization_id__in=organization_ids) | LedgerAccount.objects.filter(
-        organization__isnull=True
-    )
-    return {(a.organization_id, a.kind): a for a in found}
+
+    def found() -> dict[tuple, LedgerAccount]:
+        accounts = LedgerAccount.objects.filter(organization_id__in=organization_ids) | LedgerAccount.objects.filter(
+            organization__isnull=True
+        )
+        return {(a.organization_id, a.kind): a for a in accounts}
+
+    accounts = found()
+    wanted = [(o, k) for o in organization_ids for k in _TENANT_KINDS] + [(None, AccountKind.GRANTS)]
+    missing = [LedgerAccount(organization_id=o, kind=k) for o, k in wanted if (o, k) not in accounts]
+    if missing:  # first money of these tenants; a concurrent creator is harmless
+        LedgerAccount.objects.bulk_create(missing, ignore_conflicts=True)
+        accounts = found()
+    return accounts
 
 
 _TENANT_KINDS = (AccountKind.CREDITS, AccountKind.HOLDS, AccountKind.USAGE)
@@ -177,12 +184,7 @@ def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> Ledge
 
 def balance_changed(organization_id) -> None:
     """Tell the tenant's browsers (after commit) what its balance is now."""
-    from marketplace.selectors.billing import balance_of
+    from marketplace.selectors.billing import balance_json, balance_of
 
-    balance_changed_to(organization_id, balance_of(organization_id=organization_id))
-
-
-def balance_changed_to(organization_id, balance: dict) -> None:
-    from marketplace.selectors.billing import balance_json
-
-    publish_on_commit(tenant_group(organization_id), "billing.balance", balance_json(balance))
+    balance = balance_json(balance_of(organization_id=organization_id))
+    publish_on_commit(tenant_group(organization_id), "billing.balance", balance)

@@ -10,11 +10,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from console.errors import Conflict, DomainError
-from console.events import publish_on_commit, tenant_group
+from console.events import publish_many, publish_on_commit, tenant_group
 from marketplace.choices import NoticeKind, ReservationState, Role
 from marketplace.models import BillingNotice, BillingProfile, Organization, Reservation, SpendAlert
 from marketplace.money import cents, month_start, parse_amount
-from marketplace.selectors.billing import account_balances, balances_of, spent_in_month
+from marketplace.selectors.billing import account_balances, balance_json, balances_of, spent_in_month
 from marketplace.tenancy import TenantContext
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,6 @@ def after_rating(*, organization_ids, now: datetime) -> None:
     """After usage was rated: fire the spend alerts reached, note balances that ran out or came back,
     and push each touched tenant its balance. A few queries for all of them, then work only where
     something is due."""
-    from marketplace.services.ledger import balance_changed_to
-
     month = month_start(now)
     balances = balances_of(organization_ids=organization_ids, now=now)
     alerting = set(
@@ -83,6 +81,7 @@ def after_rating(*, organization_ids, now: datetime) -> None:
         .exclude(last_notified_month=month)
         .values_list("organization_id", flat=True)
     )
+    pushes = []
     for organization_id, balance in balances.items():
         out = balance["available"] + balance["credit_limit"] < 0
         if organization_id in alerting:
@@ -92,7 +91,11 @@ def after_rating(*, organization_ids, now: datetime) -> None:
             with transaction.atomic():
                 depleted_at = _depletion_check(organization_id=organization_id, now=now)
             balance = {**balance, "depleted_at": depleted_at}  # the push says what the check decided
-        balance_changed_to(organization_id, balance)
+        pushes.append((tenant_group(organization_id), "billing.balance", balance_json(balance)))
+    try:
+        publish_many(pushes)
+    except Exception:  # noqa: BLE001 - the rows are committed; the next tick carries the balance again
+        logger.exception("Could not push %d balances", len(pushes))
 
 
 def _alerts_check(*, organization_id, month) -> None:
