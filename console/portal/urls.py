@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console.portal import views
+from console.portal import billing, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -16,10 +16,10 @@ urlpatterns = [
     path("offers/<int:offer_id>/reserve/", views.reserve, name="reserve"),
     path("reservations/", views.reservations, name="reservations"),
     path("reservations/<uuid:reservation_id>/", views.reservation_detail, name="reservation"),
-    path("billing/", views.billing, name="billing"),
-    path("billing/alerts/<int:alert_id>/remove/", views.spend_alert_remove, name="spend-alert-remove"),
-    path("billing/invoices/<uuid:invoice_id>/", views.invoice_detail, name="invoice"),
-    path("billing/invoices/<uuid:invoice_id>/csv/", views.invoice_csv, name="invoice-csv"),
+    path("billing/", billing.billing, name="billing"),
+    path("billing/alerts/<int:alert_id>/remove/", billing.spend_alert_remove, name="spend-alert-remove"),
+    path("billing/invoices/<uuid:invoice_id>/", billing.invoice_detail, name="invoice"),
+    path("billing/invoices/<uuid:invoice_id>/csv/", billing.invoice_csv, name="invoice-csv"),
     path("fleet/", views.fleet, name="fleet"),
     path("api-keys/", views.api_keys, name="api-keys"),
     path("api-keys/<uuid:key_id>/revoke/", views.api_key_revoke_view, name="api-key-revoke"),

@@ -1,9 +1,8 @@
 """Portal pages. Thin: the tenant comes from TenantMiddleware, reads from selectors, writes from services."""
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
-from functools import wraps
 
 from django import forms
 from django.contrib import messages
@@ -17,24 +16,14 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from console.errors import DomainError, Forbidden
-from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm, SpendAlertForm
+from console.portal.access import tenant_required
+from console.portal.billing import dashboard, money, running_cost, wallet_of
+from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm
 from console.tenancy import SESSION_KEY
 from marketplace.api.filters import OfferFilter
-from marketplace.choices import ROLE_RANK, NoticeKind, ReservationState, Role
-from marketplace.exports import invoice_csv_response
-from marketplace.money import cents, month_start
+from marketplace.choices import ROLE_RANK, ReservationState, Role
 from marketplace.selectors.billing import (
-    balance_of,
-    cost_ticks,
-    daily_spend,
     hold_remaining,
-    invoice_get,
-    invoice_list,
-    invoice_preview,
-    notice_list,
-    reservation_cost,
-    spend_alert_get,
-    spend_alert_list,
     spendable,
 )
 from marketplace.selectors.capacity import availability_by_hour, availability_window
@@ -56,21 +45,7 @@ from marketplace.services.reservations import (
     reservation_extend,
     reservation_quote,
 )
-from marketplace.services.spend import spend_alert_create, spend_alert_delete
 from provisioning.selectors.fleet import accelerator_type_list, fleet_overview, site_regions
-
-
-def tenant_required(view):
-    """A signed-in member of some organization; others see why they cannot go on."""
-
-    @login_required
-    @wraps(view)
-    def wrapper(request, *args, **kwargs):
-        if request.tenant is None:
-            return render(request, "portal/no_organization.html", status=403)
-        return view(request, *args, **kwargs)
-
-    return wrapper
 
 
 def healthz(request):
@@ -99,89 +74,6 @@ def home(request):
     if not request.user.is_authenticated:
         return redirect("portal:login")
     return dashboard(request)
-
-
-# --- Money on pages ---------------------------------------------------------------------------------
-
-
-def money(value) -> str:
-    """``$1,234.56`` (``-$12.00`` below zero), as the browser's Intl formatter writes it (billing.js)."""
-    value = cents(Decimal(value))
-    return f"{'-' if value < 0 else ''}${abs(value):,.2f}"
-
-
-def _wallet(tenant, *, now: datetime) -> dict:
-    """The tenant's balance for a page, with the live ticker's first values (the shape of the
-    ``billing.cost`` push), so the page is right before the first push arrives."""
-    organization_id = tenant.organization.pk
-    balance = balance_of(organization_id=organization_id, now=now)
-    tick = cost_ticks(now=now, organization_id=organization_id).get(organization_id)
-    if tick is None:  # nothing active: nothing accrues, the ledger balance is the balance
-        tick = {
-            "as_of": now.isoformat(),
-            "balance": str(cents(balance["balance"])),
-            "unrated": "0.00",
-            "per_hour": "0",
-            "reservations": {},
-        }
-    spendable = balance["available"] + balance["credit_limit"]
-    return {
-        "balance": balance,
-        "tick": tick,
-        "money": {
-            "balance": money(tick["balance"]),
-            "per_hour": money(tick["per_hour"]),
-            "held": money(balance["held"]),
-            "available": money(balance["available"]),
-            "credit_limit": money(balance["credit_limit"]),
-            "spent_this_month": money(balance["spent_this_month"]),
-            "spendable": money(spendable),
-        },
-        "spendable": spendable,
-        "banner": _banner(tenant, balance),
-    }
-
-
-def _running_cost(reservation, tick: dict, *, now: datetime) -> Decimal:
-    """What ``reservation`` has cost so far: the ticker's figure where it is active (so the page and
-    the first push agree), else from its active interval."""
-    ticked = tick["reservations"].get(str(reservation.pk))
-    return Decimal(ticked["cost"]) if ticked else reservation_cost(reservation=reservation, now=now)
-
-
-def _banner(tenant, balance: dict) -> str | None:
-    """While the balance is out: the notice that says what will happen and when."""
-    if balance["depleted_at"] is None:
-        return None
-    for notice in notice_list(tenant=tenant, limit=20):
-        if notice.kind == NoticeKind.BALANCE_DEPLETED:
-            return notice.message
-    return "Your balance has run out. Add credit, or your active on-demand reservations will be released."
-
-
-@tenant_required
-def dashboard(request):
-    """The tenant's overview: money (live), what runs now and what it costs, what starts next."""
-    tenant, now = request.tenant, timezone.now()
-    wallet = _wallet(tenant, now=now)
-    running = [
-        {
-            "reservation": r,
-            "cost": money(_running_cost(r, wallet["tick"], now=now)),
-            "per_hour": money(r.price_per_gpu_hour * r.gpu_count),
-        }
-        for r in reservation_list(tenant=tenant, state=ReservationState.ACTIVE).order_by("activated_at")[:50]
-    ]
-    upcoming = (
-        reservation_list(tenant=tenant)
-        .filter(state__in=[ReservationState.PENDING, ReservationState.PROVISIONING])
-        .order_by("period")[:5]
-    )
-    return render(
-        request,
-        "portal/dashboard.html",
-        {**wallet, "running": running, "upcoming": upcoming, "notices": notice_list(tenant=tenant, limit=5)},
-    )
 
 
 @login_required
@@ -370,9 +262,9 @@ def reservations(request):
     if state not in ReservationState.values:
         state = None
     now = timezone.now()
-    wallet = _wallet(request.tenant, now=now)
+    wallet = wallet_of(request.tenant, now=now)
     rows = [
-        {"reservation": r, "cost": money(_running_cost(r, wallet["tick"], now=now)) if r.activated_at else None}
+        {"reservation": r, "cost": money(running_cost(r, wallet["tick"], now=now)) if r.activated_at else None}
         for r in reservation_list(tenant=request.tenant, state=state)[:200]
     ]
     return render(
@@ -413,7 +305,7 @@ def reservation_detail(request, reservation_id):
             status = error.status_code
         reservation = reservation_get(tenant=request.tenant, reservation_id=reservation_id)
     now = timezone.now()
-    wallet = _wallet(request.tenant, now=now)
+    wallet = wallet_of(request.tenant, now=now)
     active = reservation.state == ReservationState.ACTIVE
     return render(
         request,
@@ -426,92 +318,12 @@ def reservation_detail(request, reservation_id):
             "telemetry_gpus": reservation_gpus_now(reservation=reservation),
             "energy_kwh": reservation_energy_kwh(reservation=reservation),
             "can_cancel": reservation.state in ("pending", "provisioning", "active"),
-            "cost_so_far": money(_running_cost(reservation, wallet["tick"], now=now)),
+            "cost_so_far": money(running_cost(reservation, wallet["tick"], now=now)),
             "cost_per_hour": money(reservation.price_per_gpu_hour * reservation.gpu_count if active else 0),
             "hold_left": money(hold_remaining(reservation_ids=[reservation.pk]).get(reservation.pk, 0)),
         },
         status=status,
     )
-
-
-# --- Billing ----------------------------------------------------------------------------------------
-
-
-def _form_refusal(form: forms.Form, error: DomainError) -> None:
-    """A service's refusal on the form: on its fields where it names them, else above the form."""
-    named = {name: problems for name, problems in (error.fields or {}).items() if name in form.fields}
-    for name, problems in named.items():
-        form.add_error(name, problems)
-    if not named:
-        form.add_error(None, error.message)
-
-
-def _spend_chart(tenant, *, now: datetime) -> dict:
-    """This month's rated spend per UTC day, for the chart (cents as strings: JSON has no Decimal)."""
-    days = daily_spend(tenant=tenant, month=month_start(now), now=now)
-    return {"days": [d["day"].isoformat() for d in days], "amounts": [str(cents(d["amount"])) for d in days]}
-
-
-@tenant_required
-def billing(request):
-    """Balance (live), this month's spend per day and its invoice so far, finalized invoices, spend
-    alerts (admins add and remove them) and the latest notices."""
-    tenant, now = request.tenant, timezone.now()
-    form = SpendAlertForm(request.POST or None)
-    status = 200
-    if request.method == "POST":
-        if form.is_valid():
-            try:
-                alert = spend_alert_create(tenant=tenant, threshold=form.cleaned_data["threshold"])
-            except DomainError as error:
-                _form_refusal(form, error)
-                status = error.status_code
-            else:
-                messages.success(request, f"You will be told when this month's spend reaches {money(alert.threshold)}.")
-                return redirect("portal:billing")
-        else:
-            status = 400
-    wallet = _wallet(tenant, now=now)
-    return render(
-        request,
-        "portal/billing.html",
-        {
-            **wallet,
-            "chart": _spend_chart(tenant, now=now),
-            "preview": invoice_preview(tenant=tenant, now=now),
-            "invoices": invoice_list(tenant=tenant),
-            "alerts": spend_alert_list(tenant=tenant),
-            "alert_form": form,
-            "notices": notice_list(tenant=tenant, limit=20),
-        },
-        status=status,
-    )
-
-
-@tenant_required
-@require_POST
-def spend_alert_remove(request, alert_id):
-    alert = spend_alert_get(tenant=request.tenant, alert_id=alert_id)  # another tenant's: 404
-    try:
-        spend_alert_delete(tenant=request.tenant, alert=alert)
-    except DomainError as error:
-        messages.error(request, error.message)
-    else:
-        messages.success(request, f"Removed the {money(alert.threshold)} alert.")
-    return redirect("portal:billing")
-
-
-@tenant_required
-def invoice_detail(request, invoice_id):
-    """A finalized invoice, laid out to print (or save as PDF) on A4."""
-    invoice = invoice_get(tenant=request.tenant, invoice_id=invoice_id)
-    return render(request, "portal/invoice.html", {"invoice": invoice, "lines": list(invoice.lines.all())})
-
-
-@tenant_required
-def invoice_csv(request, invoice_id):
-    """The invoice's lines for spreadsheets: one row per line, then the totals row."""
-    return invoice_csv_response(invoice_get(tenant=request.tenant, invoice_id=invoice_id))
 
 
 @login_required
