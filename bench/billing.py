@@ -57,7 +57,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from database import bench_database_url, database_recreate  # bench/database.py
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -89,18 +91,6 @@ def median(values: list[float]) -> float | None:
 # --- Environment and database ------------------------------------------------------------------
 
 
-def bench_database_url(given: str | None) -> str:
-    """The database to drop and recreate. A name without "bench" in it is never dropped: the
-    benchmark then uses ``<name>_bench`` on the same server."""
-    url = given or DEFAULT_DATABASE_URL
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/") or "neocloud"
-    if "bench" not in name:
-        say(f"Database {name!r} is not a benchmark database; using {name}_bench on the same server.")
-        parts = parts._replace(path=f"/{name}_bench")
-    return urlunsplit(parts)
-
-
 def configure_environment(database_url: str, redis_url: str) -> dict[str, str]:
     """Settings for this process and its workers (the project reads them from the environment)."""
     os.environ.update(
@@ -113,18 +103,6 @@ def configure_environment(database_url: str, redis_url: str) -> dict[str, str]:
         }
     )
     return dict(os.environ)
-
-
-def database_recreate(database_url: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    admin_url = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def django_setup() -> None:
@@ -1156,7 +1134,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
-    database_url = bench_database_url(args.database_url)
+    database_url = bench_database_url(args.database_url, DEFAULT_DATABASE_URL)
     env = configure_environment(database_url, args.redis_url)
     say(f"Recreating {urlsplit(database_url).path.lstrip('/')} and migrating")
     database_recreate(database_url)

@@ -49,12 +49,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from database import bench_database_url, database_recreate  # bench/database.py
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/neocloud_bench"
 HUGE_QUOTA = "100000000"  # DEFAULT_GPU_QUOTA for the benchmark: quotas are not what is measured
+HUGE_CREDIT = "99999999999.99"  # each tenant's credit: holds are not what refuses here either
 SITES, NODES_PER_RACK = 10, 8
 BACKGROUND_DAYS = 35  # pre-existing allocations cover this much of the future
 API_HORIZON_DAYS = 360  # API reservations start at random within this (the limit is 366)
@@ -95,18 +98,6 @@ def median(values: list[float]) -> float | None:
 # --- Environment and database ------------------------------------------------------------------
 
 
-def bench_database_url(given: str | None) -> str:
-    """The database to drop and recreate. A name without "bench" in it is never dropped: the
-    benchmark then uses ``<name>_bench`` on the same server."""
-    url = given or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/") or "neocloud"
-    if "bench" not in name:
-        say(f"Database {name!r} is not a benchmark database; using {name}_bench on the same server.")
-        parts = parts._replace(path=f"/{name}_bench")
-    return urlunsplit(parts)
-
-
 def configure_environment(database_url: str) -> dict[str, str]:
     """Settings for this process and the server it starts (the project reads them from the env)."""
     os.environ.update(
@@ -123,18 +114,6 @@ def configure_environment(database_url: str) -> dict[str, str]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     return dict(os.environ)
-
-
-def database_recreate(database_url: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    admin_url = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def django_setup() -> None:
@@ -290,8 +269,12 @@ def tenant_make(label: str, i: int):
     from marketplace.services.tenancy import organization_create, user_create
     from marketplace.tenancy import TenantContext
 
+    from marketplace.services.ledger import credits_grant
+
     user = user_create(email=f"bench-{label}-{i}@example.com")
     organization = organization_create(name=f"Bench {label} {i}", owner=user)
+    # Reservations hold their expected cost (issue 6): ample credit, so money is never what refuses.
+    credits_grant(organization=organization, amount=HUGE_CREDIT, memo="bench")
     return TenantContext(organization=organization, user=user, role=Role.OWNER)
 
 
@@ -896,7 +879,7 @@ def main(argv=None) -> int:
         if wrk is None:
             say("The API part needs wrk: apt-get install wrk (Debian/Ubuntu) or brew install wrk; or pass --skip-api.")
             return 2
-    database_url = bench_database_url(args.database_url)
+    database_url = bench_database_url(args.database_url or os.environ.get("DATABASE_URL"), DEFAULT_DATABASE_URL)
     env = configure_environment(database_url)
     say(f"Recreating {urlsplit(database_url).path.lstrip('/')} and migrating")
     database_recreate(database_url)

@@ -70,7 +70,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from database import bench_database_url, database_recreate  # bench/database.py
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -108,18 +110,6 @@ def rounded(value, digits: int = 3):
 # --- Environment and database ----------------------------------------------------------------------
 
 
-def bench_database_url(given: str | None) -> str:
-    """The database to drop and recreate; a name without "bench" in it is never dropped: ``<name>_bench``
-    on the same server is used instead."""
-    url = given or DEFAULT_DATABASE_URL
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/") or "neocloud"
-    if "bench" not in name:
-        say(f"Database {name!r} is not a benchmark database; using {name}_bench on the same server.")
-        parts = parts._replace(path=f"/{name}_bench")
-    return urlunsplit(parts)
-
-
 def server_environment(database_url: str, redis_url: str) -> dict[str, str]:
     """What the project reads from the environment, for this process and the servers it starts."""
     env = dict(os.environ)
@@ -141,18 +131,6 @@ def server_environment(database_url: str, redis_url: str) -> dict[str, str]:
         }
     )
     return env
-
-
-def database_recreate(database_url: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    admin_url = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def redis_client(redis_url: str):
@@ -1641,7 +1619,7 @@ def main(argv=None) -> int:
             return 2
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    database_url = bench_database_url(args.database_url)
+    database_url = bench_database_url(args.database_url, DEFAULT_DATABASE_URL)
     env = server_environment(database_url, args.redis_url)
     os.environ.update(
         {

@@ -1,0 +1,28 @@
+"""The benchmarks' own database: which one, and a fresh copy of it. Shared by every script in bench/."""
+
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+
+def bench_database_url(given: str | None, default: str) -> str:
+    """The database to drop and recreate. A name without "bench" in it is never dropped: the
+    benchmark then uses ``<name>_bench`` on the same server."""
+    parts = urlsplit(given or default)
+    name = parts.path.lstrip("/") or "neocloud"
+    if "bench" not in name:
+        print(f"Database {name!r} is not a benchmark database; using {name}_bench on the same server.", file=sys.stderr)
+        parts = parts._replace(path=f"/{name}_bench")
+    return urlunsplit(parts)
+
+
+def database_recreate(database_url: str) -> None:
+    """Drop it (whoever is connected) and create it empty."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
