@@ -266,10 +266,9 @@ def database_analyze() -> None:
 
 def tenant_make(label: str, i: int):
     from marketplace.choices import Role
+    from marketplace.services.ledger import credits_grant
     from marketplace.services.tenancy import organization_create, user_create
     from marketplace.tenancy import TenantContext
-
-    from marketplace.services.ledger import credits_grant
 
     user = user_create(email=f"bench-{label}-{i}@example.com")
     organization = organization_create(name=f"Bench {label} {i}", owner=user)
