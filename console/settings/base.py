@@ -305,10 +305,10 @@ CELERY_TASK_ROUTES.update(
         for name in (
             "usage_rate",
             "rate_reservation",
-            "billing_tick",
             "invoices_close",
             "prices_apply",
-            "balances_enforce",
         )
     }
 )
+# The live cost push is a fan-out like telemetry's: it must not wait behind a month's rating run.
+CELERY_TASK_ROUTES["marketplace.tasks.billing_tick"] = {"queue": "telemetry"}

@@ -97,7 +97,7 @@ class Stack:
                 "-l",
                 "INFO",
                 "-Q",
-                "default,provisioning,billing",
+                "default,provisioning,billing,telemetry",
                 "--concurrency",
                 "2",
                 "--without-gossip",
@@ -161,7 +161,7 @@ class Stack:
 def purge_celery_queues() -> None:
     """Tasks other tests enqueued (for rows long rolled back) must not reach this test's worker."""
     client = redis.Redis.from_url(settings.REDIS_URL)
-    client.delete("default", "provisioning", "billing", "unacked", "unacked_index", "unacked_mutex")
+    client.delete("default", "provisioning", "billing", "telemetry", "unacked", "unacked_index", "unacked_mutex")
 
 
 @pytest.fixture
