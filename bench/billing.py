@@ -59,7 +59,7 @@ from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from database import bench_database_url, database_recreate  # bench/database.py
+from database import accelerator_types_create, bench_database_url, database_recreate  # bench/database.py
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -184,19 +184,10 @@ def catalog_seed() -> Catalog:
     """Two accelerator types at 5 sites: a node offer per (site, type), an H100 rack offer per site."""
     from marketplace.choices import OfferShape
     from marketplace.models import Offer
-    from provisioning.choices import SiteKind, Vendor
-    from provisioning.models import AcceleratorType, Rack, Site
+    from provisioning.choices import SiteKind
+    from provisioning.models import Rack, Site
 
-    types = [
-        AcceleratorType.objects.create(
-            slug="h100-sxm-80gb", vendor=Vendor.NVIDIA, model="H100 SXM", memory_gib=80, tdp_watts=700,
-            interconnect="NVLink 4 (900 GB/s)",
-        ),
-        AcceleratorType.objects.create(
-            slug="h200-sxm-141gb", vendor=Vendor.NVIDIA, model="H200 SXM", memory_gib=141, tdp_watts=700,
-            interconnect="NVLink 4 (900 GB/s)",
-        ),
-    ]  # fmt: skip
+    types = accelerator_types_create()
     sites = Site.objects.bulk_create(
         Site(slug=f"bill-{s}", name=f"Billing bench {s}", region="eu-central", kind=SiteKind.HALL, location="Bench")
         for s in range(SITES)

@@ -26,3 +26,20 @@ def database_recreate(database_url: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def accelerator_types_create() -> list:
+    """The benchmarks' two accelerator types (H100 and H200 SXM). Needs Django set up."""
+    from provisioning.choices import Vendor
+    from provisioning.models import AcceleratorType
+
+    return [
+        AcceleratorType.objects.create(
+            slug="h100-sxm-80gb", vendor=Vendor.NVIDIA, model="H100 SXM", memory_gib=80, tdp_watts=700,
+            interconnect="NVLink 4 (900 GB/s)",
+        ),
+        AcceleratorType.objects.create(
+            slug="h200-sxm-141gb", vendor=Vendor.NVIDIA, model="H200 SXM", memory_gib=141, tdp_watts=700,
+            interconnect="NVLink 4 (900 GB/s)",
+        ),
+    ]  # fmt: skip

@@ -51,7 +51,7 @@ from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from database import bench_database_url, database_recreate  # bench/database.py
+from database import accelerator_types_create, bench_database_url, database_recreate  # bench/database.py
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -146,21 +146,12 @@ def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
     from marketplace.choices import OfferShape, ReservationState
     from marketplace.models import Allocation, Offer, Reservation
     from marketplace.services.tenancy import organization_create, user_create
-    from provisioning.choices import NodeState, SiteKind, Vendor
-    from provisioning.models import AcceleratorType, Node, Rack, Site
+    from provisioning.choices import NodeState, SiteKind
+    from provisioning.models import Node, Rack, Site
 
     fleet = Fleet()
     racks_per_site = max(1, round(nodes / (SITES * NODES_PER_RACK)))
-    types = [
-        AcceleratorType.objects.create(
-            slug="h100-sxm-80gb", vendor=Vendor.NVIDIA, model="H100 SXM", memory_gib=80, tdp_watts=700,
-            interconnect="NVLink 4 (900 GB/s)",
-        ),
-        AcceleratorType.objects.create(
-            slug="h200-sxm-141gb", vendor=Vendor.NVIDIA, model="H200 SXM", memory_gib=141, tdp_watts=700,
-            interconnect="NVLink 4 (900 GB/s)",
-        ),
-    ]  # fmt: skip
+    types = accelerator_types_create()
     sites = Site.objects.bulk_create(
         Site(slug=f"bench-{s:02d}", name=f"Bench {s:02d}", region="eu-central", kind=SiteKind.HALL, location="Bench")
         for s in range(SITES)
