@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Min
 from django.utils import timezone
 
 from console.errors import Conflict, DomainError
@@ -76,15 +77,16 @@ def after_rating(*, organization_ids, now: datetime) -> None:
     something is due."""
     month = month_start(now)
     balances = balances_of(organization_ids=organization_ids, now=now)
-    alerting = set(
+    lowest_due = dict(  # each tenant's lowest alert not yet fired this month
         SpendAlert.objects.filter(organization_id__in=list(balances))
         .exclude(last_notified_month=month)
-        .values_list("organization_id", flat=True)
+        .values_list("organization_id")
+        .annotate(lowest=Min("threshold"))
     )
     pushes = []
     for organization_id, balance in balances.items():
         out = balance["available"] + balance["credit_limit"] < 0
-        if organization_id in alerting:
+        if organization_id in lowest_due and balance["spent_this_month"] >= lowest_due[organization_id]:
             with transaction.atomic():
                 _alerts_check(organization_id=organization_id, month=month)
         if out != (balance["depleted_at"] is not None):
