@@ -18,7 +18,6 @@ from marketplace.models import (
     BillingNotice,
     BillingProfile,
     Invoice,
-    LedgerAccount,
     LedgerEntry,
     Reservation,
     SpendAlert,
@@ -138,31 +137,6 @@ def rated_until(*, reservation_ids) -> dict:
         return dict(cursor.fetchall())
 
 
-def running_costs(*, organization_id, now: datetime | None = None) -> dict:
-    """Per reservation that is or was active and is not settled: what it has cost so far, rated or not
-    yet (the live ticker). ``{id: {"cost", "per_hour", "active"}}`` with Decimal values."""
-    now = now or timezone.now()
-    reservations = list(
-        Reservation.objects.filter(
-            organization_id=organization_id, activated_at__isnull=False, billing_settled_at__isnull=True
-        ).values("id", "state", "activated_at", "deactivated_at", "gpu_count", "price_per_gpu_hour")
-    )
-    result = {}
-    for r in reservations:
-        end = r["deactivated_at"] or now
-        per_hour = r["price_per_gpu_hour"] * r["gpu_count"]
-        result[r["id"]] = {
-            "cost": cost(
-                price_per_gpu_hour=r["price_per_gpu_hour"],
-                gpus=r["gpu_count"],
-                seconds=max(seconds_between(r["activated_at"], end), ZERO),
-            ),
-            "per_hour": per_hour if r["state"] == ReservationState.ACTIVE else ZERO,
-            "active": r["state"] == ReservationState.ACTIVE,
-        }
-    return result
-
-
 def reservation_cost(*, reservation: Reservation, now: datetime | None = None) -> Decimal:
     """What a reservation has cost so far: its active seconds at its price (rated or not yet)."""
     if reservation.activated_at is None:
@@ -233,10 +207,6 @@ def spend_alert_get(*, tenant: TenantContext, alert_id) -> SpendAlert:
 
 def notice_list(*, tenant: TenantContext, limit: int = 20) -> list[BillingNotice]:
     return list(BillingNotice.objects.filter(organization=tenant.organization).order_by("-created_at")[:limit])
-
-
-def platform_account_ids() -> list[int]:
-    return list(LedgerAccount.objects.filter(organization__isnull=True).values_list("pk", flat=True))
 
 
 def _month_range(month: date) -> DateTimeTZRange:

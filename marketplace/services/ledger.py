@@ -7,6 +7,7 @@ Sign convention: an account's balance is the sum of its entries. A tenant's ``cr
 prepaid money that is neither held nor spent; ``holds`` are set aside for reservations' expected cost;
 ``usage`` is what it spent. The platform's ``grants`` account is minus every credit granted."""
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -14,10 +15,13 @@ from decimal import Decimal
 from django.db import transaction
 
 from console.errors import Conflict, DomainError
-from console.events import publish_on_commit, tenant_group
+from console.events import publish, tenant_group
 from marketplace.choices import AccountKind, NoticeKind, TransactionKind
 from marketplace.models import LedgerAccount, LedgerEntry, LedgerTransaction, Organization, Reservation
 from marketplace.money import cents, parse_amount
+from marketplace.services.tenancy import organization_lock
+
+logger = logging.getLogger(__name__)
 
 
 class LedgerUnbalanced(Exception):
@@ -80,18 +84,6 @@ def post(*, kind: str, legs: Sequence[Leg], organization_id=None, memo: str = ""
     txn = LedgerTransaction(kind=kind, organization_id=organization_id, memo=memo[:500], created_by=by)
     post_many([(txn, legs)])
     return txn
-
-
-def _balance(account: LedgerAccount, reservation_id=None) -> Decimal:
-    entries = LedgerEntry.objects.filter(account=account)
-    if reservation_id is not None:
-        entries = entries.filter(reservation_id=reservation_id)
-    return sum(entries.values_list("amount", flat=True), Decimal(0))
-
-
-def _lock(organization_id) -> None:
-    """Serialise one tenant's balance checks (others are not blocked)."""
-    Organization.objects.select_for_update().filter(pk=organization_id).values_list("pk", flat=True).first()
 
 
 def _recheck(organization_id) -> None:
@@ -159,7 +151,7 @@ def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> Ledge
     from marketplace.selectors.billing import spendable
 
     organization_id = reservation.organization_id
-    _lock(organization_id)
+    organization_lock(organization_id)
     available = spendable(organization_id=organization_id)
     if amount > available:
         raise InsufficientBalance(
@@ -183,8 +175,19 @@ def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> Ledge
 
 
 def balance_changed(organization_id) -> None:
-    """Tell the tenant's browsers (after commit) what its balance is now."""
-    from marketplace.selectors.billing import balance_json, balance_of
+    """Tell the tenant's browsers, once the transaction commits, what its balance is then (read
+    after the commit: the tenant's row lock is not held for it)."""
 
-    balance = balance_json(balance_of(organization_id=organization_id))
-    publish_on_commit(tenant_group(organization_id), "billing.balance", balance)
+    def send() -> None:
+        from marketplace.selectors.billing import balance_json, balance_of
+
+        try:
+            publish(
+                tenant_group(organization_id),
+                "billing.balance",
+                balance_json(balance_of(organization_id=organization_id)),
+            )
+        except Exception:  # noqa: BLE001 - the money is committed; the next change or tick tells it again
+            logger.exception("Could not push the balance of %s", organization_id)
+
+    transaction.on_commit(send)

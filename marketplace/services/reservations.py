@@ -24,6 +24,7 @@ from marketplace.selectors.catalog import price_in_force
 from marketplace.services.ledger import hold_place
 from marketplace.services.metering import SETTLING_STATES
 from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_pick
+from marketplace.services.tenancy import organization_lock
 from marketplace.tenancy import TenantContext
 from provisioning.models import Node
 from provisioning.services.agents import agent_group
@@ -159,11 +160,6 @@ def _typical_rack_size(offer: Offer) -> int:
         return cursor.fetchone()[0]
 
 
-def _lock_tenant(organization: Organization) -> None:
-    """Serialise one tenant's quota checks (other tenants are not blocked)."""
-    Organization.objects.select_for_update().filter(pk=organization.pk).values_list("pk", flat=True).first()
-
-
 def _check_quota(
     *,
     organization: Organization,
@@ -238,7 +234,7 @@ def reservation_create(
     tenant's balance (402 when it cannot cover it). All or nothing."""
     tenant.require(Role.MEMBER, "reserving capacity")
     quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months)
-    _lock_tenant(tenant.organization)
+    organization_lock(tenant.organization.pk)
     if offer.shape == OfferShape.NODE:
         _check_quota(
             organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
@@ -362,7 +358,7 @@ def reservation_extend(*, tenant: TenantContext, reservation: Reservation, end: 
         raise _window_error(
             f"This offer allows at most {reservation.offer.max_duration_hours} hours per reservation.", "end"
         )
-    _lock_tenant(reservation.organization)
+    organization_lock(reservation.organization_id)
     _check_quota(
         organization=reservation.organization,
         offer=reservation.offer,

@@ -54,3 +54,9 @@ def membership_set(*, organization: Organization, user: User, role: str) -> Memb
         organization=organization, user=user, defaults={"role": Role(role)}
     )
     return membership
+
+
+def organization_lock(organization_id) -> None:
+    """Serialise one tenant's check-then-write (quota, balance) until the transaction ends; other
+    tenants are not blocked."""
+    Organization.objects.select_for_update().filter(pk=organization_id).values_list("pk", flat=True).first()
