@@ -24,10 +24,18 @@ class TenantMiddleware:
 
 
 def tenant_context(request) -> dict:
-    """Template context: the current tenant and the organizations the user can switch to."""
+    """Template context: the current tenant, the organizations the user can switch to, and the
+    tenant's balance for the header."""
     tenant = getattr(request, "tenant", None)
     if tenant is None:
         return {"tenant": None}
+    from marketplace.selectors.billing import ledger_balance
     from marketplace.selectors.tenancy import membership_list_for_user
 
-    return {"tenant": tenant, "memberships": membership_list_for_user(user=request.user)}
+    return {
+        "tenant": tenant,
+        "memberships": membership_list_for_user(user=request.user),
+        # The header's balance: a callable, so the sum runs only where a template shows it (templates
+        # call what they are given); live pages then move it.
+        "nav_balance": lambda: ledger_balance(organization_id=tenant.organization.pk),
+    }

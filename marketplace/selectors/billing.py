@@ -42,6 +42,18 @@ def account_balances(*, organization_ids) -> dict:
     return result
 
 
+def ledger_balance(*, organization_id) -> Decimal:
+    """Prepaid and not yet spent (credits + holds), rated usage only: one indexed sum."""
+    total = (
+        LedgerEntry.objects.filter(
+            account__organization_id=organization_id, account__kind__in=[AccountKind.CREDITS, AccountKind.HOLDS]
+        )
+        .aggregate(total=Sum("amount"))
+        .get("total")
+    )
+    return total or ZERO
+
+
 def credit_limit_of(*, organization_id) -> Decimal:
     limit = BillingProfile.objects.filter(organization_id=organization_id).values_list("credit_limit", flat=True)
     return limit.first() or ZERO

@@ -81,7 +81,7 @@ def test_running_cost_and_balance_follow_the_pushes_and_tick_in_between(stack, r
     page.goto(f"/reservations/{rid}/")
     # Rendered by the server before any push: $20/h for 8 GPUs at $2.50, and the balance.
     assert page.locator(f'[data-live-rate="{rid}"]').inner_text() == "$20.00"
-    assert money_of(page, "[data-live-balance]") > Decimal("99000")
+    assert money_of(page, "main [data-live-balance]") > Decimal("99000")
     page.wait_for_function("document.body.dataset.live === 'on'")
     page.evaluate("window.sameDocument = true")
 
@@ -98,7 +98,8 @@ def test_running_cost_and_balance_follow_the_pushes_and_tick_in_between(stack, r
         },
     )
     page.locator(cost, has_text="$42.00").wait_for()
-    page.locator("[data-live-balance]", has_text="$12,345.67").wait_for()
+    page.locator("main [data-live-balance]", has_text="$12,345.67").wait_for()
+    page.locator(".nav-balance [data-live-balance]", has_text="$12,345.67").wait_for()  # the header follows too
     assert page.evaluate("document.body.dataset.billingTicks") == "1"
 
     # At $3,600/h ($1 a second) the figures move between pushes: the cost up, the balance down.
@@ -120,7 +121,7 @@ def test_running_cost_and_balance_follow_the_pushes_and_tick_in_between(stack, r
         arg=[cost],
     )
     page.wait_for_function(
-        "parseFloat(document.querySelector('[data-live-balance]').textContent.slice(1).replace(/,/g, '')) < 5000"
+        "parseFloat(document.querySelector('main [data-live-balance]').textContent.slice(1).replace(/,/g, '')) < 5000"
     )
     assert page.evaluate("document.body.dataset.billingTicks") == "2"  # it moved on its own, not by a push
     assert page.locator("[data-live-burn]").first.inner_text() == "$3,600.00"
@@ -146,7 +147,7 @@ def test_running_cost_and_balance_follow_the_pushes_and_tick_in_between(stack, r
         },
     )
     page.wait_for_function("document.body.dataset.billingBalances === '1'")
-    page.locator("[data-live-balance]", has_text="$777.00").wait_for()
+    page.locator("main [data-live-balance]", has_text="$777.00").wait_for()
 
     # A notice arrives as a banner.
     push(
@@ -164,7 +165,7 @@ def test_running_cost_and_balance_follow_the_pushes_and_tick_in_between(stack, r
     off_the_browser_thread(cost_tick)
     page.wait_for_function("document.body.dataset.billingTicks === '4'")
     assert Decimal("0") <= money_of(page, cost) < Decimal("5")
-    assert money_of(page, "[data-live-balance]") > Decimal("99000")
+    assert money_of(page, "main [data-live-balance]") > Decimal("99000")
     assert page.evaluate("window.sameDocument") is True
     page.screenshot(path=f"{shots}/reservation-cost.png", full_page=True)
 

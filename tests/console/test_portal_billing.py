@@ -263,3 +263,19 @@ def test_daily_spend_counts_each_day_of_the_month(offer):
     whole = daily_spend(tenant=tenant, month=month_start(month - timedelta(days=1)))
     assert len(whole) >= 28 and not any(d["amount"] for d in whole)  # last month: every day, nothing spent
     assert not any(d["amount"] for d in daily_spend(tenant=make_tenant(), month=month))
+
+
+def test_every_page_header_shows_the_tenants_own_balance():
+    from marketplace.services.ledger import credits_grant
+
+    tenant = make_tenant(credit="1234.5")
+    make_tenant(credit="777")  # another tenant's money never shows
+    client = browser_for(tenant.user)
+    page = client.get("/catalog/").content.decode()
+    assert re.search(r'class="nav-balance"[^>]*>\s*<span data-live-balance>\$1,234\.50</span>', page)
+    credits_grant(organization=tenant.organization, amount="1000")
+    assert "$2,234.50" in client.get("/reservations/").content.decode()
+    assert "$777.00" not in page
+
+    loner = make_user()  # signed in, in no organization: no balance at all
+    assert "nav-balance" not in browser_for(loner).get("/catalog/").content.decode()
