@@ -433,13 +433,18 @@ def energy_seed(
     Allocation.objects.bulk_create(allocations, batch_size=2000)
     Gpu.objects.bulk_create(
         (
-            Gpu(node=node, index=g, uuid=f"GPU-bill-{node.pk}-{g}", accelerator_type_id=node.accelerator_type_id,
-                memory_mib=81559)
+            Gpu(
+                node=node,
+                index=g,
+                uuid=f"GPU-bill-{node.pk}-{g}",
+                accelerator_type_id=node.accelerator_type_id,
+                memory_mib=81559,
+            )
             for node in nodes
             for g in range(8)
         ),
         batch_size=5000,
-    )  # fmt: skip
+    )
     start_of_month, end_of_month = month_bounds(month)
     say("  rollups: one per GPU-hour of the month, generated in PostgreSQL")
     sql_run(

@@ -35,11 +35,19 @@ def accelerator_types_create() -> list:
 
     return [
         AcceleratorType.objects.create(
-            slug="h100-sxm-80gb", vendor=Vendor.NVIDIA, model="H100 SXM", memory_gib=80, tdp_watts=700,
+            slug="h100-sxm-80gb",
+            vendor=Vendor.NVIDIA,
+            model="H100 SXM",
+            memory_gib=80,
+            tdp_watts=700,
             interconnect="NVLink 4 (900 GB/s)",
         ),
         AcceleratorType.objects.create(
-            slug="h200-sxm-141gb", vendor=Vendor.NVIDIA, model="H200 SXM", memory_gib=141, tdp_watts=700,
+            slug="h200-sxm-141gb",
+            vendor=Vendor.NVIDIA,
+            model="H200 SXM",
+            memory_gib=141,
+            tdp_watts=700,
             interconnect="NVLink 4 (900 GB/s)",
         ),
-    ]  # fmt: skip
+    ]

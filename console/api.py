@@ -92,3 +92,10 @@ class TenantRowsMixin(TenantScopedMixin):
 
 
 __all__ = ["ErrorSerializer", "Pagination", "TenantScopedMixin", "error_responses", "extend_schema"]
+
+
+def idempotency_key_parameter():
+    """The optional ``Idempotency-Key`` header of POST endpoints (ARCHITECTURE invariant 7), for their schema."""
+    from drf_spectacular.utils import OpenApiParameter
+
+    return OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)

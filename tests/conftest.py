@@ -1,9 +1,10 @@
 import pytest
+from django.test import Client
 from rest_framework.test import APIClient
 
 from marketplace.choices import Role
 from marketplace.services.api_keys import api_key_create
-from tests.factories import make_tenant
+from tests.factories import PASSWORD, make_tenant, make_user
 
 
 @pytest.fixture
@@ -33,3 +34,13 @@ def key_client(tenant, role: str | None = None) -> APIClient:
 @pytest.fixture
 def client_for():
     return key_client
+
+
+@pytest.fixture
+def operator_client(db) -> Client:
+    """A browser signed in as an operator (a superuser); ``.user`` is that operator."""
+    operator = make_user("ops@example.com", is_superuser=True)
+    client = Client()
+    assert client.login(username=operator.email, password=PASSWORD)
+    client.user = operator
+    return client

@@ -7,7 +7,7 @@ from decimal import Decimal
 import factory
 
 from marketplace.choices import OfferShape, Role
-from marketplace.models import Offer
+from marketplace.models import Offer, OfferTermDiscount, Reservation
 from marketplace.services.ledger import credits_grant
 from marketplace.services.tenancy import membership_set, organization_create, user_create
 from marketplace.tenancy import TenantContext
@@ -119,3 +119,30 @@ def make_tenant(
     member = user or make_user()
     membership_set(organization=organization, user=member, role=role)
     return TenantContext(organization=organization, user=member, role=role)
+
+
+def make_offer_with_nodes(
+    *, price: Decimal | str = "2.49", nodes: int = 3, term_discounts: dict[int, Decimal | str] | None = None
+) -> Offer:
+    """A node offer at ``price`` per GPU-hour with ``nodes`` free 8-GPU nodes of its type at its site,
+    and reserved-term discounts (months: percent off)."""
+    offer = OfferFactory(price_per_gpu_hour=Decimal(price))
+    for months, percent in (term_discounts or {}).items():
+        OfferTermDiscount.objects.create(offer=offer, term_months=months, percent_off=Decimal(percent))
+    rack = RackFactory(site=offer.site)
+    for _ in range(nodes):
+        make_node(rack=rack, accelerator=offer.accelerator_type)
+    return offer
+
+
+def activate(reservation: Reservation, *, since=None) -> Reservation:
+    """Begin and activate it through the lifecycle. ``since`` moves the recorded activation back in
+    time: tests cannot wait hours for usage to accrue."""
+    from marketplace.services.reservations import reservation_activate, reservation_begin
+
+    assert reservation_begin(reservation_id=reservation.pk)
+    assert reservation_activate(reservation_id=reservation.pk)
+    if since is not None:
+        Reservation.objects.filter(pk=reservation.pk).update(activated_at=since)
+    reservation.refresh_from_db()
+    return reservation

@@ -10,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from console.api import TenantRowsMixin, TenantScopedMixin, error_responses
+from console.api import TenantRowsMixin, TenantScopedMixin, error_responses, idempotency_key_parameter
 from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start
@@ -278,7 +278,7 @@ class SpendAlertViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.DestroyMo
         description="A notice (and a push on `billing.notice`) once a month, when rated usage reaches it. Send "
         "`Idempotency-Key` to make retries safe.",
         request=SpendAlertCreateSerializer,
-        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+        parameters=[idempotency_key_parameter()],
         responses={201: SpendAlertSerializer, **error_responses(400, 403, 409, 422)},
     )
     def create(self, request):

@@ -4,13 +4,13 @@ from datetime import timedelta
 
 import django_filters
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from console.api import TenantRowsMixin, TenantScopedMixin, error_responses
+from console.api import TenantRowsMixin, TenantScopedMixin, error_responses, idempotency_key_parameter
 from marketplace.api.filters import OfferFilter
 from marketplace.api.serializers import (
     ApiKeyCreatedSerializer,
@@ -151,7 +151,7 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
         description="Send `Idempotency-Key` to make retries safe: a repeat returns the first response; "
         "the same key with another body is refused with 422.",
         request=ReservationCreateSerializer,
-        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+        parameters=[idempotency_key_parameter()],
         responses={201: ReservationSerializer, **error_responses(400, 402, 403, 409, 422)},
     )
     def create(self, request):

@@ -15,6 +15,7 @@ from django.utils import timezone
 from console.errors import NotFound
 from marketplace.choices import AccountKind, ReservationState
 from marketplace.models import (
+    Allocation,
     BillingNotice,
     BillingProfile,
     Invoice,
@@ -251,7 +252,7 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
                     WHERE organization_id = ANY(%(orgs)s) AND period <@ %(month)s GROUP BY 1)
                 SELECT spans.reservation_id, sum(r.energy_mj)
                 FROM spans
-                JOIN marketplace_allocation a ON a.reservation_id = spans.reservation_id
+                JOIN {Allocation._meta.db_table} a ON a.reservation_id = spans.reservation_id
                 JOIN {Gpu._meta.db_table} g ON g.node_id = a.node_id
                 JOIN {GpuRollup._meta.db_table} r
                   ON r.gpu_id = g.id AND r.minute >= date_trunc('minute', spans.s) AND r.minute < spans.e

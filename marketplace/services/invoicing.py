@@ -54,6 +54,7 @@ def invoices_close(*, now: datetime | None = None, progress: Callable[[int], Non
 
 def _unrated_before(end: datetime) -> int:
     """Reservations with active time before ``end`` that no usage record covers yet."""
+    from marketplace.choices import ReservationState
     from marketplace.models import Reservation
     from marketplace.services.metering import SETTLING_STATES
 
@@ -65,7 +66,7 @@ def _unrated_before(end: datetime) -> int:
                         (SELECT max(upper(u.period)) FROM {UsageRecord._meta.db_table} u WHERE u.reservation_id = r.id),
                         r.activated_at
                       ) < least(coalesce(r.deactivated_at, 'infinity'), %(end)s)""",
-            {"end": end, "states": ["active", *SETTLING_STATES]},
+            {"end": end, "states": [ReservationState.ACTIVE, *SETTLING_STATES]},
         )
         return cursor.fetchone()[0]
 

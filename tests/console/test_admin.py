@@ -13,17 +13,9 @@ from marketplace.services.api_keys import api_key_create
 from marketplace.services.reservations import reservation_create, reservations_advance
 from provisioning.choices import NodeState
 from provisioning.models import Node
-from tests.factories import PASSWORD, OfferFactory, make_node, make_tenant, make_user
+from tests.factories import PASSWORD, OfferFactory, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def operator_client():
-    operator = make_user("ops@example.com", is_superuser=True)
-    client = Client()
-    assert client.login(username=operator.email, password=PASSWORD)
-    return client
 
 
 @pytest.fixture

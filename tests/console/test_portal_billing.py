@@ -24,7 +24,7 @@ from marketplace.services.reservations import reservation_create
 from marketplace.services.spend import spend_alert_create
 from marketplace.services.tenancy import membership_set
 from marketplace.tenancy import TenantContext
-from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_tenant, make_user
+from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -37,10 +37,7 @@ def browser_for(user) -> Client:
 
 @pytest.fixture
 def offer():
-    rack = RackFactory()
-    for _ in range(3):
-        make_node(rack=rack)
-    return OfferFactory(site=rack.site, price_per_gpu_hour=Decimal("2.50"))
+    return make_offer_with_nodes(price="2.50", nodes=3)
 
 
 def run_for(tenant: TenantContext, offer, *, hours: int = 1, length: int | None = None) -> Reservation:

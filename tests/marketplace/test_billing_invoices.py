@@ -25,7 +25,7 @@ from marketplace.services.reservations import (
 )
 from provisioning.models import Gpu
 from provisioning.services.telemetry import rollups_write
-from tests.factories import OfferFactory, RackFactory, make_node, make_tenant
+from tests.factories import make_offer_with_nodes, make_tenant
 
 pytestmark = pytest.mark.django_db
 S = ReservationState
@@ -49,11 +49,7 @@ def at(month: date, day: int = 1, hour: int = 0, minute: int = 0) -> datetime:
 @pytest.fixture
 def offer():
     """A node offer at $2.49/GPU-hour with four free 8-GPU nodes."""
-    offer = OfferFactory(price_per_gpu_hour=PRICE)
-    rack = RackFactory(site=offer.site)
-    for _ in range(4):
-        make_node(rack=rack, accelerator=offer.accelerator_type)
-    return offer
+    return make_offer_with_nodes(price=PRICE, nodes=4)
 
 
 def reserve(tenant, offer, duration: timedelta, *, quantity: int = 1) -> Reservation:

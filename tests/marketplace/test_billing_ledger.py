@@ -39,7 +39,6 @@ from marketplace.services.ledger import (
 )
 from marketplace.services.metering import usage_rate
 from marketplace.services.reservations import (
-    reservation_activate,
     reservation_begin,
     reservation_cancel,
     reservation_complete,
@@ -49,7 +48,15 @@ from marketplace.services.reservations import (
     reservation_release,
 )
 from marketplace.services.spend import credit_limit_set
-from tests.factories import OfferFactory, RackFactory, SiteFactory, make_node, make_tenant
+from tests.factories import (
+    OfferFactory,
+    RackFactory,
+    SiteFactory,
+    activate,
+    make_node,
+    make_offer_with_nodes,
+    make_tenant,
+)
 
 pytestmark = pytest.mark.django_db
 S = ReservationState
@@ -59,11 +66,7 @@ PRICE = Decimal("3.60")  # 8 GPUs: $28.80 an hour, exactly $0.008 a second
 @pytest.fixture
 def offer():
     """A node offer at $3.60/GPU-hour with three free 8-GPU nodes."""
-    offer = OfferFactory(price_per_gpu_hour=PRICE)
-    rack = RackFactory(site=offer.site)
-    for _ in range(3):
-        make_node(rack=rack, accelerator=offer.accelerator_type)
-    return offer
+    return make_offer_with_nodes(price=PRICE, nodes=3)
 
 
 def balances(organization) -> dict:
@@ -87,17 +90,6 @@ def reserve(tenant, offer, hours: float = 1, *, start: datetime | None = None) -
     """One node from ``start`` (now) for exactly ``hours``."""
     start = start or timezone.now()
     return reservation_create(tenant=tenant, offer=offer, quantity=1, start=start, end=start + timedelta(hours=hours))
-
-
-def activate(reservation: Reservation, *, since: datetime | None = None) -> Reservation:
-    """Begin and activate it through the lifecycle. ``since`` moves the recorded activation back in
-    time: tests cannot wait hours for usage to accrue."""
-    assert reservation_begin(reservation_id=reservation.pk)
-    assert reservation_activate(reservation_id=reservation.pk)
-    if since is not None:
-        Reservation.objects.filter(pk=reservation.pk).update(activated_at=since)
-    reservation.refresh_from_db()
-    return reservation
 
 
 def enqueued(callbacks) -> list[tuple[str, tuple]]:

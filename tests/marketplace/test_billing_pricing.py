@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from console.errors import Conflict, DomainError
 from marketplace.choices import AccountKind
-from marketplace.models import Offer, OfferPrice, OfferTermDiscount, Reservation
+from marketplace.models import Offer, OfferPrice, Reservation
 from marketplace.money import add_months, cost, seconds_between
 from marketplace.selectors.billing import account_balances, hold_remaining
 from marketplace.selectors.catalog import price_in_force
@@ -22,7 +22,7 @@ from marketplace.services.reservations import (
     reservation_create,
     reservation_quote,
 )
-from tests.factories import OfferFactory, RackFactory, make_node, make_tenant
+from tests.factories import OfferFactory, make_offer_with_nodes, make_tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -30,13 +30,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def offer():
     """A node offer at $2.49/GPU-hour with 1- and 3-month terms (10 % and 20 % off), three free nodes."""
-    offer = OfferFactory(price_per_gpu_hour=Decimal("2.49"))
-    OfferTermDiscount.objects.create(offer=offer, term_months=1, percent_off=Decimal("10"))
-    OfferTermDiscount.objects.create(offer=offer, term_months=3, percent_off=Decimal("20"))
-    rack = RackFactory(site=offer.site)
-    for _ in range(3):
-        make_node(rack=rack, accelerator=offer.accelerator_type)
-    return offer
+    return make_offer_with_nodes(price="2.49", nodes=3, term_discounts={1: "10", 3: "20"})
 
 
 def quote_at(offer: Offer, moment: datetime, *, term_months: int | None = None):

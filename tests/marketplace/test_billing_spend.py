@@ -4,7 +4,7 @@ released; credit brings it back. Pushes are received through the real channel la
 
 import asyncio
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
 
 import pytest
@@ -19,7 +19,6 @@ from marketplace.models import (
     BillingNotice,
     BillingProfile,
     LedgerTransaction,
-    OfferTermDiscount,
     Reservation,
     SpendAlert,
 )
@@ -28,8 +27,6 @@ from marketplace.selectors.billing import account_balances, balance_of, spent_in
 from marketplace.services.ledger import credits_grant, ledger_reverse
 from marketplace.services.metering import usage_rate
 from marketplace.services.reservations import (
-    reservation_activate,
-    reservation_begin,
     reservation_create,
 )
 from marketplace.services.spend import (
@@ -41,7 +38,15 @@ from marketplace.services.spend import (
 )
 from marketplace.services.tenancy import membership_set
 from marketplace.tenancy import TenantContext
-from tests.factories import OfferFactory, RackFactory, make_node, make_tenant, make_user
+from tests.factories import (
+    OfferFactory,
+    RackFactory,
+    activate,
+    make_node,
+    make_offer_with_nodes,
+    make_tenant,
+    make_user,
+)
 
 pytestmark = pytest.mark.django_db
 S = ReservationState
@@ -51,12 +56,7 @@ PRICE = Decimal("3.60")  # 8 GPUs: $28.80 an hour
 @pytest.fixture
 def offer():
     """A node offer at $3.60/GPU-hour with a 1-month term at 20 % off, and four free 8-GPU nodes."""
-    offer = OfferFactory(price_per_gpu_hour=PRICE)
-    OfferTermDiscount.objects.create(offer=offer, term_months=1, percent_off=Decimal("20"))
-    rack = RackFactory(site=offer.site)
-    for _ in range(4):
-        make_node(rack=rack, accelerator=offer.accelerator_type)
-    return offer
+    return make_offer_with_nodes(price=PRICE, nodes=4, term_discounts={1: "20"})
 
 
 def reserve(tenant, offer, *, hours: float = 1, term_months: int | None = None) -> Reservation:
@@ -69,17 +69,6 @@ def reserve(tenant, offer, *, hours: float = 1, term_months: int | None = None) 
         end=None if term_months else start + timedelta(hours=hours),
         term_months=term_months,
     )
-
-
-def activate(reservation: Reservation, *, since: datetime | None = None) -> Reservation:
-    """Begin and activate it through the lifecycle. ``since`` moves the recorded activation back in
-    time: tests cannot wait hours for usage to accrue."""
-    assert reservation_begin(reservation_id=reservation.pk)
-    assert reservation_activate(reservation_id=reservation.pk)
-    if since is not None:
-        Reservation.objects.filter(pk=reservation.pk).update(activated_at=since)
-    reservation.refresh_from_db()
-    return reservation
 
 
 def pushed(group: str, action: Callable[[], object], *, until: Callable[[list], bool]) -> tuple[object, list]:
