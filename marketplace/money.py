@@ -24,6 +24,12 @@ def cost(*, price_per_gpu_hour: Decimal, gpus: int, seconds: Decimal) -> Decimal
         return (price_per_gpu_hour * gpus * seconds / SECONDS_PER_HOUR).quantize(LEDGER_QUANTUM, ROUND_HALF_EVEN)
 
 
+def term_price(price_per_gpu_hour: Decimal, percent_off: Decimal) -> Decimal:
+    """A reserved term's price per GPU-hour: the on-demand price less the term's discount, to the
+    price book's four decimals."""
+    return (price_per_gpu_hour * (Decimal(100) - percent_off) / Decimal(100)).quantize(Decimal("0.0001"))
+
+
 def cents(amount: Decimal) -> Decimal:
     """Round to the cent: invoice lines and what people read, never the ledger."""
     return amount.quantize(CENT, ROUND_HALF_EVEN)

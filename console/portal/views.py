@@ -22,6 +22,7 @@ from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm
 from console.tenancy import SESSION_KEY
 from marketplace.api.filters import OfferFilter
 from marketplace.choices import ROLE_RANK, ReservationState, Role
+from marketplace.money import term_price
 from marketplace.selectors.billing import (
     hold_remaining,
     spendable,
@@ -166,7 +167,7 @@ def _term_choices(offer) -> list[tuple]:
     price = price_in_force(offer=offer)
     choices = [("", f"On demand · ${price:.2f}/GPU-h")]
     for discount in offer.term_discounts.order_by("term_months"):
-        discounted = (price * (Decimal(100) - discount.percent_off) / Decimal(100)).quantize(Decimal("0.0001"))
+        discounted = term_price(price, discount.percent_off)
         choices.append(
             (
                 discount.term_months,

@@ -4,6 +4,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from marketplace.choices import OfferShape, TermMonths
+from marketplace.money import term_price
 from provisioning.models import AcceleratorType, Site
 
 
@@ -68,4 +69,4 @@ class OfferTermDiscount(models.Model):
 
     @property
     def price_per_gpu_hour(self) -> Decimal:
-        return self.offer.price_per_gpu_hour * (Decimal(100) - self.percent_off) / Decimal(100)
+        return term_price(self.offer.price_per_gpu_hour, self.percent_off)

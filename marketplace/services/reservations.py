@@ -18,7 +18,7 @@ from console.lifecycle import IllegalTransition, transition
 from console.tasks import enqueue_on_commit
 from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, Role
 from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organization, Quota, Reservation
-from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between
+from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between, term_price
 from marketplace.selectors.capacity import earliest_fit
 from marketplace.selectors.catalog import price_in_force
 from marketplace.services.ledger import hold_place
@@ -118,7 +118,7 @@ def reservation_quote(
         if end is not None and end != term_end:
             raise _window_error("A reserved term ends when the term does; leave the end out.", "end")
         end = term_end
-        price = (price * (Decimal(100) - discount.percent_off) / Decimal(100)).quantize(Decimal("0.0001"))
+        price = term_price(price, discount.percent_off)
     elif end is None:
         raise _window_error("An on-demand reservation needs an end.", "end")
     if start < now - CLOCK_SKEW:
