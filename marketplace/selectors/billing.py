@@ -245,6 +245,8 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
         usage = cursor.fetchall()
         if not usage:
             return {}
+        # Energy in whole minutes inside the rated (active) span, as provisioning.selectors.telemetry
+        # reads it for a tenant: a minute cut by the span's ends may hold another holder's draw.
         cursor.execute(
             f"""WITH spans AS (
                     SELECT reservation_id, min(lower(period)) s, max(upper(period)) e
@@ -255,7 +257,9 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
                 JOIN {Allocation._meta.db_table} a ON a.reservation_id = spans.reservation_id
                 JOIN {Gpu._meta.db_table} g ON g.node_id = a.node_id
                 JOIN {GpuRollup._meta.db_table} r
-                  ON r.gpu_id = g.id AND r.minute >= date_trunc('minute', spans.s) AND r.minute < spans.e
+                  ON r.gpu_id = g.id
+                 AND r.minute >= date_trunc('minute', spans.s + interval '1 minute' - interval '1 microsecond')
+                 AND r.minute + interval '1 minute' <= spans.e
                 GROUP BY 1""",
             {"orgs": organization_ids, "month": _month_range(month)},
         )

@@ -1,14 +1,23 @@
 """Tenant-scoped reads of reservations."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.core.exceptions import ValidationError
 from django.db.models import Prefetch, QuerySet
 
 from console.errors import NotFound
-from marketplace.choices import HOLDING_STATES, ReservationState
+from marketplace.choices import ReservationState
 from marketplace.models import Allocation, Reservation
 from marketplace.tenancy import TenantContext
+from provisioning.selectors.telemetry import (
+    Holding,
+    energy_kwh_held,
+    gpus_of_nodes,
+    latest_frames_held,
+    rollups_held,
+    since_minutes,
+)
+from provisioning.services import telemetry as t
 
 
 def reservation_list(*, tenant: TenantContext, state: str | None = None) -> QuerySet[Reservation]:
@@ -78,47 +87,50 @@ def _node_ids(reservation: Reservation) -> list[int]:
     return list(reservation.allocations.values_list("node_id", flat=True))
 
 
-def reservation_telemetry(*, reservation: Reservation, minutes: int) -> dict:
-    """Its GPUs, their one-minute rollups over the last ``minutes``, and each node's latest batch."""
-    from provisioning.selectors.telemetry import gpus_of_nodes, latest_frames, rollups_of_nodes, since_minutes
+def reservation_holdings(*, reservation: Reservation) -> list[Holding]:
+    """What of the fleet's telemetry this reservation may read: its nodes over its active interval
+    [activated_at, deactivated_at). Booked is not held -- a reservation that never went active (pending,
+    cancelled, failed) reads nothing, and a finished one reads its own interval only, never who holds
+    the nodes now (ARCHITECTURE invariant 5)."""
+    if reservation.activated_at is None:
+        return []
+    return [
+        Holding(node_id=node_id, start=reservation.activated_at, end=reservation.deactivated_at)
+        for node_id in _node_ids(reservation)
+    ]
 
-    node_ids = _node_ids(reservation)
+
+def reservation_telemetry(*, reservation: Reservation, minutes: int) -> dict:
+    """Its GPUs, their one-minute rollups over the last ``minutes`` (inside its active interval), and
+    each node's latest batch while it is active."""
+    holdings = reservation_holdings(reservation=reservation)
     return {
-        "gpus": gpus_of_nodes(node_ids=node_ids),
-        "rollups": rollups_of_nodes(node_ids=node_ids, since=since_minutes(minutes)),
-        "latest": latest_frames(node_ids=node_ids) if reservation.state in HOLDING_STATES else [],
+        "gpus": gpus_of_nodes(node_ids=_node_ids(reservation)),
+        "rollups": rollups_held(holdings=holdings, since=since_minutes(minutes)),
+        "latest": latest_frames_held(holdings=holdings),
     }
 
 
 def reservation_energy_kwh(*, reservation: Reservation):
-    """kWh its GPUs drew while it was active (energy counters, one-minute rollups); None before active."""
-    from provisioning.selectors.telemetry import energy_kwh
-
+    """kWh its GPUs drew while it was active (energy counters, whole minutes); None before active."""
     if reservation.activated_at is None:
         return None
-    return energy_kwh(node_ids=_node_ids(reservation), start=reservation.activated_at, end=reservation.deactivated_at)
+    return energy_kwh_held(holdings=reservation_holdings(reservation=reservation))
 
 
 def reservation_gpus_now(*, reservation: Reservation) -> list[dict]:
-    """Its GPUs with their latest readings (for the page before its live feed catches up)."""
-    from datetime import UTC, datetime
-
-    from provisioning.selectors.telemetry import gpus_of_nodes, latest_frames
-    from provisioning.services import telemetry as t
-
-    node_ids = _node_ids(reservation)
+    """Its GPUs with their latest readings while active (for the page before its live feed catches up)."""
     latest = {}
-    if reservation.state in HOLDING_STATES:
-        for frame in latest_frames(node_ids=node_ids):
-            at = datetime.fromtimestamp(frame["at"], UTC)
-            for gpu in frame["gpus"]:
-                latest[gpu["uuid"]] = {
-                    "util": gpu.get(t.UTIL),
-                    "power": gpu.get(t.POWER),
-                    "fb_used": gpu.get(t.FB_USED),
-                    "fb_total": gpu.get(t.FB_TOTAL),
-                    "temp": gpu.get(t.TEMP),
-                    "sm_clock": gpu.get(t.SM_CLOCK),
-                    "at": at,
-                }
-    return [{**gpu, **latest.get(gpu["uuid"], {})} for gpu in gpus_of_nodes(node_ids=node_ids)]
+    for frame in latest_frames_held(holdings=reservation_holdings(reservation=reservation)):
+        at = datetime.fromtimestamp(frame["at"], UTC)
+        for gpu in frame["gpus"]:
+            latest[gpu["uuid"]] = {
+                "util": gpu.get(t.UTIL),
+                "power": gpu.get(t.POWER),
+                "fb_used": gpu.get(t.FB_USED),
+                "fb_total": gpu.get(t.FB_TOTAL),
+                "temp": gpu.get(t.TEMP),
+                "sm_clock": gpu.get(t.SM_CLOCK),
+                "at": at,
+            }
+    return [{**gpu, **latest.get(gpu["uuid"], {})} for gpu in gpus_of_nodes(node_ids=_node_ids(reservation))]

@@ -179,10 +179,12 @@ def reservation_force_release(*, reservation: Reservation, actor: str) -> Reserv
 
 
 def node_audience(node_id: int) -> list[str]:
-    """provisioning.hooks: who may see a node's telemetry now — the reservation holding it, if any."""
+    """provisioning.hooks: who may see a node's telemetry now -- the reservation active on it, if any.
+    Only active: while one is still provisioning the node, or releasing it, another may be active on it
+    (or just have been), and each sees only its own active interval (selectors.reservations)."""
     from console.events import reservation_group
 
     holding = Reservation.objects.filter(
-        state__in=(S.PROVISIONING, S.ACTIVE, S.RELEASING), allocations__node_id=node_id, allocations__live=True
+        state=S.ACTIVE, allocations__node_id=node_id, allocations__live=True
     ).values_list("pk", flat=True)
     return [reservation_group(pk) for pk in holding]

@@ -1,12 +1,20 @@
-"""Reads of telemetry: latest snapshots (Redis, refreshed every tick) and one-minute rollups (PostgreSQL)."""
+"""Reads of telemetry: latest snapshots (Redis, refreshed every tick) and one-minute rollups (PostgreSQL).
+
+Telemetry is fleet data: a node's GPUs report whoever holds them. A read on behalf of a tenant object
+therefore names the ``Holding``s it may see -- which node, from when, until when -- and gets only what
+was measured inside them (ARCHITECTURE invariant 5, sealed in time). A one-minute rollup counts only
+when its whole minute lies inside a holding: a minute cut by the holding's start or end may carry the
+previous or the next holder's readings, so it is left out rather than shared."""
 
 import json
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from functools import cache
+from functools import cache, reduce
+from operator import or_
 
 from django.conf import settings
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from provisioning.models import Gpu, GpuRollup
@@ -20,12 +28,47 @@ def _redis():
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
 
 
-def latest_frames(*, node_ids: list[int]) -> list[dict]:
-    """The latest batch of each node that has sent one (what a page shows before its feed catches up)."""
-    if not node_ids:
+MINUTE = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One node's GPUs as held by a tenant object over [start, end); ``end`` None: still held."""
+
+    node_id: int
+    start: datetime
+    end: datetime | None = None
+
+    def covers(self, at: datetime) -> bool:
+        return self.start <= at and (self.end is None or at < self.end)
+
+    def whole_minutes(self) -> Q:
+        """Rollups of this node whose minute lies wholly inside the holding."""
+        first = self.start.replace(second=0, microsecond=0)
+        if first < self.start:
+            first += MINUTE
+        q = Q(gpu__node_id=self.node_id, minute__gte=first)
+        if self.end is not None:
+            q &= Q(minute__lte=self.end - MINUTE)
+        return q
+
+
+def _held(holdings: list[Holding]) -> Q | None:
+    return reduce(or_, (h.whole_minutes() for h in holdings)) if holdings else None
+
+
+def latest_frames_held(*, holdings: list[Holding]) -> list[dict]:
+    """The latest batch of each held node, if it was measured while held (what a page shows before its
+    feed catches up)."""
+    if not holdings:
         return []
-    values = _redis().hmget(LATEST_KEY, [str(n) for n in node_ids])
-    return [json.loads(v) for v in values if v]
+    values = _redis().hmget(LATEST_KEY, [str(h.node_id) for h in holdings])
+    frames = []
+    for holding, value in zip(holdings, values, strict=True):
+        frame = json.loads(value) if value else None
+        if frame and holding.covers(datetime.fromtimestamp(frame["at"], UTC)):
+            frames.append(frame)
+    return frames
 
 
 def latest_frames_by_node() -> dict[int, dict]:
@@ -47,10 +90,12 @@ def gpus_of_nodes(*, node_ids: list[int]) -> list[dict]:
     return [{"uuid": g.uuid, "index": g.index, "node": g.node.hostname} for g in rows]
 
 
-def rollups_of_nodes(*, node_ids: list[int], since: datetime, until: datetime | None = None) -> list[dict]:
-    rollups = GpuRollup.objects.filter(gpu__node_id__in=node_ids, minute__gte=since).select_related("gpu")
-    if until is not None:
-        rollups = rollups.filter(minute__lt=until)
+def rollups_held(*, holdings: list[Holding], since: datetime) -> list[dict]:
+    """One-minute rollups of the held nodes' GPUs from ``since`` on, whole minutes inside the holdings only."""
+    held = _held(holdings)
+    if held is None:
+        return []
+    rollups = GpuRollup.objects.filter(held, minute__gte=since).select_related("gpu")
     return [
         {
             "minute": r.minute,
@@ -71,13 +116,10 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def energy_kwh(*, node_ids: list[int], start: datetime, end: datetime | None) -> Decimal:
-    """Energy the nodes' GPUs drew over [start, end) by their energy counters, at minute resolution."""
-    first_minute = start.replace(second=0, microsecond=0)
-    rollups = GpuRollup.objects.filter(gpu__node_id__in=node_ids, minute__gte=first_minute)
-    if end is not None:
-        rollups = rollups.filter(minute__lt=end)
-    millijoules = rollups.aggregate(total=Sum("energy_mj"))["total"] or 0
+def energy_kwh_held(*, holdings: list[Holding]) -> Decimal:
+    """Energy the held nodes' GPUs drew inside the holdings, by their energy counters, in whole minutes."""
+    held = _held(holdings)
+    millijoules = 0 if held is None else GpuRollup.objects.filter(held).aggregate(total=Sum("energy_mj"))["total"] or 0
     return (Decimal(millijoules) / Decimal(3_600_000_000)).quantize(Decimal("0.0001"))
 
 

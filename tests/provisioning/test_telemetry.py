@@ -255,14 +255,18 @@ def test_stored_rollups_equal_an_independent_computation_from_the_samples_sent(t
         assert row.energy_mj == want["e"]
 
 
-def test_energy_of_a_reservation_counts_its_active_interval_only(tenant):
+def test_energy_of_a_reservation_counts_whole_minutes_of_its_active_interval_only(tenant):
     node = make_node(gpus=1)
     reservation = held_by(tenant, node)
+    activated = reservation.activated_at.replace(second=30, microsecond=0)
+    Reservation.objects.filter(pk=reservation.pk).update(activated_at=activated)
+    reservation.refresh_from_db()
     gpu = node.gpus.get()
-    activated = reservation.activated_at.replace(second=0, microsecond=0)
-    GpuRollup.objects.create(gpu=gpu, minute=activated - timedelta(minutes=1), energy_mj=999_000_000)  # before
-    GpuRollup.objects.create(gpu=gpu, minute=activated, energy_mj=1_800_000_000)
-    GpuRollup.objects.create(gpu=gpu, minute=activated + timedelta(minutes=1), energy_mj=1_800_000_000)
+    first = activated.replace(second=0)
+    GpuRollup.objects.create(gpu=gpu, minute=first - timedelta(minutes=1), energy_mj=999_000_000)  # before
+    GpuRollup.objects.create(gpu=gpu, minute=first, energy_mj=777_000_000)  # cut by the activation: not only its
+    GpuRollup.objects.create(gpu=gpu, minute=first + timedelta(minutes=1), energy_mj=1_800_000_000)
+    GpuRollup.objects.create(gpu=gpu, minute=first + timedelta(minutes=2), energy_mj=1_800_000_000)
     assert str(reservation_energy_kwh(reservation=reservation)) == "1.0000"  # 3.6e9 mJ = 1 kWh
 
 
