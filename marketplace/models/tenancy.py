@@ -88,7 +88,8 @@ class Membership(models.Model):
 class ApiKey(models.Model):
     """A key for the REST API. The full key is shown once at creation; only its SHA-256 digest is
     stored. ``prefix`` is the visible, unique part used to find the row (``nck_<prefix>_<secret>``).
-    A key acts with the weaker of its own role and its creator's current role in the organization."""
+    A key acts with the weaker of its own role and its creator's current role in the organization; a key
+    made with another key (``parent``) also expires no later than it and is revoked with it."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="api_keys")
@@ -101,6 +102,11 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # The key this one was made with, if it was made with a key (not by a signed-in person): it never
+    # outlives or outranks it, and is revoked with it (services.api_keys).
+    parent = models.ForeignKey(
+        "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children", editable=False
+    )
 
     class Meta:
         ordering = ["-created_at"]

@@ -4,7 +4,7 @@ import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from console.errors import DomainError, Forbidden
@@ -27,7 +27,12 @@ def api_key_create(
     *, tenant: TenantContext, name: str, role: str | None = None, expires_at: datetime | None = None
 ) -> tuple[ApiKey, str]:
     """Create a key acting for ``tenant.user`` in ``tenant.organization``; returns the row and the
-    plaintext key, which is never stored and cannot be shown again."""
+    plaintext key, which is never stored and cannot be shown again.
+
+    A key made with a key (``tenant.api_key``) is derived from it: its role is at most the parent's
+    (``tenant.role`` is already the weaker of the key's and its creator's), it expires no later than the
+    parent (by default when the parent does), and it is revoked with the parent."""
+    parent = tenant.api_key
     name = (name or "").strip()
     if not name:
         raise DomainError(
@@ -40,10 +45,22 @@ def api_key_create(
         )
     if expires_at is not None and expires_at <= timezone.now():
         raise DomainError("The expiry must be in the future.", fields={"expires_at": ["Must be in the future."]})
+    if parent is not None and parent.expires_at is not None:
+        if expires_at is None:
+            expires_at = parent.expires_at
+        elif expires_at > parent.expires_at:
+            message = (
+                f"A key made with key {parent.prefix}… cannot outlive it: it expires at "
+                f"{parent.expires_at.isoformat()}. Choose that or earlier, or leave the expiry out."
+            )
+            raise DomainError(message, code="outlives_parent", fields={"expires_at": [message]})
     for _attempt in range(5):
         token = new_token(settings.API_KEY_PREFIX)
         try:
             with transaction.atomic():
+                # The parent's row lock orders this against its revocation (_revoke_with_descendants).
+                if parent is not None and not _alive_and_locked(parent):
+                    raise Forbidden("The key this request was made with has been revoked.", code="key_revoked")
                 key = ApiKey.objects.create(
                     organization=tenant.organization,
                     created_by=tenant.user,
@@ -52,6 +69,7 @@ def api_key_create(
                     prefix=token.prefix,
                     secret_hash=token.digest,
                     expires_at=expires_at,
+                    parent=parent,
                 )
             break
         except IntegrityError:  # a prefix collision, one in four billion: draw again
@@ -60,6 +78,10 @@ def api_key_create(
         raise RuntimeError("Could not allocate a unique API key prefix.")
     logger.info("API key %s… created in %s by %s", token.prefix, tenant.organization.slug, tenant.user.email)
     return key, token.plaintext
+
+
+def _alive_and_locked(key: ApiKey) -> bool:
+    return ApiKey.objects.select_for_update().filter(pk=key.pk, revoked_at__isnull=True).exists()
 
 
 def api_key_authenticate(*, raw_key: str) -> ApiKey:
@@ -86,15 +108,47 @@ def api_key_revoke(*, tenant: TenantContext, key: ApiKey) -> ApiKey:
     if not tenant.is_admin and key.created_by_id != tenant.user.pk:
         raise Forbidden("Only admins and owners can revoke keys created by someone else.")
     if key.revoked_at is None:
-        now = timezone.now()
-        ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now)
+        count = _revoke_with_descendants([key.pk])
         key.refresh_from_db(fields=["revoked_at"])
-        logger.info("API key %s… revoked in %s by %s", key.prefix, tenant.organization.slug, tenant.user.email)
+        logger.info(
+            "API key %s… revoked in %s by %s (%d key(s) with the ones made with it)",
+            key.prefix,
+            tenant.organization.slug,
+            tenant.user.email,
+            count,
+        )
     return key
 
 
 def api_keys_revoke_as_operator(*, keys, actor: str) -> int:
-    """Operators revoke across tenants (a leaked key reported to support). Returns how many."""
-    count = keys.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+    """Operators revoke across tenants (a leaked key reported to support), with every key made with
+    them. Returns how many."""
+    count = _revoke_with_descendants(list(keys.values_list("pk", flat=True)))
     logger.info("%d API key(s) revoked by operator %s", count, actor)
     return count
+
+
+_DESCENDANTS = f"""
+    WITH RECURSIVE tree(id) AS (
+        SELECT id FROM {ApiKey._meta.db_table} WHERE id = ANY(%(roots)s)
+        UNION
+        SELECT k.id FROM {ApiKey._meta.db_table} k JOIN tree ON k.parent_id = tree.id
+    )
+    UPDATE {ApiKey._meta.db_table} SET revoked_at = %(now)s
+    WHERE id IN (SELECT id FROM tree) AND revoked_at IS NULL
+"""
+
+
+@transaction.atomic
+def _revoke_with_descendants(key_ids: list) -> int:
+    """Revoke these keys and every key derived from them, at any depth. Repeated until a pass finds no
+    more: a key being derived concurrently holds its parent's row lock (api_key_create), so a pass waits
+    for it and the next pass, with a fresh snapshot, sees the new key."""
+    total, now = 0, timezone.now()
+    with connection.cursor() as cursor:
+        while key_ids:
+            cursor.execute(_DESCENDANTS, {"roots": [str(pk) for pk in key_ids], "now": now})
+            if not cursor.rowcount:
+                break
+            total += cursor.rowcount
+    return total

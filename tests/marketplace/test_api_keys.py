@@ -170,3 +170,71 @@ class TestApiKeysEndpoint:
         response = client_for(tenant).post("/api/v1/api-keys/", "{not json", content_type="application/json")
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "parse_error"
+
+
+class TestKeysMadeWithKeys:
+    """A credential never outlives or outranks the one that made it (ARCHITECTURE invariant 5)."""
+
+    def made_with(self, client: APIClient, **payload) -> dict:
+        response = client.post("/api/v1/api-keys/", {"name": "child", **payload}, format="json")
+        assert response.status_code == 201, response.content
+        return response.json()
+
+    def test_a_key_made_with_a_short_lived_key_expires_with_it(self, tenant):
+        parent, plaintext = api_key_create(tenant=tenant, name="short", expires_at=timezone.now() + timedelta(hours=1))
+        child = self.made_with(bearer(plaintext))
+        assert child["expires_at"] is not None
+        assert ApiKey.objects.get(pk=child["id"]).expires_at == parent.expires_at
+        assert ApiKey.objects.get(pk=child["id"]).parent_id == parent.pk
+        sooner = self.made_with(bearer(plaintext), expires_at=(timezone.now() + timedelta(minutes=5)).isoformat())
+        assert ApiKey.objects.get(pk=sooner["id"]).expires_at < parent.expires_at
+
+    def test_a_later_expiry_than_the_parents_is_refused_and_nothing_is_made(self, tenant):
+        _parent, plaintext = api_key_create(tenant=tenant, name="short", expires_at=timezone.now() + timedelta(hours=1))
+        before = ApiKey.objects.count()
+        later = (timezone.now() + timedelta(days=30)).isoformat()
+        response = bearer(plaintext).post("/api/v1/api-keys/", {"name": "x", "expires_at": later}, format="json")
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "outlives_parent" and "expires_at" in error["fields"] and "outlive" in error["message"]
+        assert ApiKey.objects.count() == before
+
+    def test_revoking_a_key_revokes_every_key_made_with_it(self, tenant):
+        parent, plaintext = api_key_create(tenant=tenant, name="parent")
+        child = self.made_with(bearer(plaintext))
+        grandchild = self.made_with(bearer(child["key"]))
+        unrelated, unrelated_plaintext = api_key_create(tenant=tenant, name="made by the person")
+        for key in (plaintext, child["key"], grandchild["key"], unrelated_plaintext):
+            assert bearer(key).get("/api/v1/me/").status_code == 200
+        api_key_revoke(tenant=tenant, key=parent)
+        for key in (plaintext, child["key"], grandchild["key"]):
+            assert bearer(key).get("/api/v1/me/").status_code == 401
+        assert bearer(unrelated_plaintext).get("/api/v1/me/").status_code == 200
+        assert ApiKey.objects.get(pk=grandchild["id"]).status == "revoked"
+
+    def test_an_operator_revoking_a_leaked_key_revokes_its_descendants(self, tenant):
+        from marketplace.services.api_keys import api_keys_revoke_as_operator
+
+        parent, plaintext = api_key_create(tenant=tenant, name="leaked")
+        child = self.made_with(bearer(plaintext))
+        assert api_keys_revoke_as_operator(keys=ApiKey.objects.filter(pk=parent.pk), actor="ops@example.com") == 2
+        assert bearer(child["key"]).get("/api/v1/me/").status_code == 401
+
+    def test_a_key_made_with_a_viewer_key_cannot_be_stronger(self):
+        admin = make_tenant(role=Role.ADMIN)
+        _key, plaintext = api_key_create(tenant=admin, name="read-only", role=Role.VIEWER)
+        response = bearer(plaintext).post("/api/v1/api-keys/", {"name": "x", "role": "admin"}, format="json")
+        assert response.status_code == 403
+        child = self.made_with(bearer(plaintext))
+        assert child["role"] == "viewer"
+
+    def test_a_key_made_by_a_signed_in_person_has_no_parent(self, tenant):
+        from django.test import Client
+
+        from tests.factories import PASSWORD
+
+        client = Client()
+        assert client.login(username=tenant.user.email, password=PASSWORD)
+        response = client.post("/api-keys/", {"name": "from the portal", "role": "member"})
+        assert response.status_code == 200
+        assert ApiKey.objects.get(name="from the portal").parent_id is None
