@@ -194,6 +194,7 @@ class ReservationDetailSerializer(ReservationSerializer):
             *ReservationSerializer.Meta.fields,
             "activated_at",
             "deactivated_at",
+            "released_early_at",
             "cost_so_far",
             "energy_kwh",
             "progress",
@@ -227,7 +228,8 @@ class ReservationCreateSerializer(serializers.Serializer):
     term_months = serializers.ChoiceField(
         choices=TermMonths.choices,
         required=False,
-        help_text="A reserved term at the offer's discount for it, instead of end or duration_hours.",
+        help_text="A reserved term at the offer's discount for it, instead of end or duration_hours. "
+        "A commitment: cancel it free before it starts; released early, the rest of the term is still billed.",
     )
 
     def validate(self, attrs):

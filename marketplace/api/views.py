@@ -200,6 +200,10 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
 
     @extend_schema(
         summary="Cancel (before start) or release (after)",
+        description="Before its start: cancelled, nothing billed, the hold returned. After: its nodes are "
+        "released and torn down, and billing stops -- except for a reserved term, which is a commitment: "
+        "released before its end, the rest of the term is still billed at the term's price as it elapses "
+        "(`released_early_at` on the reservation).",
         request=None,
         responses={200: ReservationSerializer, **error_responses(403, 404, 409)},
     )

@@ -12,7 +12,14 @@ from .billing import (
     UsageRecord,
 )
 from .catalog import Offer, OfferTermDiscount
-from .reservations import RESERVATION_TRANSITIONS, Allocation, IdempotencyRecord, Quota, Reservation
+from .reservations import (
+    RESERVATION_TRANSITIONS,
+    Allocation,
+    IdempotencyRecord,
+    Quota,
+    Reservation,
+    billed_interval,
+)
 from .tenancy import ApiKey, Membership, Organization, User
 
 __all__ = [
@@ -37,5 +44,6 @@ __all__ = [
     "Organization",
     "Quota",
     "Reservation",
+    "billed_interval",
     "User",
 ]

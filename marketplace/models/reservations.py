@@ -1,5 +1,5 @@
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -31,6 +31,27 @@ RESERVATION_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
+def billed_interval(
+    *,
+    activated_at: datetime | None,
+    deactivated_at: datetime | None,
+    released_early_at: datetime | None,
+    booked_end: datetime,
+    now: datetime,
+) -> tuple[datetime, datetime] | None:
+    """The time a reservation is billed for, up to ``now``: its active interval [activated_at,
+    deactivated_at); for a reserved term its tenant released early, from activation (or the release, if
+    it never went active) to the term's booked end -- the commitment. None: nothing billed (yet)."""
+    if released_early_at is not None:
+        start, end = activated_at or released_early_at, booked_end
+    elif activated_at is not None:
+        start, end = activated_at, deactivated_at or now
+    else:
+        return None
+    end = min(end, now)
+    return (start, end) if end > start else None
+
+
 class Reservation(models.Model):
     """A tenant's rental of ``quantity`` nodes (or one whole rack) of an offer for ``[start, end)``.
 
@@ -59,8 +80,11 @@ class Reservation(models.Model):
     deactivated_at = models.DateTimeField(null=True, blank=True)
     # None: on demand. Otherwise a reserved term at the offer's term discount (price kept as above).
     term_months = models.PositiveSmallIntegerField(null=True, blank=True, choices=TermMonths.choices)
-    # Set by billing (marketplace.services.metering) once every active second is rated and the hold released.
+    # Set by billing (marketplace.services.metering) once every billed second is rated and the hold released.
     billing_settled_at = models.DateTimeField(null=True, blank=True)
+    # A reserved term is a commitment: released by its tenant before its end, its nodes are freed at
+    # once but the rest of the term, [released_early_at, end), is still billed (docs/billing.md).
+    released_early_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -108,6 +132,16 @@ class Reservation(models.Model):
     @property
     def hours(self) -> Decimal:
         return seconds_between(self.start, self.end) / SECONDS_PER_HOUR
+
+    def billed_interval(self, now: datetime) -> tuple[datetime, datetime] | None:
+        """[start, end) of the time billed so far (see ``billed_interval``)."""
+        return billed_interval(
+            activated_at=self.activated_at,
+            deactivated_at=self.deactivated_at,
+            released_early_at=self.released_early_at,
+            booked_end=self.end,
+            now=now,
+        )
 
     @property
     def estimated_cost(self) -> Decimal:

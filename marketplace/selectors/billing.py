@@ -151,14 +151,15 @@ def rated_until(*, reservation_ids) -> dict:
 
 
 def reservation_cost(*, reservation: Reservation, now: datetime | None = None) -> Decimal:
-    """What a reservation has cost so far: its active seconds at its price (rated or not yet)."""
-    if reservation.activated_at is None:
+    """What a reservation has cost so far: its billed seconds at its price (rated or not yet) -- its
+    active time, and for a reserved term released early the committed rest as it elapses."""
+    interval = reservation.billed_interval(now or timezone.now())
+    if interval is None:
         return ZERO
-    end = reservation.deactivated_at or now or timezone.now()
     return cost(
         price_per_gpu_hour=reservation.price_per_gpu_hour,
         gpus=reservation.gpu_count,
-        seconds=max(seconds_between(reservation.activated_at, end), ZERO),
+        seconds=seconds_between(*interval),
     )
 
 
@@ -247,11 +248,18 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
             return {}
         # Energy in whole minutes inside the rated (active) span, as provisioning.selectors.telemetry
         # reads it for a tenant: a minute cut by the span's ends may hold another holder's draw.
+        # Clipped to the active interval: a term released early is billed past it, but its nodes are
+        # someone else's then.
         cursor.execute(
-            f"""WITH spans AS (
+            f"""WITH rated AS (
                     SELECT reservation_id, min(lower(period)) s, max(upper(period)) e
                     FROM {UsageRecord._meta.db_table}
-                    WHERE organization_id = ANY(%(orgs)s) AND period <@ %(month)s GROUP BY 1)
+                    WHERE organization_id = ANY(%(orgs)s) AND period <@ %(month)s GROUP BY 1),
+                spans AS (
+                    SELECT rated.reservation_id, greatest(rated.s, res.activated_at) s,
+                           least(rated.e, coalesce(res.deactivated_at, 'infinity')) e
+                    FROM rated JOIN {Reservation._meta.db_table} res ON res.id = rated.reservation_id
+                    WHERE res.activated_at IS NOT NULL)
                 SELECT spans.reservation_id, sum(r.energy_mj)
                 FROM spans
                 JOIN {Allocation._meta.db_table} a ON a.reservation_id = spans.reservation_id
@@ -276,6 +284,7 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
             "offer__accelerator_type__model",
             "offer__site__name",
             "node_count",
+            "released_early_at",
         )
     }
     lines = defaultdict(list)
@@ -283,6 +292,8 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
         r = reservations[reservation_id]
         what = "rack" if r["offer__shape"] == "rack" else "node" if r["node_count"] == 1 else "nodes"
         term = f", {r['term_months']}-month term" if r["term_months"] else ""
+        if r["released_early_at"] is not None:
+            term += f" (released {r['released_early_at']:%b %d %H:%M}; the rest of the term is committed)"
         lines[organization_id].append(
             {
                 "reservation_id": reservation_id,

@@ -53,7 +53,8 @@ def invoices_close(*, now: datetime | None = None, progress: Callable[[int], Non
 
 
 def _unrated_before(end: datetime) -> int:
-    """Reservations with active time before ``end`` that no usage record covers yet."""
+    """Reservations with billed time before ``end`` that no usage record covers yet: active time, or a
+    released term's committed rest (models.billed_interval, in SQL)."""
     from marketplace.choices import ReservationState
     from marketplace.models import Reservation
     from marketplace.services.metering import SETTLING_STATES
@@ -61,11 +62,15 @@ def _unrated_before(end: datetime) -> int:
     with connection.cursor() as cursor:
         cursor.execute(
             f"""SELECT count(*) FROM {Reservation._meta.db_table} r
-                WHERE r.billing_settled_at IS NULL AND r.activated_at < %(end)s AND r.state = ANY(%(states)s)
+                WHERE r.billing_settled_at IS NULL AND r.state = ANY(%(states)s)
+                  AND coalesce(r.activated_at, r.released_early_at) < %(end)s
                   AND coalesce(
                         (SELECT max(upper(u.period)) FROM {UsageRecord._meta.db_table} u WHERE u.reservation_id = r.id),
-                        r.activated_at
-                      ) < least(coalesce(r.deactivated_at, 'infinity'), %(end)s)""",
+                        coalesce(r.activated_at, r.released_early_at)
+                      ) < least(
+                        CASE WHEN r.released_early_at IS NOT NULL THEN upper(r.period)
+                             ELSE coalesce(r.deactivated_at, 'infinity') END,
+                        %(end)s)""",
             {"end": end, "states": [ReservationState.ACTIVE, *SETTLING_STATES]},
         )
         return cursor.fetchone()[0]

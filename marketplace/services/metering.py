@@ -2,7 +2,8 @@
 (ARCHITECTURE invariant 4). The only writer of UsageRecord and Reservation.billing_settled_at.
 
 Usage is rated from each reservation's active interval [activated_at, deactivated_at) -- provisioning,
-releasing and failed time are never billed, and telemetry samples never count. A run rates every
+releasing and failed time are never billed, and telemetry samples never count -- except that a reserved
+term released early by its tenant is billed to the term's end (a commitment; models.billed_interval). A run rates every
 active reservation up to now and settles those that left active (rated to the end, the rest of their
 hold released). It works in batches, each one PostgreSQL transaction: a worker killed mid-run loses
 only its open batch, and the next run starts from what committed. Records of one reservation cannot
@@ -22,7 +23,7 @@ from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.utils import timezone
 
 from marketplace.choices import AccountKind, ReservationState, TransactionKind
-from marketplace.models import LedgerTransaction, Reservation, UsageRecord
+from marketplace.models import LedgerTransaction, Reservation, UsageRecord, billed_interval
 from marketplace.money import cost, seconds_between, split_at_months
 from marketplace.selectors.billing import hold_remaining, rated_until
 from marketplace.services.ledger import Leg, accounts_of, post_many
@@ -36,7 +37,8 @@ SETTLING_STATES = (S.RELEASING, S.COMPLETED, S.CANCELLED, S.FAILED)
 _KINDS = (AccountKind.CREDITS, AccountKind.HOLDS, AccountKind.USAGE)
 
 _CANDIDATES = f"""
-    SELECT id, organization_id, state, activated_at, deactivated_at, gpu_count, price_per_gpu_hour
+    SELECT id, organization_id, state, activated_at, deactivated_at, released_early_at, upper(period) AS booked_end,
+           gpu_count, price_per_gpu_hour
     FROM {Reservation._meta.db_table}
     WHERE billing_settled_at IS NULL AND state = ANY(%(states)s) AND id > %(after)s {{only}}
     ORDER BY id LIMIT %(limit)s
@@ -144,7 +146,10 @@ def _rate_batch(rows: list[dict], *, now: datetime) -> tuple[int, int, set]:
                 )
             )
             organizations.add(org)
-        if row["state"] != S.ACTIVE:  # it left active: fully rated now; give back what was not used
+        # It left active and is rated to its end (a term released early: to the term's end): give back
+        # what was not used. An early-released term keeps its hold for the committed rest until then.
+        committed = row["released_early_at"] is not None and now < row["booked_end"]
+        if row["state"] != S.ACTIVE and not committed:
             if hold_left > 0:
                 ledger.append(
                     (
@@ -168,11 +173,18 @@ def _rate_batch(rows: list[dict], *, now: datetime) -> tuple[int, int, set]:
 
 
 def _new_usage(row: dict, *, rated: datetime | None, now: datetime):
-    """(start, end, seconds, amount) pieces of active time not yet rated, cut at month boundaries."""
-    if row["activated_at"] is None:
+    """(start, end, seconds, amount) pieces of billed time (models.billed_interval) not yet rated, cut
+    at month boundaries."""
+    interval = billed_interval(
+        activated_at=row["activated_at"],
+        deactivated_at=row["deactivated_at"],
+        released_early_at=row["released_early_at"],
+        booked_end=row["booked_end"],
+        now=now,
+    )
+    if interval is None:
         return
-    activated = row["activated_at"]
-    end = row["deactivated_at"] or now
+    activated, end = interval
     start = rated or activated
     if end <= start:
         return

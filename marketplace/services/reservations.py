@@ -293,11 +293,13 @@ def _constraint(error: IntegrityError) -> str | None:
     return getattr(diag, "constraint_name", None)
 
 
-def _move(reservation: Reservation, target: str, **also_set) -> str:
+def _move(reservation: Reservation, target: str, *, release_early: bool = False, **also_set) -> str:
     # Lock the row before reading the clock: a rating run holding it has rated up to a moment before
     # this one, so the active interval never ends before what was already billed.
     Reservation.objects.select_for_update().filter(pk=reservation.pk).values_list("pk", flat=True).first()
     now = timezone.now()
+    if release_early and now < reservation.end:  # a reserved term given up early: the rest is still owed
+        also_set["released_early_at"] = now
     if target == S.ACTIVE:
         also_set.setdefault("activated_at", now)
     elif reservation.state == S.ACTIVE:  # leaving active: the active interval ends (energy, billing)
@@ -323,12 +325,14 @@ def _move(reservation: Reservation, target: str, **also_set) -> str:
 
 @transaction.atomic
 def reservation_cancel(*, tenant: TenantContext, reservation: Reservation) -> Reservation:
-    """Before it starts: cancelled, nothing held. After: released (its nodes are torn down)."""
+    """Before it starts: cancelled, nothing held. After: released (its nodes are torn down). A reserved
+    term released before its end is a commitment kept: the rest of the term is billed all the same
+    (``released_early_at``; docs/billing.md), while its nodes are freed at once."""
     tenant.require(Role.MEMBER, "cancelling a reservation")
     if reservation.state == S.PENDING:
         _move(reservation, S.CANCELLED)
     elif reservation.state in (S.PROVISIONING, S.ACTIVE):
-        _move(reservation, S.RELEASING)
+        _move(reservation, S.RELEASING, release_early=reservation.term_months is not None)
     else:
         raise IllegalTransition(
             f"A {reservation.state} reservation cannot be cancelled.",

@@ -2,9 +2,10 @@
 
 Random histories of reservations -- made on demand or for a reserved term, extended, cancelled,
 moved along their lifecycle, refused -- are interleaved with rating runs at random moments of a clock
-the test moves. After every step: every ledger transaction sums to zero, every active second is rated
-exactly once at the reservation's price, holds never go negative and are gone once a reservation is
-settled, and the money a tenant was granted is all still there, as credits, holds or usage.
+the test moves. After every step: every ledger transaction sums to zero, every active second (and
+every committed second of a reserved term its tenant released early) is rated exactly once at the
+reservation's price, holds never go negative and are gone once a reservation is settled, and the money
+a tenant was granted is all still there, as credits, holds or usage.
 
 The clock is the only stand-in: the services read ``django.utils.timezone.now``, which the test
 patches with a clock it advances; everything else is the real services on PostgreSQL."""
@@ -356,6 +357,7 @@ class History:
         row = Reservation.objects.get(pk=candidates[pick % len(candidates)])
         assert call(row, self.world.tenant_of(row.organization_id)) is not False, f"{move} of a {row.state} one"
         self.seen[move] += 1
+        self.seen["released early"] += Reservation.objects.filter(pk=row.pk, released_early_at__isnull=False).exists()
 
     def rate(self, reservation_ids: list | None) -> None:
         candidates = Reservation.objects.filter(billing_settled_at__isnull=True, state__in=[S.ACTIVE, *SETTLING_STATES])
@@ -366,9 +368,12 @@ class History:
         totals = usage_rate(now=self.clock.now, reservation_ids=reservation_ids)
         assert totals["reservations"] == len(looked_at)
         assert totals["records"] == UsageRecord.objects.count() - records_before
+        committed = dict(Reservation.objects.filter(pk__in=looked_at).values_list("pk", "released_early_at"))
+        ends = dict(Reservation.objects.filter(pk__in=looked_at).values_list("pk", "period"))
         for pk, state in looked_at.items():
             self.rated_at[pk] = self.clock.now
-            if state in SETTLING_STATES:
+            # A term released early is settled only once its committed rest is rated, at the term's end.
+            if state in SETTLING_STATES and (committed[pk] is None or self.clock.now >= ends[pk].upper):
                 self.must_be_settled.add(pk)
         self.seen["billed"] += bool(totals["records"])
         self.seen["settled"] += totals["settled"]
@@ -389,29 +394,35 @@ class History:
         assert money[AccountKind.HOLDS] >= 0, f"negative hold {money[AccountKind.HOLDS]} for {row.state}"
         if settled:
             assert money[AccountKind.HOLDS] == 0, "a settled reservation still holds money"
-        if row.activated_at is None:  # never active (pending, provisioning, cancelled, failed): free
+        if row.released_early_at is not None:  # only a term, only released by its tenant, only early
+            assert row.term_months is not None and row.released_early_at < row.end
+            assert row.deactivated_at in (None, row.released_early_at)
+        # Billed: the active interval; for a term released early, from then on to the term's end.
+        billed_from = row.activated_at or row.released_early_at
+        if billed_from is None:  # never active (pending, provisioning, cancelled, failed): free
             assert records == [] and money[AccountKind.USAGE] == 0
             return
         rated_end = self._rated_end(row, settled)
-        if rated_end is None or rated_end <= row.activated_at:
+        if rated_end is None or rated_end <= billed_from:
             assert records == []
-            rated_end = row.activated_at
+            rated_end = billed_from
         else:
-            assert_contiguous_from(records, row.activated_at, rated_end)
-        seconds = seconds_between(row.activated_at, rated_end)
+            assert_contiguous_from(records, billed_from, rated_end)
+        seconds = seconds_between(billed_from, rated_end)
         assert sum((s for _p, s, _a in records), ZERO) == seconds
         charged = sum((a for _p, _s, a in records), ZERO)
         assert charged == cost(**price_of(row), seconds=seconds), "cumulative rating lost or gained money"
         assert money[AccountKind.USAGE] == charged
 
     def _rated_end(self, row: Reservation, settled: bool) -> datetime | None:
+        billed_end = row.end if row.released_early_at is not None else row.deactivated_at
         if settled:
-            assert row.deactivated_at is not None, "settled while still active"
-            return row.deactivated_at
+            assert billed_end is not None, "settled while still active"
+            return billed_end
         last_run = self.rated_at.get(row.pk)
-        if last_run is None or row.deactivated_at is None:
+        if last_run is None or billed_end is None:
             return last_run
-        return min(last_run, row.deactivated_at)
+        return min(last_run, billed_end)
 
 
 def test_random_histories_keep_the_books_exact(world):
