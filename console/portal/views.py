@@ -2,7 +2,6 @@
 
 import uuid
 from datetime import timedelta
-from decimal import Decimal
 
 from django import forms
 from django.contrib import messages
@@ -39,9 +38,9 @@ from marketplace.selectors.reservations import (
 from marketplace.selectors.tenancy import api_key_get, api_key_list, tenant_context_for_user
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.idempotency import idempotent
-from marketplace.services.ledger import InsufficientBalance
 from marketplace.services.reservations import (
     reservation_cancel,
+    reservation_check,
     reservation_create,
     reservation_extend,
     reservation_quote,
@@ -178,17 +177,6 @@ def _term_choices(offer) -> list[tuple]:
     return choices
 
 
-def _refusal_text(error: DomainError) -> str:
-    """A refusal for people: the 402 for a hold the balance cannot cover, with its amounts as money."""
-    if error.code != InsufficientBalance.code:
-        return error.message
-    available = max(Decimal(error.details.get("available", 0)), Decimal(0))
-    return (
-        f"This needs a hold of {money(error.details.get('required', 0))} for its expected cost, and your "
-        f"organization has {money(available)} available for holds. Add credit (ask an operator) or reserve less."
-    )
-
-
 @tenant_required
 def reserve(request, offer_id):
     """Reserve from an offer: fill in, see the price and the hold, confirm."""
@@ -207,9 +195,10 @@ def reserve(request, offer_id):
         end = None if term else start + timedelta(hours=float(data["duration_hours"]))
         try:
             if "confirm" not in request.POST:
-                quote = reservation_quote(
-                    offer=offer, quantity=data["quantity"], start=start, end=end, term_months=term
-                )
+                asked = {"offer": offer, "quantity": data["quantity"], "start": start, "end": end, "term_months": term}
+                quote = reservation_quote(**asked)  # shown even when refused below: what it would cost
+                # Refused here as the confirm step would refuse it (role, quota, capacity, hold).
+                quote = reservation_check(tenant=request.tenant, **asked)
             else:
                 key = data["idempotency_key"] or uuid.uuid4().hex
 
@@ -235,7 +224,7 @@ def reserve(request, offer_id):
                 messages.success(request, "Reserved. It will be provisioned when its start comes.")
                 return redirect("portal:reservation", reservation_id=body["id"])
         except DomainError as error:
-            form.add_error(None, _refusal_text(error))
+            form.add_error(None, error.message)
             status = error.status_code
     elif request.method == "POST":
         status = 400
@@ -250,7 +239,9 @@ def reserve(request, offer_id):
             "calendar": _calendar(offer),
             "has_terms": len(form.fields["term_months"].choices) > 1,
             "spendable": money(can_hold),
-            "short_of": quote is not None and quote.estimated_cost > can_hold,
+            # Confirm is offered only for what the check let through, and never to a viewer.
+            "can_confirm": quote is not None and status == 200 and request.tenant.can_spend,
+            "term_chosen": form.is_bound and bool(form.data.get("term_months")),
             "insufficient": status == 402,
         },
         status=status,

@@ -21,9 +21,9 @@ from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organ
 from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between, term_price
 from marketplace.selectors.capacity import earliest_fit
 from marketplace.selectors.catalog import price_in_force
-from marketplace.services.ledger import hold_place
+from marketplace.services.ledger import hold_check, hold_place
 from marketplace.services.metering import SETTLING_STATES
-from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_pick
+from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_check, placement_pick
 from marketplace.services.tenancy import organization_lock
 from marketplace.tenancy import TenantContext
 from provisioning.models import Node
@@ -209,6 +209,39 @@ def _capacity_refusal(error: CapacityUnavailable, quote: Quote) -> CapacityUnava
     )
     details = {**error.details, "earliest_start": earliest.isoformat() if earliest else None}
     return CapacityUnavailable(error.message + hint, **details)
+
+
+def reservation_check(
+    *,
+    tenant: TenantContext,
+    offer: Offer,
+    quantity: int,
+    start: datetime | None,
+    end: datetime | None,
+    term_months: int | None = None,
+) -> Quote:
+    """The price step: the quote, refused as reservation_create would refuse it now (the role 403,
+    the window 400, the quota and capacity 409, the hold 402), reading only. Each refusal comes from
+    the helper reservation_create calls, so both steps say the same thing; create checks again under
+    its locks, and decides."""
+    tenant.require(Role.MEMBER, "reserving capacity")
+    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months)
+    if offer.shape == OfferShape.NODE:
+        _check_quota(
+            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
+        )
+    try:
+        node_count = placement_check(offer=offer, quantity=quantity, start=quote.start, end=quote.end)
+    except CapacityUnavailable as error:
+        raise _capacity_refusal(error, quote) from None
+    if node_count != quote.node_count:  # the rack that would be placed, not the largest
+        quote = replace(quote, node_count=node_count, gpu_count=node_count * offer.gpus_per_node)
+    if offer.shape == OfferShape.RACK:
+        _check_quota(
+            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
+        )
+    hold_check(organization_id=tenant.organization.pk, amount=quote.expected_cost)
+    return quote
 
 
 def _event(reservation: Reservation, event: str, **extra) -> None:

@@ -1,0 +1,102 @@
+"""What a new user meets first in the portal: the price step refuses what confirming would, the
+form's help, where signing in lands, finished reservations as they really ran, and billing figures
+that add up on screen."""
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from marketplace.choices import Role
+from marketplace.models import Quota, Reservation
+from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def offer():
+    return make_offer_with_nodes(price="2.50", nodes=3)
+
+
+def browser_for(user) -> Client:
+    client = Client()
+    assert client.login(username=user.email, password=PASSWORD)
+    return client
+
+
+def refusal(page: str) -> str:
+    """The text of the form's refusal banner."""
+    found = re.search(r'<div class="form-error" role="alert">(.+?)(?:\s*<a |</div>)', page, re.S)
+    return found.group(1).strip() if found else ""
+
+
+def both_steps(browser: Client, offer, form: dict):
+    """The price step's and the confirm step's responses to the same form."""
+    url = f"/offers/{offer.id}/reserve/"
+    return browser.post(url, form), browser.post(url, {**form, "confirm": "1"})
+
+
+# --- Item 13: the price step refuses what the confirm step would refuse ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "says"),
+    [
+        ("capacity", 409, "Only 3 of the 9 nodes you asked for are free"),
+        ("quota", 409, "may hold 8 "),
+        ("balance", 402, "This needs a hold of $40.00 for its expected cost, and your organization has $0.00"),
+        ("role", 403, "reserving capacity needs member or higher"),
+    ],
+)
+def test_the_price_step_refuses_what_confirming_would_with_the_same_message(offer, case, status, says):
+    role = Role.VIEWER if case == "role" else Role.MEMBER
+    tenant = make_tenant(role=role, credit=None if case == "balance" else "100000")
+    if case == "quota":
+        Quota.objects.create(organization=tenant.organization, accelerator_type=offer.accelerator_type, max_gpus=8)
+    quantity = {"capacity": 9, "quota": 2}.get(case, 1)
+    quoted, confirmed = both_steps(
+        browser_for(tenant.user), offer, {"quantity": quantity, "start": "", "duration_hours": "2"}
+    )
+    assert quoted.status_code == confirmed.status_code == status
+    price_page = quoted.content.decode()
+    assert says in refusal(price_page)
+    assert refusal(price_page) == refusal(confirmed.content.decode())
+    assert 'name="confirm"' not in price_page  # nothing to confirm that would be refused
+    assert not Reservation.objects.exists()
+
+
+def test_a_viewer_sees_the_price_and_no_confirm_button(offer):
+    viewer = make_tenant(role=Role.VIEWER)
+    page = browser_for(viewer.user).post(f"/offers/{offer.id}/reserve/", {"quantity": 1, "duration_hours": "1"})
+    text = page.content.decode()
+    assert "Estimated total" in text and "$20.00" in text
+    assert 'name="confirm"' not in text and "Confirm reservation" not in text
+
+
+def test_a_member_with_room_gets_the_confirm_button_and_the_check_writes_nothing(offer):
+    member = make_tenant(role=Role.MEMBER)
+    page = browser_for(member.user).post(f"/offers/{offer.id}/reserve/", {"quantity": 2, "duration_hours": "1"})
+    assert page.status_code == 200 and 'name="confirm"' in page.content.decode()
+    from marketplace.services.reservations import reservation_check  # noqa: PLC0415 - new in this change
+
+    quote = reservation_check(
+        tenant=member, offer=offer, quantity=3, start=None, end=timezone.now() + timedelta(hours=1)
+    )
+    assert quote.node_count == 3 and not Reservation.objects.exists()
+
+
+# --- Item 14: the form's help ------------------------------------------------------------------------
+
+
+def test_the_reserve_form_shows_its_help_and_hides_the_duration_for_a_term(offer):
+    offer.term_discounts.create(term_months=3, percent_off=20)
+    browser = browser_for(make_tenant(role=Role.MEMBER).user)
+    page = browser.get(f"/offers/{offer.id}/reserve/").content.decode()
+    assert "Leave empty to start now." in page
+    assert "On demand only: a reserved term lasts its months." in page
+    assert "<label data-duration-field >" in page  # shown for on demand
+    with_term = browser.post(f"/offers/{offer.id}/reserve/", {"quantity": 1, "term_months": "3"}).content.decode()
+    assert "<label data-duration-field hidden>" in with_term
