@@ -69,11 +69,23 @@ def healthz(request):
 
 
 def home(request):
-    """Signed in: the tenant's dashboard. Anonymous: the sign-in page (no ``next``: after signing in,
-    the catalog)."""
+    """Signed in: the tenant's dashboard (an operator of no organization: the fleet). Anonymous: the
+    sign-in page (no ``next``: after signing in, see ``signed_in``)."""
     if not request.user.is_authenticated:
         return redirect("portal:login")
+    if request.tenant is None and request.user.is_staff:
+        return redirect("portal:fleet")
     return dashboard(request)
+
+
+@login_required
+def signed_in(request):
+    """Where signing in lands (settings.LOGIN_REDIRECT_URL): a member, the catalog; an operator who is
+    a member of no organization, the operators' pages (the fleet, which links to the admin), not the
+    tenant pages' "no organization" refusal."""
+    if request.tenant is None and request.user.is_staff:
+        return redirect("portal:fleet")
+    return redirect("portal:catalog")
 
 
 @login_required

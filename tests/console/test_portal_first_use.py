@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from marketplace.choices import Role
 from marketplace.models import Quota, Reservation
-from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant
+from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -100,3 +100,37 @@ def test_the_reserve_form_shows_its_help_and_hides_the_duration_for_a_term(offer
     assert "<label data-duration-field >" in page  # shown for on demand
     with_term = browser.post(f"/offers/{offer.id}/reserve/", {"quantity": 1, "term_months": "3"}).content.decode()
     assert "<label data-duration-field hidden>" in with_term
+
+
+# --- Item 15: where signing in lands -----------------------------------------------------------------
+
+
+def sign_in(email: str) -> tuple[Client, object]:
+    client = Client()
+    landed = client.post("/login/", {"username": email, "password": PASSWORD}, follow=True)
+    return client, landed
+
+
+def test_an_operator_of_no_organization_lands_on_the_fleet_without_the_tenant_menu():
+    operator = make_user("ops@example.com", is_superuser=True)
+    client, landed = sign_in(operator.email)
+    assert landed.status_code == 200 and landed.redirect_chain[-1][0] == "/fleet/"
+    page = landed.content.decode()
+    assert 'href="/admin/"' in page and 'href="/catalog/"' not in page and 'href="/billing/"' not in page
+    assert client.get("/").headers["Location"] == "/fleet/"  # the brand link too
+
+
+def test_an_operator_who_is_a_member_still_gets_the_tenant_pages():
+    operator = make_user("ops@example.com", is_superuser=True)
+    make_tenant(role=Role.MEMBER, user=operator)
+    _client, landed = sign_in(operator.email)
+    assert landed.redirect_chain[-1][0] == "/catalog/" and landed.status_code == 200
+    assert 'href="/billing/"' in landed.content.decode() and 'href="/fleet/"' in landed.content.decode()
+
+
+def test_someone_of_no_organization_sees_why_without_the_tenant_menu():
+    nobody = make_user()
+    _client, landed = sign_in(nobody.email)
+    page = landed.content.decode()
+    assert landed.status_code == 403 and "No organization yet" in page
+    assert 'href="/catalog/"' not in page and 'href="/fleet/"' not in page
