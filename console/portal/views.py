@@ -29,6 +29,7 @@ from marketplace.selectors.billing import (
 from marketplace.selectors.capacity import availability_by_hour, availability_window
 from marketplace.selectors.catalog import offer_get, offer_list, price_in_force
 from marketplace.selectors.reservations import (
+    reservation_billed,
     reservation_energy_kwh,
     reservation_get,
     reservation_gpus_now,
@@ -260,6 +261,15 @@ def reserve(request, offer_id):
     )
 
 
+def _billed(reservation) -> str:
+    billed = reservation_billed(reservation=reservation)
+    return money(billed or 0)
+
+
+def _so_far(reservation, tick: dict, *, now) -> str | None:
+    return money(running_cost(reservation, tick, now=now)) if reservation.activated_at else None
+
+
 @tenant_required
 def reservations(request):
     state = request.GET.get("state") or None
@@ -268,7 +278,8 @@ def reservations(request):
     now = timezone.now()
     wallet = wallet_of(request.tenant, now=now)
     rows = [
-        {"reservation": r, "cost": money(running_cost(r, wallet["tick"], now=now)) if r.activated_at else None}
+        # A finished one shows what was billed; one that runs, its cost so far (live).
+        {"reservation": r, "cost": _billed(r) if r.is_finished else _so_far(r, wallet["tick"], now=now)}
         for r in reservation_list(tenant=request.tenant, state=state)[:200]
     ]
     return render(
@@ -322,6 +333,8 @@ def reservation_detail(request, reservation_id):
             "telemetry_gpus": reservation_gpus_now(reservation=reservation),
             "energy_kwh": reservation_energy_kwh(reservation=reservation),
             "can_cancel": reservation.state in ("pending", "provisioning", "active"),
+            "finished": reservation.is_finished,
+            "billed": _billed(reservation),
             "cost_so_far": money(running_cost(reservation, wallet["tick"], now=now)),
             "cost_per_hour": money(reservation.price_per_gpu_hour * reservation.gpu_count if active else 0),
             "hold_left": money(hold_remaining(reservation_ids=[reservation.pk]).get(reservation.pk, 0)),

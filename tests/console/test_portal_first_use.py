@@ -11,7 +11,11 @@ from django.utils import timezone
 
 from marketplace.choices import Role
 from marketplace.models import Quota, Reservation
-from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
+from marketplace.services import reservations as lifecycle
+from marketplace.services.metering import usage_rate
+from marketplace.services.reservations import reservation_create
+from tests.conftest import key_client
+from tests.factories import PASSWORD, activate, make_offer_with_nodes, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -134,3 +138,56 @@ def test_someone_of_no_organization_sees_why_without_the_tenant_menu():
     page = landed.content.decode()
     assert landed.status_code == 403 and "No organization yet" in page
     assert 'href="/catalog/"' not in page and 'href="/fleet/"' not in page
+
+
+# --- Item 12: a finished reservation shows what really happened --------------------------------------
+
+
+def finished_run(tenant, offer) -> Reservation:
+    """One node (8 GPUs at $2.50: $20/h) booked for 5 h ($100 estimated), active for 2 h, released,
+    completed and rated: $40 billed."""
+    reservation = reservation_create(
+        tenant=tenant, offer=offer, quantity=1, start=None, end=timezone.now() + timedelta(hours=5)
+    )
+    reservation = activate(reservation, since=timezone.now() - timedelta(hours=2))
+    assert lifecycle.reservation_release(reservation_id=reservation.pk)
+    assert lifecycle.reservation_complete(reservation_id=reservation.pk)
+    usage_rate(reservation_ids=[reservation.pk])
+    reservation.refresh_from_db()
+    return reservation
+
+
+def test_a_finished_reservation_shows_its_end_active_hours_and_bill(offer):
+    tenant = make_tenant(role=Role.MEMBER)
+    done = finished_run(tenant, offer)
+    browser = browser_for(tenant.user)
+    page = browser.get(f"/reservations/{done.id}/").content.decode()
+    assert "<dt>Billed</dt><dd data-billed>$40.00</dd>" in page
+    assert "2.00 h active" in page and f"{done.deactivated_at:%Y-%m-%d %H:%M} · completed" in page
+    assert "Estimated total" not in page and "$100" not in page  # not the booked window's estimate
+    assert f'data-live-cost="{done.id}"' not in page and 'data-telemetry-ws=""' in page  # nothing live
+
+    listing = browser.get("/reservations/").content.decode()
+    row = re.search(rf'<tr data-reservation="{done.id}">(.+?)</tr>', listing, re.S).group(1)
+    assert "$40.00 <span" in row and "billed" in row and "data-live-cost" not in row and "$100" not in row
+
+
+def test_the_api_says_when_it_ended_and_what_was_billed(offer):
+    tenant = make_tenant(role=Role.MEMBER)
+    done = finished_run(tenant, offer)
+    waiting = reservation_create(
+        tenant=tenant,
+        offer=offer,
+        quantity=1,
+        start=timezone.now() + timedelta(hours=1),
+        end=timezone.now() + timedelta(hours=2),
+    )
+    api = key_client(tenant)
+    body = api.get(f"/api/v1/reservations/{done.id}/").json()
+    assert body["billed"] == "40.00" and body["ended_at"] == done.deactivated_at.isoformat().replace("+00:00", "Z")
+    listed = {r["id"]: r for r in api.get("/api/v1/reservations/").json()["results"]}
+    assert listed[str(done.id)]["billed"] == "40.00"
+    assert listed[str(waiting.id)]["billed"] is None and listed[str(waiting.id)]["ended_at"] is None
+    lifecycle.reservation_cancel(tenant=tenant, reservation=waiting)
+    cancelled = api.get(f"/api/v1/reservations/{waiting.id}/").json()
+    assert cancelled["ended_at"] is not None and cancelled["billed"] is None
