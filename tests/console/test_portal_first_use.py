@@ -4,6 +4,7 @@ that add up on screen."""
 
 import re
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.test import Client
@@ -191,3 +192,31 @@ def test_the_api_says_when_it_ended_and_what_was_billed(offer):
     lifecycle.reservation_cancel(tenant=tenant, reservation=waiting)
     cancelled = api.get(f"/api/v1/reservations/{waiting.id}/").json()
     assert cancelled["ended_at"] is not None and cancelled["billed"] is None
+
+
+# --- Item 16: the billing page's figures add up --------------------------------------------------
+
+
+def dollars(text: str) -> Decimal:
+    return Decimal(text.replace("$", "").replace(",", "").replace("−", "-"))
+
+
+def test_the_billing_page_figures_add_up_each_labelled(offer):
+    tenant = make_tenant(role=Role.MEMBER, credit="1000")
+    running = reservation_create(  # $20/h for 5 h: $100 held; active 30 minutes, not yet rated
+        tenant=tenant, offer=offer, quantity=1, start=None, end=timezone.now() + timedelta(hours=5)
+    )
+    activate(running, since=timezone.now() - timedelta(minutes=30))
+    page = browser_for(tenant.user).get("/billing/").content.decode()
+
+    def figure(label: str) -> Decimal:
+        found = re.search(rf"<dt>{label}</dt>(.*?)</dd>", page)
+        assert found, label
+        return dollars(re.sub(r"<[^>]+>", "", found.group(1)))
+
+    balance, available, held = figure("Balance"), figure("Available"), figure("Held")
+    unrated = -figure("Running, not yet rated")  # shown as what it takes off
+    assert (available, held) == (Decimal("900.00"), Decimal("100.00"))
+    assert Decimal("9.99") <= unrated <= Decimal("10.10")  # half an hour at $20/h, as the page was made
+    assert balance == available + held - unrated
+    assert "available + held − running, not yet rated" in page
