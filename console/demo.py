@@ -222,19 +222,38 @@ def demo_credentials() -> list[tuple[str, str, str]]:
     return lines
 
 
-def demo_agent_tokens(*, state_dir: Path) -> list[dict]:
+@dataclass(frozen=True)
+class AgentTokens:
+    entries: list[dict]  # the tokens file: one entry per node
+    stale: list[str]  # hostnames whose stored credential this database did not know: enrolled afresh
+
+
+def demo_agent_tokens(*, state_dir: Path) -> AgentTokens:
     """The tokens file for the demo's simulated fleet host (`neocloud-agent fleet`): every node, with a
-    fresh bootstrap token where its agent has no stored secret yet, null where it has one, and the
-    hardware it should pretend to be."""
-    from provisioning.agent.credentials import has_credentials
+    fresh bootstrap token where its agent has no usable stored secret, null where it has one, and the
+    hardware it should pretend to be.
+
+    A stored secret is usable only if this database knows it for that node: after the demo ran on
+    another database (another DATABASE_URL, or a fresh one), the agents' stored secrets are refused
+    (4401) and the fleet would stop. Those credentials are deleted here and the nodes enrolled again."""
+    from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
     from provisioning.models import Node
     from provisioning.selectors.fleet import node_hardware_hints
-    from provisioning.services.agents import bootstrap_token_create
+    from provisioning.services.agents import bootstrap_token_create, node_secret_known
 
-    entries = []
+    entries, stale = [], []
     for node in Node.objects.select_related("accelerator_type").order_by("hostname"):
-        enrolled = has_credentials(state_dir / node.hostname) and hasattr(node, "credential")
-        token = None if enrolled else bootstrap_token_create(node=node, actor="make demo", hours=1)
-        entry = {"hostname": node.hostname, "token": token, **node_hardware_hints(node)}
-        entries.append(entry)
-    return entries
+        member_dir = state_dir / node.hostname
+        try:
+            stored = load_credentials(member_dir)
+        except NotEnrolled:
+            stored = None
+        known = (
+            stored is not None and stored.node == node.hostname and node_secret_known(node=node, secret=stored.secret)
+        )
+        if stored is not None and not known:
+            (member_dir / FILENAME).unlink(missing_ok=True)  # the fleet then enrols with the token below
+            stale.append(node.hostname)
+        token = None if known else bootstrap_token_create(node=node, actor="make demo", hours=1)
+        entries.append({"hostname": node.hostname, "token": token, **node_hardware_hints(node)})
+    return AgentTokens(entries=entries, stale=stale)

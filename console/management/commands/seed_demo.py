@@ -19,7 +19,14 @@ class Command(BaseCommand):
         for who, email, password in demo_credentials():
             self.stdout.write(f"  {who:<24} {email:<26} {password}")
         if agent_tokens:
-            entries = demo_agent_tokens(state_dir=agent_state or agent_tokens.parent / "agents")
+            state_dir = agent_state or agent_tokens.parent / "agents"
+            tokens = demo_agent_tokens(state_dir=state_dir)
+            if tokens.stale:
+                self.stdout.write(
+                    f"{len(tokens.stale)} node credentials in {state_dir} are not this database's (the demo ran "
+                    "on another database before): deleted them; those agents enrol afresh."
+                )
+            entries = tokens.entries
             agent_tokens.parent.mkdir(parents=True, exist_ok=True)
             agent_tokens.touch(mode=0o600)
             agent_tokens.write_text(json.dumps(entries, indent=2))
