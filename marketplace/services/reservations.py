@@ -262,11 +262,13 @@ def reservation_create(
     end: datetime | None,
     term_months: int | None = None,
     idempotency_key: str | None = None,
+    now: datetime | None = None,
 ) -> Reservation:
     """Hold nodes (or one whole rack) of ``offer`` for [start, end), and the expected cost from the
-    tenant's balance (402 when it cannot cover it). All or nothing."""
+    tenant's balance (402 when it cannot cover it). All or nothing. ``now`` is the clock the window
+    is judged by: the real one, except where history is written on purpose (the demo's past month)."""
     tenant.require(Role.MEMBER, "reserving capacity")
-    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months)
+    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months, now=now)
     organization_lock(tenant.organization.pk)
     if offer.shape == OfferShape.NODE:
         _check_quota(
@@ -464,14 +466,19 @@ def reservation_begin(*, reservation_id, now: datetime | None = None) -> bool:
     )
 
 
-def reservation_activate(*, reservation_id) -> bool:
-    """provisioning → active, when every node is ready."""
-    return _step(reservation_id, sources=(S.PROVISIONING,), target=S.ACTIVE)
+def reservation_activate(*, reservation_id, at: datetime | None = None) -> bool:
+    """provisioning → active, when every node is ready (``at``: when it was, for history written on
+    purpose; else now)."""
+    extra = {"activated_at": at} if at else {}
+    return _step(reservation_id, sources=(S.PROVISIONING,), target=S.ACTIVE, **extra)
 
 
-def reservation_release(*, reservation_id, reason: str = "") -> bool:
-    """provisioning/active → releasing: at the end, on cancel, or forced by an operator."""
+def reservation_release(*, reservation_id, reason: str = "", at: datetime | None = None) -> bool:
+    """provisioning/active → releasing: at the end, on cancel, or forced by an operator (``at``: when
+    its active time ended, for history written on purpose; else now)."""
     extra = {"failure_reason": reason[:500]} if reason else {}
+    if at:
+        extra["deactivated_at"] = at
     return _step(reservation_id, sources=(S.PROVISIONING, S.ACTIVE), target=S.RELEASING, **extra)
 
 

@@ -1,13 +1,17 @@
 """The demo world: `make demo` on a database other than the one its agents enrolled with."""
 
+import csv
 import io
 import json
+from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
+from django.test import Client
 
-from console.demo import demo_agent_tokens
+from console.demo import DEMO_PASSWORD, demo_agent_tokens
 from console.tokens import new_token
+from marketplace.models import Invoice, LedgerEntry, Reservation
 from provisioning.agent.credentials import Credentials, has_credentials, load_credentials, store_credentials
 from provisioning.services.agents import NODE_SECRET_SCHEME, bootstrap_token_create, node_enrol
 from tests.factories import make_node
@@ -53,3 +57,27 @@ def test_seed_demo_says_it_enrols_stale_agents_afresh(tmp_path):
     assert "1 node credentials in" in out.getvalue() and "enrol afresh" in out.getvalue()
     entry = json.loads((tmp_path / "tokens.json").read_text())[0]
     assert entry["hostname"] == node.hostname and entry["token"]
+
+
+def test_the_demo_seeds_a_finished_past_month_with_its_invoice_once():
+    call_command("seed_demo", stdout=io.StringIO())
+    past = Reservation.objects.get(state="completed")  # a new user's first look: a month that is over
+    invoice = Invoice.objects.get(organization=past.organization)
+    assert past.state == "completed" and past.billing_settled_at is not None
+    assert invoice.month.month != past.created_at.month or invoice.month.year != past.created_at.year  # a past month
+    assert past.activated_at.date().replace(day=1) == invoice.month and invoice.total > 0
+    # 53 h 18 min of 8 H100 at $2.49: what the invoice says, from the rated usage.
+    assert invoice.total == (8 * Decimal("2.49") * Decimal(53 * 60 + 18) / 60).quantize(Decimal("0.01"))
+
+    owner = Client()
+    assert owner.login(username="owner@acme.example", password=DEMO_PASSWORD)
+    billing = owner.get("/billing/").content.decode()
+    assert invoice.number in billing
+    assert owner.get(f"/billing/invoices/{invoice.id}/").status_code == 200
+    rows = list(csv.reader(io.StringIO(owner.get(f"/billing/invoices/{invoice.id}/csv/").content.decode())))
+    assert len(rows) >= 3 and str(past.id) in " ".join(rows[1])  # header, the line, the totals
+
+    entries = LedgerEntry.objects.count()
+    call_command("seed_demo", stdout=io.StringIO())  # again: nothing more
+    assert Reservation.objects.count() == 1
+    assert Invoice.objects.count() == 1 and LedgerEntry.objects.count() == entries
