@@ -1,18 +1,28 @@
 """The demo world that `make demo` seeds: a small fleet at three sites, a catalog, two tenants.
 
 Everything is created through the services, so the demo exercises the same write paths as
-production. Seeding is idempotent: a database that already has sites is left alone."""
+production. Seeding is idempotent: a database that already has sites is left alone, and the finished
+past month (so the first visit has an invoice) is written once."""
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.utils import timezone
 
 from marketplace.choices import OfferShape, Role
+from marketplace.models import Offer, Organization, Reservation
+from marketplace.money import month_start
+from marketplace.selectors.tenancy import tenant_context_for_user
+from marketplace.services import reservations as lifecycle
 from marketplace.services.catalog import offer_create
+from marketplace.services.invoicing import invoice_month
 from marketplace.services.ledger import credits_grant
+from marketplace.services.metering import usage_rate
 from marketplace.services.spend import credit_limit_set, spend_alert_create
 from marketplace.services.tenancy import membership_set, organization_create, user_create
 from marketplace.tenancy import TenantContext
@@ -214,6 +224,42 @@ def seed_demo() -> bool:
     return True
 
 
+PAST_MONTH_KEY = "demo-past-month"  # the idempotency key of the past month's reservation: written once
+
+
+@transaction.atomic
+def seed_past_month(*, now: datetime | None = None) -> bool:
+    """A finished month for Acme AI, so a new user finds a real invoice (page and CSV) at once: last
+    month, one H100 node in Frankfurt booked for three days, active for two and a bit, released early,
+    then rated and invoiced. Written through the services with the clock set back (the lifecycle's
+    ``now``/``at``), so its hold, usage, ledger and invoice are what they would have been. Once: False
+    if Acme already has it (or there is no Acme: not the demo world)."""
+    now = now or timezone.now()
+    acme = Organization.objects.filter(slug="acme").first()
+    if acme is None or Reservation.objects.filter(organization=acme, idempotency_key=PAST_MONTH_KEY).exists():
+        return False
+    member = get_user_model().objects.get(email="member@acme.example")
+    offer = Offer.objects.get(site__slug="fra-hall-1", accelerator_type__slug="h100-sxm-80gb", shape=OfferShape.NODE)
+    month = month_start(month_start(now) - timedelta(days=1))
+    start = datetime(month.year, month.month, 10, 8, tzinfo=UTC)
+    reservation = lifecycle.reservation_create(
+        tenant=tenant_context_for_user(user=member, organization_id=str(acme.pk)),
+        offer=offer,
+        quantity=1,
+        start=start,
+        end=start + timedelta(days=3),
+        idempotency_key=PAST_MONTH_KEY,
+        now=start,
+    )
+    lifecycle.reservation_begin(reservation_id=reservation.pk, now=start)
+    lifecycle.reservation_activate(reservation_id=reservation.pk, at=start + timedelta(minutes=12))
+    lifecycle.reservation_release(reservation_id=reservation.pk, at=start + timedelta(hours=53, minutes=30))
+    lifecycle.reservation_complete(reservation_id=reservation.pk)
+    usage_rate(reservation_ids=[reservation.pk], now=now)  # rated to its end and settled: the rest of the hold back
+    invoice_month(month=month)
+    return True
+
+
 def demo_credentials() -> list[tuple[str, str, str]]:
     """(who, email, password) lines for the launcher to print."""
     lines = [("operator (admin site)", OPERATOR_EMAIL, DEMO_PASSWORD)]
@@ -222,19 +268,38 @@ def demo_credentials() -> list[tuple[str, str, str]]:
     return lines
 
 
-def demo_agent_tokens(*, state_dir: Path) -> list[dict]:
+@dataclass(frozen=True)
+class AgentTokens:
+    entries: list[dict]  # the tokens file: one entry per node
+    stale: list[str]  # hostnames whose stored credential this database did not know: enrolled afresh
+
+
+def demo_agent_tokens(*, state_dir: Path) -> AgentTokens:
     """The tokens file for the demo's simulated fleet host (`neocloud-agent fleet`): every node, with a
-    fresh bootstrap token where its agent has no stored secret yet, null where it has one, and the
-    hardware it should pretend to be."""
-    from provisioning.agent.credentials import has_credentials
+    fresh bootstrap token where its agent has no usable stored secret, null where it has one, and the
+    hardware it should pretend to be.
+
+    A stored secret is usable only if this database knows it for that node: after the demo ran on
+    another database (another DATABASE_URL, or a fresh one), the agents' stored secrets are refused
+    (4401) and the fleet would stop. Those credentials are deleted here and the nodes enrolled again."""
+    from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
     from provisioning.models import Node
     from provisioning.selectors.fleet import node_hardware_hints
-    from provisioning.services.agents import bootstrap_token_create
+    from provisioning.services.agents import bootstrap_token_create, node_secret_known
 
-    entries = []
+    entries, stale = [], []
     for node in Node.objects.select_related("accelerator_type").order_by("hostname"):
-        enrolled = has_credentials(state_dir / node.hostname) and hasattr(node, "credential")
-        token = None if enrolled else bootstrap_token_create(node=node, actor="make demo", hours=1)
-        entry = {"hostname": node.hostname, "token": token, **node_hardware_hints(node)}
-        entries.append(entry)
-    return entries
+        member_dir = state_dir / node.hostname
+        try:
+            stored = load_credentials(member_dir)
+        except NotEnrolled:
+            stored = None
+        known = (
+            stored is not None and stored.node == node.hostname and node_secret_known(node=node, secret=stored.secret)
+        )
+        if stored is not None and not known:
+            (member_dir / FILENAME).unlink(missing_ok=True)  # the fleet then enrols with the token below
+            stale.append(node.hostname)
+        token = None if known else bootstrap_token_create(node=node, actor="make demo", hours=1)
+        entries.append({"hostname": node.hostname, "token": token, **node_hardware_hints(node)})
+    return AgentTokens(entries=entries, stale=stale)

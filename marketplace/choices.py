@@ -49,6 +49,9 @@ HOLDING_STATES = frozenset(
     {ReservationState.PENDING, ReservationState.PROVISIONING, ReservationState.ACTIVE, ReservationState.RELEASING}
 )
 
+# Reservations in these states are over: nothing more happens to them, their bill is what was rated.
+FINISHED_STATES = frozenset({ReservationState.COMPLETED, ReservationState.CANCELLED, ReservationState.FAILED})
+
 
 class AccountKind(models.TextChoices):
     """Ledger accounts. A tenant has credits, holds and usage; the platform has grants. Amounts are

@@ -56,6 +56,9 @@ def wallet_of(tenant, *, now: datetime) -> dict:
             "reservations": {},
         }
     spendable = balance["available"] + balance["credit_limit"]
+    # The balance on screen is the sum of the figures beside it, each rounded as shown, so the page
+    # adds up to the cent: available + held - running usage not yet rated.
+    tick = {**tick, "balance": str(cents(balance["available"]) + cents(balance["held"]) - Decimal(tick["unrated"]))}
     return {
         "balance": balance,
         "tick": tick,
@@ -63,6 +66,7 @@ def wallet_of(tenant, *, now: datetime) -> dict:
             "balance": money(tick["balance"]),
             "per_hour": money(tick["per_hour"]),
             "held": money(balance["held"]),
+            "unrated": money(tick["unrated"]),
             "available": money(balance["available"]),
             "credit_limit": money(balance["credit_limit"]),
             "spent_this_month": money(balance["spent_this_month"]),

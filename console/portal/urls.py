@@ -10,6 +10,7 @@ urlpatterns = [
         auth_views.LoginView.as_view(template_name="portal/login.html", redirect_authenticated_user=True),
         name="login",
     ),
+    path("signed-in/", views.signed_in, name="signed-in"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("organization/", views.organization_switch, name="organization-switch"),
     path("catalog/", views.catalog, name="catalog"),

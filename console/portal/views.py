@@ -2,7 +2,6 @@
 
 import uuid
 from datetime import timedelta
-from decimal import Decimal
 
 from django import forms
 from django.contrib import messages
@@ -30,6 +29,7 @@ from marketplace.selectors.billing import (
 from marketplace.selectors.capacity import availability_by_hour, availability_window
 from marketplace.selectors.catalog import offer_get, offer_list, price_in_force
 from marketplace.selectors.reservations import (
+    reservation_billed,
     reservation_energy_kwh,
     reservation_get,
     reservation_gpus_now,
@@ -39,9 +39,9 @@ from marketplace.selectors.reservations import (
 from marketplace.selectors.tenancy import api_key_get, api_key_list, tenant_context_for_user
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.idempotency import idempotent
-from marketplace.services.ledger import InsufficientBalance
 from marketplace.services.reservations import (
     reservation_cancel,
+    reservation_check,
     reservation_create,
     reservation_extend,
     reservation_quote,
@@ -70,11 +70,23 @@ def healthz(request):
 
 
 def home(request):
-    """Signed in: the tenant's dashboard. Anonymous: the sign-in page (no ``next``: after signing in,
-    the catalog)."""
+    """Signed in: the tenant's dashboard (an operator of no organization: the fleet). Anonymous: the
+    sign-in page (no ``next``: after signing in, see ``signed_in``)."""
     if not request.user.is_authenticated:
         return redirect("portal:login")
+    if request.tenant is None and request.user.is_staff:
+        return redirect("portal:fleet")
     return dashboard(request)
+
+
+@login_required
+def signed_in(request):
+    """Where signing in lands (settings.LOGIN_REDIRECT_URL): a member, the catalog; an operator who is
+    a member of no organization, the operators' pages (the fleet, which links to the admin), not the
+    tenant pages' "no organization" refusal."""
+    if request.tenant is None and request.user.is_staff:
+        return redirect("portal:fleet")
+    return redirect("portal:catalog")
 
 
 @login_required
@@ -178,17 +190,6 @@ def _term_choices(offer) -> list[tuple]:
     return choices
 
 
-def _refusal_text(error: DomainError) -> str:
-    """A refusal for people: the 402 for a hold the balance cannot cover, with its amounts as money."""
-    if error.code != InsufficientBalance.code:
-        return error.message
-    available = max(Decimal(error.details.get("available", 0)), Decimal(0))
-    return (
-        f"This needs a hold of {money(error.details.get('required', 0))} for its expected cost, and your "
-        f"organization has {money(available)} available for holds. Add credit (ask an operator) or reserve less."
-    )
-
-
 @tenant_required
 def reserve(request, offer_id):
     """Reserve from an offer: fill in, see the price and the hold, confirm."""
@@ -207,9 +208,10 @@ def reserve(request, offer_id):
         end = None if term else start + timedelta(hours=float(data["duration_hours"]))
         try:
             if "confirm" not in request.POST:
-                quote = reservation_quote(
-                    offer=offer, quantity=data["quantity"], start=start, end=end, term_months=term
-                )
+                asked = {"offer": offer, "quantity": data["quantity"], "start": start, "end": end, "term_months": term}
+                quote = reservation_quote(**asked)  # shown even when refused below: what it would cost
+                # Refused here as the confirm step would refuse it (role, quota, capacity, hold).
+                quote = reservation_check(tenant=request.tenant, **asked)
             else:
                 key = data["idempotency_key"] or uuid.uuid4().hex
 
@@ -235,7 +237,7 @@ def reserve(request, offer_id):
                 messages.success(request, "Reserved. It will be provisioned when its start comes.")
                 return redirect("portal:reservation", reservation_id=body["id"])
         except DomainError as error:
-            form.add_error(None, _refusal_text(error))
+            form.add_error(None, error.message)
             status = error.status_code
     elif request.method == "POST":
         status = 400
@@ -250,11 +252,22 @@ def reserve(request, offer_id):
             "calendar": _calendar(offer),
             "has_terms": len(form.fields["term_months"].choices) > 1,
             "spendable": money(can_hold),
-            "short_of": quote is not None and quote.estimated_cost > can_hold,
+            # Confirm is offered only for what the check let through, and never to a viewer.
+            "can_confirm": quote is not None and status == 200 and request.tenant.can_spend,
+            "term_chosen": form.is_bound and bool(form.data.get("term_months")),
             "insufficient": status == 402,
         },
         status=status,
     )
+
+
+def _billed(reservation) -> str:
+    billed = reservation_billed(reservation=reservation)
+    return money(billed or 0)
+
+
+def _so_far(reservation, tick: dict, *, now) -> str | None:
+    return money(running_cost(reservation, tick, now=now)) if reservation.activated_at else None
 
 
 @tenant_required
@@ -265,7 +278,8 @@ def reservations(request):
     now = timezone.now()
     wallet = wallet_of(request.tenant, now=now)
     rows = [
-        {"reservation": r, "cost": money(running_cost(r, wallet["tick"], now=now)) if r.activated_at else None}
+        # A finished one shows what was billed; one that runs, its cost so far (live).
+        {"reservation": r, "cost": _billed(r) if r.is_finished else _so_far(r, wallet["tick"], now=now)}
         for r in reservation_list(tenant=request.tenant, state=state)[:200]
     ]
     return render(
@@ -319,6 +333,8 @@ def reservation_detail(request, reservation_id):
             "telemetry_gpus": reservation_gpus_now(reservation=reservation),
             "energy_kwh": reservation_energy_kwh(reservation=reservation),
             "can_cancel": reservation.state in ("pending", "provisioning", "active"),
+            "finished": reservation.is_finished,
+            "billed": _billed(reservation),
             "cost_so_far": money(running_cost(reservation, wallet["tick"], now=now)),
             "cost_per_hour": money(reservation.price_per_gpu_hour * reservation.gpu_count if active else 0),
             "hold_left": money(hold_remaining(reservation_ids=[reservation.pk]).get(reservation.pk, 0)),

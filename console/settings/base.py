@@ -139,7 +139,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "portal:login"
-LOGIN_REDIRECT_URL = "portal:catalog"
+LOGIN_REDIRECT_URL = "portal:signed-in"  # members: the catalog; operators of no organization: the fleet
 LOGOUT_REDIRECT_URL = "portal:login"
 
 LANGUAGE_CODE = "en-us"

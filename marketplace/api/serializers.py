@@ -7,7 +7,7 @@ from marketplace.choices import Role, TermMonths
 from marketplace.models import ApiKey, Offer, OfferTermDiscount, Reservation
 from marketplace.money import cents
 from marketplace.selectors.billing import reservation_cost
-from marketplace.selectors.reservations import reservation_energy_kwh, reservation_progress
+from marketplace.selectors.reservations import reservation_billed, reservation_energy_kwh, reservation_progress
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 from provisioning.choices import CommandKind, CommandState
 
@@ -132,6 +132,17 @@ class ReservationSerializer(serializers.ModelSerializer):
     price = serializers.SerializerMethodField()
     allocations = AllocationSerializer(many=True, read_only=True)
     created_by = serializers.EmailField(source="created_by.email", allow_null=True, read_only=True)
+    ended_at = serializers.DateTimeField(
+        read_only=True,
+        allow_null=True,
+        help_text="When it really ended: the end of its active time (release, cancel or its end), or, never "
+        "active, when it was cancelled or failed. Null while it has not ended. `end` stays the booked end.",
+    )
+    billed = serializers.SerializerMethodField(
+        help_text="What its rated usage has cost, in USD with cents, as a string: final once it is finished "
+        "(completed, cancelled, failed), growing each rating run while active. Null while nothing is rated "
+        "(never active, or not yet rated). Compare `price.estimated_total`, the booked window's estimate."
+    )
 
     class Meta:
         model = Reservation
@@ -145,6 +156,8 @@ class ReservationSerializer(serializers.ModelSerializer):
             "gpu_count",
             "start",
             "end",
+            "ended_at",
+            "billed",
             "state",
             "state_changed_at",
             "term_months",
@@ -160,6 +173,11 @@ class ReservationSerializer(serializers.ModelSerializer):
     @extend_schema_field(PriceSerializer)
     def get_price(self, reservation: Reservation) -> dict:
         return PriceSerializer(price_of(reservation)).data
+
+    @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=2, allow_null=True))
+    def get_billed(self, reservation: Reservation) -> str | None:
+        billed = reservation_billed(reservation=reservation)
+        return None if billed is None else str(cents(billed))
 
 
 def price_of(item) -> dict:

@@ -8,8 +8,9 @@ from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
 from django.contrib.postgres.indexes import GistIndex
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.utils import timezone
 
-from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, TermMonths
+from marketplace.choices import FINISHED_STATES, HOLDING_STATES, OfferShape, ReservationState, TermMonths
 from marketplace.money import SECONDS_PER_HOUR, cents, cost, seconds_between
 from provisioning.models import AcceleratorType, Node, Rack
 
@@ -142,6 +143,26 @@ class Reservation(models.Model):
             booked_end=self.end,
             now=now,
         )
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @property
+    def ended_at(self):
+        """When it really ended: its active interval's end, or (never active) when it was cancelled,
+        failed or completed; None while it has not ended."""
+        if self.deactivated_at is not None:
+            return self.deactivated_at
+        return self.state_changed_at if self.is_finished else None
+
+    @property
+    def active_hours(self) -> Decimal:
+        """Hours it was active (what billing rates); up to now while it still is."""
+        if self.activated_at is None:
+            return Decimal(0)
+        end = self.deactivated_at or timezone.now()
+        return max(seconds_between(self.activated_at, end), Decimal(0)) / SECONDS_PER_HOUR
 
     @property
     def estimated_cost(self) -> Decimal:

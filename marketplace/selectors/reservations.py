@@ -1,13 +1,14 @@
 """Tenant-scoped reads of reservations."""
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from django.core.exceptions import ValidationError
-from django.db.models import Prefetch, QuerySet
+from django.db.models import DecimalField, OuterRef, Prefetch, QuerySet, Subquery, Sum
 
 from console.errors import NotFound
 from marketplace.choices import ReservationState
-from marketplace.models import Allocation, Reservation
+from marketplace.models import Allocation, Reservation, UsageRecord
 from marketplace.tenancy import TenantContext
 from provisioning.selectors.telemetry import (
     Holding,
@@ -20,8 +21,29 @@ from provisioning.selectors.telemetry import (
 from provisioning.services import telemetry as t
 
 
+def billed_of(reservations: QuerySet[Reservation]) -> QuerySet[Reservation]:
+    """Each with ``billed_amount``: the sum of its rated usage (None while nothing is rated), one
+    correlated sum over the usage records' (reservation, period) index."""
+    rated = (
+        UsageRecord.objects.filter(reservation=OuterRef("pk"))
+        .order_by()
+        .values("reservation")
+        .annotate(total=Sum("amount"))
+        .values("total")
+    )
+    return reservations.annotate(billed_amount=Subquery(rated, output_field=DecimalField()))
+
+
+def reservation_billed(*, reservation: Reservation) -> Decimal | None:
+    """What its rated usage has cost (None while nothing is rated): the annotation billed_of made,
+    else one sum."""
+    if hasattr(reservation, "billed_amount"):
+        return reservation.billed_amount
+    return UsageRecord.objects.filter(reservation=reservation).aggregate(total=Sum("amount"))["total"]
+
+
 def reservation_list(*, tenant: TenantContext, state: str | None = None) -> QuerySet[Reservation]:
-    reservations = (
+    reservations = billed_of(
         Reservation.objects.filter(organization=tenant.organization)
         .select_related("offer__site", "offer__accelerator_type", "created_by", "rack")
         .prefetch_related(

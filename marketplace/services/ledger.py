@@ -142,6 +142,24 @@ def ledger_reverse(*, txn: LedgerTransaction, memo: str = "", by=None) -> Ledger
     return reversal
 
 
+def hold_check(*, organization_id, amount: Decimal, available: Decimal | None = None) -> None:
+    """Refuse (402) a hold of ``amount`` that what the tenant may still hold (``available``: its
+    credits with the credit line) cannot cover. Writes nothing: the price step asks it before
+    anything is made, hold_place again under the tenant's lock; both refuse with this message."""
+    if available is None:
+        from marketplace.selectors.billing import spendable
+
+        available = spendable(organization_id=organization_id)
+    if amount > available:
+        raise InsufficientBalance(
+            f"This needs a hold of ${cents(amount):,} for its expected cost, and your organization has "
+            f"${cents(max(available, Decimal(0))):,} available for holds. Add credit (ask an operator) "
+            "or reserve less.",
+            required=str(cents(amount)),
+            available=str(cents(available)),
+        )
+
+
 def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> LedgerTransaction | None:
     """Set ``amount`` aside from the tenant's credits for ``reservation``, or refuse (402) when the
     credits, with the credit line, cannot cover it. Call inside the transaction creating or
@@ -152,14 +170,7 @@ def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> Ledge
 
     organization_id = reservation.organization_id
     organization_lock(organization_id)
-    available = spendable(organization_id=organization_id)
-    if amount > available:
-        raise InsufficientBalance(
-            f"This needs a hold of ${cents(amount):,} for its expected cost, and your organization has "
-            f"${cents(max(available, Decimal(0))):,} available. Add credit (ask an operator) or reserve less.",
-            required=str(cents(amount)),
-            available=str(cents(available)),
-        )
+    hold_check(organization_id=organization_id, amount=amount, available=spendable(organization_id=organization_id))
     accounts = accounts_of([organization_id])
     txn = post(
         kind=TransactionKind.HOLD,

@@ -95,6 +95,24 @@ def _attempt_rack(offer: Offer, start: datetime, end: datetime) -> Placement:
     return Placement(node_ids=node_ids, rack_id=rack)
 
 
+def placement_check(*, offer: Offer, quantity: int, start: datetime, end: datetime) -> int:
+    """How many nodes placement_pick would give now (a whole rack's, for a rack offer), or the
+    CapacityUnavailable it would raise, from the same capacity queries without locking or writing:
+    the price step's answer. The pick at confirm time decides; this only says it early."""
+    if offer.shape == OfferShape.RACK:
+        racks = free_racks(offer=offer, start=start, end=end, limit=1)
+        if not racks:
+            raise CapacityUnavailable("No whole rack of this offer is free for that window.", available_racks=0)
+        return Node.objects.filter(rack_id=racks[0]).count()
+    per_rack = free_nodes_per_rack(offer=offer, start=start, end=end)
+    if choose_racks(per_rack, quantity) is None:
+        raise CapacityUnavailable(
+            f"Only {sum(per_rack.values())} of the {quantity} nodes you asked for are free for that window.",
+            available_nodes=sum(per_rack.values()),
+        )
+    return quantity
+
+
 def placement_pick(*, offer: Offer, quantity: int, start: datetime, end: datetime) -> Placement:
     """Nodes for ``quantity`` nodes (or one whole rack) of ``offer`` over [start, end), locked until the
     caller's transaction ends. Raises CapacityUnavailable."""

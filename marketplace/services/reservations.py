@@ -21,9 +21,9 @@ from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organ
 from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between, term_price
 from marketplace.selectors.capacity import earliest_fit
 from marketplace.selectors.catalog import price_in_force
-from marketplace.services.ledger import hold_place
+from marketplace.services.ledger import hold_check, hold_place
 from marketplace.services.metering import SETTLING_STATES
-from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_pick
+from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_check, placement_pick
 from marketplace.services.tenancy import organization_lock
 from marketplace.tenancy import TenantContext
 from provisioning.models import Node
@@ -211,6 +211,39 @@ def _capacity_refusal(error: CapacityUnavailable, quote: Quote) -> CapacityUnava
     return CapacityUnavailable(error.message + hint, **details)
 
 
+def reservation_check(
+    *,
+    tenant: TenantContext,
+    offer: Offer,
+    quantity: int,
+    start: datetime | None,
+    end: datetime | None,
+    term_months: int | None = None,
+) -> Quote:
+    """The price step: the quote, refused as reservation_create would refuse it now (the role 403,
+    the window 400, the quota and capacity 409, the hold 402), reading only. Each refusal comes from
+    the helper reservation_create calls, so both steps say the same thing; create checks again under
+    its locks, and decides."""
+    tenant.require(Role.MEMBER, "reserving capacity")
+    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months)
+    if offer.shape == OfferShape.NODE:
+        _check_quota(
+            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
+        )
+    try:
+        node_count = placement_check(offer=offer, quantity=quantity, start=quote.start, end=quote.end)
+    except CapacityUnavailable as error:
+        raise _capacity_refusal(error, quote) from None
+    if node_count != quote.node_count:  # the rack that would be placed, not the largest
+        quote = replace(quote, node_count=node_count, gpu_count=node_count * offer.gpus_per_node)
+    if offer.shape == OfferShape.RACK:
+        _check_quota(
+            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
+        )
+    hold_check(organization_id=tenant.organization.pk, amount=quote.expected_cost)
+    return quote
+
+
 def _event(reservation: Reservation, event: str, **extra) -> None:
     publish_on_commit(
         tenant_group(reservation.organization_id),
@@ -229,11 +262,13 @@ def reservation_create(
     end: datetime | None,
     term_months: int | None = None,
     idempotency_key: str | None = None,
+    now: datetime | None = None,
 ) -> Reservation:
     """Hold nodes (or one whole rack) of ``offer`` for [start, end), and the expected cost from the
-    tenant's balance (402 when it cannot cover it). All or nothing."""
+    tenant's balance (402 when it cannot cover it). All or nothing. ``now`` is the clock the window
+    is judged by: the real one, except where history is written on purpose (the demo's past month)."""
     tenant.require(Role.MEMBER, "reserving capacity")
-    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months)
+    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months, now=now)
     organization_lock(tenant.organization.pk)
     if offer.shape == OfferShape.NODE:
         _check_quota(
@@ -435,14 +470,19 @@ def reservation_begin(*, reservation_id, now: datetime | None = None) -> bool:
     )
 
 
-def reservation_activate(*, reservation_id) -> bool:
-    """provisioning → active, when every node is ready."""
-    return _step(reservation_id, sources=(S.PROVISIONING,), target=S.ACTIVE)
+def reservation_activate(*, reservation_id, at: datetime | None = None) -> bool:
+    """provisioning → active, when every node is ready (``at``: when it was, for history written on
+    purpose; else now)."""
+    extra = {"activated_at": at} if at else {}
+    return _step(reservation_id, sources=(S.PROVISIONING,), target=S.ACTIVE, **extra)
 
 
-def reservation_release(*, reservation_id, reason: str = "") -> bool:
-    """provisioning/active → releasing: at the end, on cancel, or forced by an operator."""
+def reservation_release(*, reservation_id, reason: str = "", at: datetime | None = None) -> bool:
+    """provisioning/active → releasing: at the end, on cancel, or forced by an operator (``at``: when
+    its active time ended, for history written on purpose; else now)."""
     extra = {"failure_reason": reason[:500]} if reason else {}
+    if at:
+        extra["deactivated_at"] = at
     return _step(reservation_id, sources=(S.PROVISIONING, S.ACTIVE), target=S.RELEASING, **extra)
 
 

@@ -119,6 +119,20 @@ def node_authenticate(*, secret: str) -> Node:
     raise InvalidNodeSecret
 
 
+def node_secret_known(*, node: Node, secret: str) -> bool:
+    """Whether ``secret`` is ``node``'s current or next secret, unrevoked: node_authenticate's answer
+    for that node, reading only (a dev tool's check of stored credentials, before agents connect)."""
+    token = parse(secret, NODE_SECRET_SCHEME)
+    credential = NodeCredential.objects.filter(node=node, revoked_at__isnull=True).first()
+    if token is None or credential is None:
+        return False
+    return (credential.prefix == token.prefix and matches(credential.secret_hash, token)) or (
+        bool(credential.next_prefix)
+        and credential.next_prefix == token.prefix
+        and matches(credential.next_secret_hash, token)
+    )
+
+
 def _promote_next_secret(credential: NodeCredential) -> None:
     NodeCredential.objects.filter(pk=credential.pk, next_prefix=credential.next_prefix).update(
         prefix=credential.next_prefix,

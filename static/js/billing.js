@@ -42,7 +42,7 @@
       }
     }
     const now = performance.now();
-    state = { at: now, pushedAt: now, balance: num(tick.balance), perHour: num(tick.per_hour), reservations };
+    state = { at: now, pushedAt: now, balance: num(tick.balance), unrated: num(tick.unrated), perHour: num(tick.per_hour), reservations };
     render();
   }
 
@@ -51,6 +51,7 @@
     const hours = hoursSince();
     for (const r of state.reservations.values()) r.cost += r.perHour * hours;
     state.balance -= state.perHour * hours;
+    state.unrated += state.perHour * hours;
     state.at = performance.now();
   }
 
@@ -61,6 +62,8 @@
       setText(el, money(balance));
       el.classList.toggle("negative", Math.round(balance * 100) < 0);
     });
+    // What runs and is not yet rated grows as the balance falls: the billing page's figures add up.
+    each("[data-live-unrated]", (el) => setText(el, money(state.unrated + state.perHour * hours)));
     each("[data-live-burn]", (el) => setText(el, money(state.perHour)));
     each("[data-live-cost]", (el) => {
       const r = state.reservations.get(el.dataset.liveCost);
@@ -75,7 +78,10 @@
   // billing.balance: the ledger changed (a rating, a grant, a hold).
   function applyBalance(b) {
     rebase();
+    // The ledger's balance (available + held): shown with nothing unrated until the next
+    // billing.cost says what runs unrated, so the figures on the page still add up.
     state.balance = num(b.balance);
+    state.unrated = 0;
     const fields = { ...b, spendable: num(b.available) + num(b.credit_limit) };
     each("[data-balance-field]", (el) => {
       const value = fields[el.dataset.balanceField];

@@ -17,10 +17,13 @@ document.addEventListener("click", async (event) => {
     button.textContent = "Select and copy";
   }
 });
-// Reserve form: a reserved term lasts its months, so the duration in hours does not apply.
+// Reserve form: a reserved term lasts its months, so the duration in hours does not apply: hidden
+// (and not sent) while a term is chosen.
 function syncTerm(select) {
   const hours = select.form?.elements.duration_hours;
   if (hours) hours.disabled = select.value !== "";
+  const field = select.form?.querySelector("[data-duration-field]");
+  if (field) field.hidden = select.value !== "";
 }
 document.addEventListener("change", (event) => {
   if (event.target.matches("select[data-term-select]")) syncTerm(event.target);

@@ -317,6 +317,7 @@
   setStatus("Loading…");
   loadHistory().then((allowed) => {
     if (!allowed) { setStatus("Live readings not available"); return; }
+    if (!root.dataset.telemetryWs) { setStatus("Ended: history only"); return; } // a finished reservation
     if (statusEl.textContent === "Loading…") setStatus("Connecting…");
     connect();
   });

@@ -69,3 +69,21 @@ def test_a_member_reserves_from_the_catalog_seeing_the_price_first(page, tenant,
     reservation = Reservation.objects.get()
     assert reservation.node_count == 2 and reservation.created_by == tenant.user
     page.screenshot(path=f"{shots}/reservation.png", full_page=True)
+
+
+def test_choosing_a_reserved_term_hides_the_duration(page, tenant):
+    from marketplace.models import OfferTermDiscount
+
+    rack = RackFactory()
+    make_node(rack=rack)
+    offer = OfferFactory(site=rack.site)
+    OfferTermDiscount.objects.create(offer=offer, term_months=3, percent_off=20)
+
+    sign_in(page, tenant.user.email)
+    page.goto(f"/offers/{offer.id}/reserve/")
+    duration = page.get_by_label("Duration (hours)")
+    assert duration.is_visible() and page.get_by_text("Leave empty to start now.").is_visible()
+    page.get_by_label("Pricing").select_option("3")
+    duration.wait_for(state="hidden")
+    page.get_by_label("Pricing").select_option("")
+    duration.wait_for(state="visible")

@@ -219,8 +219,9 @@ def test_reserving_without_credit_for_the_hold_is_refused_on_the_form(offer):
     tenant = make_tenant(role=Role.MEMBER, credit=None)
     browser = browser_for(tenant.user)
     form = {"quantity": 1, "start": "", "duration_hours": "2"}
-    review = browser.post(f"/offers/{offer.id}/reserve/", form).content.decode()
-    assert "$40.00" in review and "Your balance cannot cover this hold: $0.00 is available" in review
+    review = browser.post(f"/offers/{offer.id}/reserve/", form)
+    assert review.status_code == 402 and "$40.00" in review.content.decode()
+    assert "your organization has $0.00 available for holds" in review.content.decode()
 
     refused = browser.post(f"/offers/{offer.id}/reserve/", {**form, "confirm": "1"})
     page = refused.content.decode()

@@ -3,7 +3,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand
 
-from console.demo import demo_agent_tokens, demo_credentials, seed_demo
+from console.demo import demo_agent_tokens, demo_credentials, seed_demo, seed_past_month
+from console.errors import DomainError
 
 
 class Command(BaseCommand):
@@ -16,10 +17,22 @@ class Command(BaseCommand):
     def handle(self, *args, agent_tokens=None, agent_state=None, **options):
         created = seed_demo()
         self.stdout.write("Seeded the demo world." if created else "The database already has a fleet; left as is.")
+        try:
+            if seed_past_month():
+                self.stdout.write("Seeded a finished past month for Acme AI: its invoice is on the billing page.")
+        except DomainError as error:  # an older demo database whose history is in the way: go on without
+            self.stdout.write(f"Left out the finished past month: {error.message}")
         for who, email, password in demo_credentials():
             self.stdout.write(f"  {who:<24} {email:<26} {password}")
         if agent_tokens:
-            entries = demo_agent_tokens(state_dir=agent_state or agent_tokens.parent / "agents")
+            state_dir = agent_state or agent_tokens.parent / "agents"
+            tokens = demo_agent_tokens(state_dir=state_dir)
+            if tokens.stale:
+                self.stdout.write(
+                    f"{len(tokens.stale)} node credentials in {state_dir} are not this database's (the demo ran "
+                    "on another database before): deleted them; those agents enrol afresh."
+                )
+            entries = tokens.entries
             agent_tokens.parent.mkdir(parents=True, exist_ok=True)
             agent_tokens.touch(mode=0o600)
             agent_tokens.write_text(json.dumps(entries, indent=2))

@@ -1,0 +1,83 @@
+"""The demo world: `make demo` on a database other than the one its agents enrolled with."""
+
+import csv
+import io
+import json
+from decimal import Decimal
+
+import pytest
+from django.core.management import call_command
+from django.test import Client
+
+from console.demo import DEMO_PASSWORD, demo_agent_tokens
+from console.tokens import new_token
+from marketplace.models import Invoice, LedgerEntry, Reservation
+from provisioning.agent.credentials import Credentials, has_credentials, load_credentials, store_credentials
+from provisioning.services.agents import NODE_SECRET_SCHEME, bootstrap_token_create, node_enrol
+from tests.factories import make_node
+
+pytestmark = pytest.mark.django_db
+
+
+def enrolled(node) -> str:
+    """Enrol ``node`` as its agent would; its secret."""
+    _node, secret = node_enrol(token=bootstrap_token_create(node=node, actor="test"), hostname=node.hostname)
+    return secret
+
+
+def test_credentials_this_database_does_not_know_are_deleted_and_their_nodes_enrol_afresh(tmp_path):
+    known, never_enrolled, enrolled_elsewhere = make_node(), make_node(), make_node()
+    store_credentials(tmp_path / known.hostname, Credentials(node=known.hostname, secret=enrolled(known)))
+    # From an earlier demo on another database: secrets this one never issued.
+    other_secret = new_token(NODE_SECRET_SCHEME).plaintext
+    store_credentials(
+        tmp_path / never_enrolled.hostname, Credentials(node=never_enrolled.hostname, secret=other_secret)
+    )
+    enrolled(enrolled_elsewhere)  # this database knows another secret for it
+    store_credentials(
+        tmp_path / enrolled_elsewhere.hostname, Credentials(node=enrolled_elsewhere.hostname, secret=other_secret)
+    )
+
+    tokens = demo_agent_tokens(state_dir=tmp_path)
+
+    by_host = {entry["hostname"]: entry for entry in tokens.entries}
+    assert by_host[known.hostname]["token"] is None  # its stored secret works: kept
+    assert load_credentials(tmp_path / known.hostname).node == known.hostname
+    assert sorted(tokens.stale) == sorted([never_enrolled.hostname, enrolled_elsewhere.hostname])
+    for stale in (never_enrolled, enrolled_elsewhere):
+        assert by_host[stale.hostname]["token"].startswith("ncb_")
+        assert not has_credentials(tmp_path / stale.hostname)  # the fleet enrols with the token, not the old secret
+
+
+def test_seed_demo_says_it_enrols_stale_agents_afresh(tmp_path):
+    node = make_node()  # a fleet exists, so seeding leaves the world alone
+    store_credentials(tmp_path / "agents" / node.hostname, Credentials(node=node.hostname, secret="ncn_x_y"))
+    out = io.StringIO()
+    call_command("seed_demo", agent_tokens=tmp_path / "tokens.json", agent_state=tmp_path / "agents", stdout=out)
+    assert "1 node credentials in" in out.getvalue() and "enrol afresh" in out.getvalue()
+    entry = json.loads((tmp_path / "tokens.json").read_text())[0]
+    assert entry["hostname"] == node.hostname and entry["token"]
+
+
+def test_the_demo_seeds_a_finished_past_month_with_its_invoice_once():
+    call_command("seed_demo", stdout=io.StringIO())
+    past = Reservation.objects.get(state="completed")  # a new user's first look: a month that is over
+    invoice = Invoice.objects.get(organization=past.organization)
+    assert past.state == "completed" and past.billing_settled_at is not None
+    assert invoice.month.month != past.created_at.month or invoice.month.year != past.created_at.year  # a past month
+    assert past.activated_at.date().replace(day=1) == invoice.month and invoice.total > 0
+    # 53 h 18 min of 8 H100 at $2.49: what the invoice says, from the rated usage.
+    assert invoice.total == (8 * Decimal("2.49") * Decimal(53 * 60 + 18) / 60).quantize(Decimal("0.01"))
+
+    owner = Client()
+    assert owner.login(username="owner@acme.example", password=DEMO_PASSWORD)
+    billing = owner.get("/billing/").content.decode()
+    assert invoice.number in billing
+    assert owner.get(f"/billing/invoices/{invoice.id}/").status_code == 200
+    rows = list(csv.reader(io.StringIO(owner.get(f"/billing/invoices/{invoice.id}/csv/").content.decode())))
+    assert len(rows) >= 3 and str(past.id) in " ".join(rows[1])  # header, the line, the totals
+
+    entries = LedgerEntry.objects.count()
+    call_command("seed_demo", stdout=io.StringIO())  # again: nothing more
+    assert Reservation.objects.count() == 1
+    assert Invoice.objects.count() == 1 and LedgerEntry.objects.count() == entries
