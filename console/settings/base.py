@@ -238,6 +238,11 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# --- Live feeds to browsers (console.consumers.FeedConsumer) -------------------------------------
+# A feed closes at once on sign-out and on removal from the organization; besides, the first message
+# after this many seconds re-reads the session and membership before it is forwarded.
+FEED_RECHECK_SECONDS = env_int("FEED_RECHECK_SECONDS", 60)
+
 # --- Node agents (docs/agent-protocol.md) ------------------------------------------------------
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 10)
 AGENT_MISSED_BEATS = env_int("AGENT_MISSED_BEATS", 3)  # then the node is marked offline
