@@ -186,3 +186,32 @@ def test_a_browser_socket_without_an_origin_is_refused(tenant):
         return connected
 
     assert async_to_sync(scenario)() is False
+
+
+def test_removing_a_member_from_the_organizations_admin_page_closes_their_feed(tenant, operator_client):
+    organization = tenant.organization
+    memberships = list(Membership.objects.filter(organization=organization).order_by("pk"))
+    data = {"name": organization.name, "slug": organization.slug}
+    for inline in ("api_keys", "quotas"):
+        data.update({f"{inline}-TOTAL_FORMS": "0", f"{inline}-INITIAL_FORMS": "0"})
+    data.update({"memberships-TOTAL_FORMS": len(memberships), "memberships-INITIAL_FORMS": len(memberships)})
+    for n, membership in enumerate(memberships):
+        row = {"id": membership.pk, "organization": organization.pk, "user": membership.user_id}
+        row["role"] = membership.role
+        if membership.user_id == tenant.user.pk:
+            row["DELETE"] = "on"
+        data.update({f"memberships-{n}-{field}": value for field, value in row.items()})
+    browser = signed_in(tenant.user)
+
+    async def scenario():
+        ws = socket("/ws/tenant/", client=browser)
+        await accepted(ws)
+        response = await db(operator_client.post)(f"/admin/marketplace/organization/{organization.pk}/change/", data)
+        assert response.status_code == 302
+        code = await closed_with(ws)
+        await ws.disconnect()
+        return code
+
+    assert async_to_sync(scenario)() == CLOSE_ENDED
+    assert not Membership.objects.filter(organization=organization, user=tenant.user).exists()
+    assert Membership.objects.filter(organization=organization).count() == len(memberships) - 1
