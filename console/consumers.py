@@ -48,6 +48,10 @@ class FeedConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
     async def audience(self) -> str | None:
         raise NotImplementedError
 
+    async def still_audience(self) -> bool:
+        """Whether the refreshed user may still see the group joined; subclasses may ask more narrowly."""
+        return await self.audience() == self.group
+
     def control_groups(self) -> tuple[str, ...]:
         session = self.scope.get("session")
         key = session.session_key if session is not None else None
@@ -90,9 +94,8 @@ class FeedConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
             return False
         if time.monotonic() - self.checked_at < settings.FEED_RECHECK_SECONDS:
             return True
-        group = self.group
         await self._refresh_credentials()
-        if await self.audience() != group:
+        if not await self.still_audience():
             await self.end()
             return False
         self.checked_at = time.monotonic()

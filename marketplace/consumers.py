@@ -24,6 +24,15 @@ class TenantFeedConsumer(FeedConsumer):
 
     tenant = None
 
+    @database_sync_to_async
+    def still_audience(self) -> bool:
+        # Still a member of the organization the feed was opened in; switching organizations in
+        # another tab is not an end (the session now names another one).
+        organization_id = self.tenant.organization.pk
+        user = self.scope.get("user")
+        tenant = tenant_context_for_user(user=user, organization_id=organization_id) if user is not None else None
+        return tenant is not None and tenant.organization.pk == organization_id
+
     def control_groups(self):
         return (*super().control_groups(), member_group(self.tenant.organization.pk, self.tenant.user.pk))
 

@@ -15,8 +15,10 @@ from console.events import tenant_group
 from console.routing import websocket_urlpatterns
 from marketplace.choices import Role
 from marketplace.models import Membership
+from marketplace.selectors.tenancy import tenant_context_for_user
 from marketplace.services.api_keys import api_key_create
-from tests.factories import PASSWORD
+from marketplace.services.tenancy import membership_set
+from tests.factories import PASSWORD, make_tenant
 from tests.provisioning.test_telemetry import CONNECT_TIMEOUT, accepted, refusal
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -130,6 +132,27 @@ def test_a_feed_rechecks_its_membership_before_forwarding_when_no_close_was_anno
 
     while_member, code = async_to_sync(scenario)()
     assert while_member and code == CLOSE_ENDED
+
+
+def test_switching_organization_in_another_tab_does_not_end_a_feed_of_the_first(tenant, settings):
+    settings.FEED_RECHECK_SECONDS = 0
+    second = make_tenant(role=Role.OWNER).organization
+    membership_set(organization=second, user=tenant.user, role=Role.MEMBER)
+    first = tenant_context_for_user(user=tenant.user).organization  # what a fresh session follows
+    other = second if first.pk != second.pk else tenant.organization
+    browser = signed_in(tenant.user)
+
+    async def scenario():
+        ws = socket("/ws/tenant/", client=browser)
+        await accepted(ws)
+        switched = await db(browser.post)("/organization/", {"organization": str(other.pk)})
+        assert switched.status_code == 302
+        await tenant_event(first.pk, 5)
+        still_live = await receives_event(ws, 5)
+        await ws.disconnect()
+        return still_live
+
+    assert async_to_sync(scenario)()
 
 
 def test_a_socket_presenting_only_an_api_key_is_refused(tenant):
