@@ -107,6 +107,10 @@ def configure_environment(database_url: str) -> dict[str, str]:
             "DEBUG": "false",
             "ALLOWED_HOSTS": "127.0.0.1,localhost",
             "DEFAULT_GPU_QUOTA": HUGE_QUOTA,
+            # The server's ceiling is measured, not the per-key budgets (console.throttling).
+            "API_THROTTLE_READ": "off",
+            "API_THROTTLE_WRITE": "off",
+            "API_THROTTLE_EXPENSIVE": "off",
         }
     )
     os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")

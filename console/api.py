@@ -35,8 +35,10 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
         403: "Your role does not allow this.",
         404: "Not found in your organization.",
         409: "Conflicts with the current state.",
+        429: "Over this key's (or user's) request budget; retry after the `Retry-After` header's seconds.",
     }
-    return {code: OpenApiResponse(ErrorSerializer, description=text.get(code, "")) for code in (401, *statuses)}
+    # 401 and 429 can answer any call: every endpoint needs a credential and has a budget.
+    return {code: OpenApiResponse(ErrorSerializer, description=text.get(code, "")) for code in (401, *statuses, 429)}
 
 
 class TenantScopedMixin:

@@ -6,6 +6,7 @@
 """
 
 import logging
+import math
 import uuid
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
@@ -93,8 +94,8 @@ def api_exception_handler(exc, context):
         headers = {}
         if getattr(exc, "auth_header", None):
             headers["WWW-Authenticate"] = exc.auth_header
-        if getattr(exc, "wait", None):
-            headers["Retry-After"] = str(int(exc.wait))
+        if isinstance(exc, drf_exceptions.Throttled):  # whole seconds, at least one (RFC 9110)
+            headers["Retry-After"] = str(max(1, math.ceil(exc.wait or 1)))
         codes = exc.get_codes()
         code = codes if isinstance(codes, str) else exc.default_code
         return Response(error_body(code, str(_flatten(exc.detail))), status=exc.status_code, headers=headers)

@@ -3,11 +3,13 @@ from django.urls import include, path
 
 from console.metrics import metrics
 from console.portal import views as portal
+from console.throttling import signin_throttled
 from provisioning.api.enroll import enroll
 
 admin.site.site_header = "Neocloud Console — operations"
 admin.site.site_title = "Neocloud operations"
 admin.site.index_title = "Fleet, catalog and tenants"
+admin.site.login = signin_throttled(admin.site.login)  # the admin's sign-in counts failures like the portal's
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -25,6 +25,7 @@ from marketplace.models import (
 )
 from marketplace.services.api_keys import api_keys_revoke_as_operator
 from marketplace.services.provisioning_flow import reservation_force_release
+from marketplace.services.tenancy import membership_remove, membership_set
 
 
 class MembershipInline(admin.TabularInline):
@@ -87,6 +88,20 @@ class OrganizationAdmin(OrganizationBillingMixin, admin.ModelAdmin):
     member_total = annotated_column("member_total", "members")
     active_key_total = annotated_column("active_key_total", "unrevoked keys")
 
+    def save_formset(self, request, form, formset, change):
+        if formset.model is not Membership:
+            return super().save_formset(request, form, formset, change)
+        # Memberships change through the tenancy services: a removal closes the member's live feeds.
+        changed = formset.save(commit=False)
+        for membership in formset.deleted_objects:
+            membership_remove(organization=form.instance, user=membership.user)
+        for membership, fields in formset.changed_objects:
+            if "user" in fields:  # the row now names someone else: the one it named is out
+                before = Membership.objects.select_related("user").get(pk=membership.pk)
+                membership_remove(organization=form.instance, user=before.user)
+        for membership in changed:
+            membership_set(organization=form.instance, user=membership.user, role=membership.role)
+
 
 @admin.register(Membership)
 class MembershipAdmin(admin.ModelAdmin):
@@ -95,6 +110,20 @@ class MembershipAdmin(admin.ModelAdmin):
     search_fields = ["user__email", "organization__name", "organization__slug"]
     autocomplete_fields = ["user", "organization"]
     list_select_related = ["user", "organization"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # A membership is one user in one organization; another pair is another membership.
+        return ["user", "organization"] if obj is not None else []
+
+    def save_model(self, request, obj, form, change):
+        obj.pk = membership_set(organization=obj.organization, user=obj.user, role=obj.role).pk
+
+    def delete_model(self, request, obj):
+        membership_remove(organization=obj.organization, user=obj.user)
+
+    def delete_queryset(self, request, queryset):
+        for membership in queryset.select_related("user", "organization"):
+            membership_remove(organization=membership.organization, user=membership.user)
 
 
 @admin.register(ApiKey)

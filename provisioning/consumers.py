@@ -215,12 +215,13 @@ class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
 
 
 class FleetConsumer(FeedConsumer):
-    """The operators' fleet view: every node's telemetry summary and lifecycle moves. Staff only."""
+    """The operators' fleet view: every node's telemetry summary and lifecycle moves. Staff only; it
+    ends with the session, and a staff flag taken away is noticed at the next re-check."""
 
     async def audience(self):
         user = self.scope.get("user")
         return FLEET_GROUP if user is not None and user.is_authenticated and user.is_staff else None
 
     async def event_message(self, message):
-        if message["event"] == "node.state":
+        if message["event"] == "node.state" and await self.still_allowed():
             await self.send(text_data=json.dumps({"type": "node_state", **message["data"]}))

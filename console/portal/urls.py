@@ -2,12 +2,15 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from console.portal import billing, views
+from console.throttling import signin_throttled
 
 urlpatterns = [
     path("", views.home, name="home"),
     path(
         "login/",
-        auth_views.LoginView.as_view(template_name="portal/login.html", redirect_authenticated_user=True),
+        signin_throttled(
+            auth_views.LoginView.as_view(template_name="portal/login.html", redirect_authenticated_user=True)
+        ),
         name="login",
     ),
     path("signed-in/", views.signed_in, name="signed-in"),

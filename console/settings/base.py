@@ -182,7 +182,22 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "console.errors.api_exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Budgets per API key (or per user of a browser session), console.throttling; "off" lifts one.
+    "DEFAULT_THROTTLE_CLASSES": ["console.throttling.ReadThrottle", "console.throttling.WriteThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "api_read": env_str("API_THROTTLE_READ", "1200/min"),
+        "api_write": env_str("API_THROTTLE_WRITE", "300/min"),
+        "api_expensive": env_str("API_THROTTLE_EXPENSIVE", "120/min"),
+    },
 }
+
+# Failed sign-ins (portal and admin) allowed per account and per client address in each window.
+SIGNIN_FAILURES_PER_ACCOUNT = env_int("SIGNIN_FAILURES_PER_ACCOUNT", 10)
+SIGNIN_FAILURES_PER_ADDRESS = env_int("SIGNIN_FAILURES_PER_ADDRESS", 100)
+SIGNIN_THROTTLE_SECONDS = env_int("SIGNIN_THROTTLE_SECONDS", 900)
+# Proxies of ours in front of the console: 0 takes REMOTE_ADDR as the client's address; N the address
+# the outermost of N proxies saw, from X-Forwarded-For (console.throttling.client_address).
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Neocloud Console API",
@@ -237,6 +252,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 3600.0,
     },
 }
+
+# --- Live feeds to browsers (console.consumers.FeedConsumer) -------------------------------------
+# A feed closes at once on sign-out and on removal from the organization; besides, the first message
+# after this many seconds re-reads the session and membership before it is forwarded.
+FEED_RECHECK_SECONDS = env_int("FEED_RECHECK_SECONDS", 60)
 
 # --- Node agents (docs/agent-protocol.md) ------------------------------------------------------
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 10)

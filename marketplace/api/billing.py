@@ -17,6 +17,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from console.api import TenantRowsMixin, TenantScopedMixin, error_responses, idempotency_key_parameter
+from console.throttling import expensive_read_throttles
 from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start
@@ -182,6 +183,8 @@ class BalanceView(TenantScopedMixin, APIView):
 
 
 class UsageView(TenantScopedMixin, APIView):
+    throttle_classes = expensive_read_throttles()
+
     @extend_schema(
         summary="Rated usage in a window, per reservation",
         description="Usage records overlapping [start, end), summed per reservation; a record is counted "
@@ -227,7 +230,7 @@ class InvoiceViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveMode
         description="Rated usage of this calendar month (UTC) so far; finalized after the month ends.",
         responses={200: InvoicePreviewSerializer, **error_responses(403)},
     )
-    @action(detail=False, methods=["get"], pagination_class=None)
+    @action(detail=False, methods=["get"], pagination_class=None, throttle_classes=expensive_read_throttles())
     def current(self, request):
         now = timezone.now()
         preview = invoice_preview(tenant=self.tenant, now=now)
@@ -244,7 +247,7 @@ class InvoiceViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveMode
             **error_responses(403, 404),
         },
     )
-    @action(detail=True, methods=["get"], pagination_class=None)
+    @action(detail=True, methods=["get"], pagination_class=None, throttle_classes=expensive_read_throttles())
     def csv(self, request, pk=None):
         invoice = self.get_object()
         response = invoice_csv_response(invoice)

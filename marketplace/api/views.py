@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from console.api import TenantRowsMixin, TenantScopedMixin, error_responses, idempotency_key_parameter
+from console.throttling import expensive_read_throttles
 from marketplace.api.filters import OfferFilter
 from marketplace.api.serializers import (
     ApiKeyCreatedSerializer,
@@ -57,7 +58,13 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
         parameters=[AvailabilityQuerySerializer],
         responses={200: OfferAvailabilitySerializer, **error_responses(400, 404)},
     )
-    @action(detail=True, methods=["get"], filterset_class=None, pagination_class=None)
+    @action(
+        detail=True,
+        methods=["get"],
+        filterset_class=None,
+        pagination_class=None,
+        throttle_classes=expensive_read_throttles(),
+    )
     def availability(self, request, pk=None):
         query = AvailabilityQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -191,7 +198,13 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
         parameters=[TelemetryQuerySerializer],
         responses={200: ReservationTelemetrySerializer, **error_responses(400, 403, 404)},
     )
-    @action(detail=True, methods=["get"], filterset_class=None, pagination_class=None)
+    @action(
+        detail=True,
+        methods=["get"],
+        filterset_class=None,
+        pagination_class=None,
+        throttle_classes=expensive_read_throttles(),
+    )
     def telemetry(self, request, pk=None):
         query = TelemetryQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)

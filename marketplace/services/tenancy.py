@@ -4,6 +4,7 @@ from django.db import transaction
 from django.utils.text import slugify
 
 from console.errors import Conflict, DomainError
+from console.events import feeds_close_on_commit, member_group
 from marketplace.choices import Role
 from marketplace.models import Membership, Organization, User
 
@@ -54,6 +55,17 @@ def membership_set(*, organization: Organization, user: User, role: str) -> Memb
         organization=organization, user=user, defaults={"role": Role(role)}
     )
     return membership
+
+
+@transaction.atomic
+def membership_remove(*, organization: Organization, user: User) -> bool:
+    """Take a user out of an organization; their live feeds of it close once this commits (their
+    API keys of it stop working by themselves: a key acts only while its creator is a member).
+    Returns whether there was a membership to remove."""
+    deleted, _ = Membership.objects.filter(organization=organization, user=user).delete()
+    if deleted:
+        feeds_close_on_commit(member_group(organization.pk, user.pk))
+    return bool(deleted)
 
 
 def organization_lock(organization_id) -> None:

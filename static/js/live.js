@@ -48,7 +48,8 @@
     };
     socket.onclose = (closing) => {
       document.body.dataset.live = "off";
-      if (closing.code === 4403) return; // not a member of any organization: nothing to follow
+      // 4403: not a member of any organization; 4401: the session or membership ended. Nothing to follow.
+      if (closing.code === 4403 || closing.code === 4401) return;
       setTimeout(connect, delay + Math.random() * delay);
       delay = Math.min(delay * 2, 30000);
     };

@@ -32,12 +32,13 @@ def cookie_for(user) -> str:
 
 
 def browser(path: str, cookie: str) -> WebsocketCommunicator:
-    # The browser routes built now, from the settings in force (AllowedHostsOriginValidator reads
-    # ALLOWED_HOSTS once, when it is constructed), with the real consumers and middleware.
+    # The browser routes built now, with the real consumers and middleware; a browser sends the page's
+    # Host and Origin (the origin check compares them, scheme, host and port).
     from channels.routing import URLRouter
 
     app = URLRouter(_browser_routes())
-    return WebsocketCommunicator(app, path, headers=[(b"cookie", cookie.encode()), (b"origin", b"http://testserver")])
+    headers = [(b"cookie", cookie.encode()), (b"host", b"testserver"), (b"origin", b"http://testserver")]
+    return WebsocketCommunicator(app, path, headers=headers)
 
 
 def _browser_routes():
