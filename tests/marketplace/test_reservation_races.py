@@ -160,3 +160,34 @@ def test_the_database_refuses_an_overlap_even_if_placement_were_wrong():
             node=node,
             period=DateTimeTZRange(start + timedelta(hours=1), start + timedelta(hours=3), "[)"),
         )
+
+
+def test_concurrent_spenders_cannot_hold_more_than_the_balance():
+    """Eight reservations at once from one tenant whose credit covers three of them: exactly three are
+    made, the rest refused with 402, and the holds never exceed the credit (the organization lock)."""
+    from decimal import Decimal
+
+    from marketplace.selectors.billing import balance_of
+    from marketplace.services.ledger import InsufficientBalance, credits_grant
+
+    tenant = make_tenant(role=Role.MEMBER, credit=None)
+    rack = RackFactory()
+    offer = OfferFactory(site=rack.site, price_per_gpu_hour=Decimal("1.00"))
+    for _ in range(8):
+        make_node(rack=rack, accelerator=offer.accelerator_type)
+    credits_grant(organization=tenant.organization, amount=Decimal("24.00"), memo="test")  # 3 x 8 GPU-hours
+    start = timezone.now() + timedelta(hours=1)
+
+    def reserve():
+        try:
+            return reservation_create(
+                tenant=tenant, offer=offer, quantity=1, start=start, end=start + timedelta(hours=1)
+            )
+        except InsufficientBalance as refusal:
+            return refusal.code  # refused, as expected: not an error of the race
+
+    results = race([reserve] * 8)
+    made = [r for r in results if isinstance(r, Reservation)]
+    assert len(made) == 3 and results.count(InsufficientBalance.code) == 5
+    money = balance_of(organization_id=tenant.organization.pk)
+    assert money["held"] == Decimal("24.00") and money["available"] == 0
