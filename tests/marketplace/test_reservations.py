@@ -14,6 +14,7 @@ from console.events import tenant_group
 from console.lifecycle import IllegalTransition
 from marketplace.choices import OfferShape, ReservationState, Role
 from marketplace.models import Allocation, IdempotencyRecord, Quota, Reservation
+from marketplace.services.idempotency import idempotency_records_expire
 from marketplace.services.reservations import (
     reservation_cancel,
     reservation_create,
@@ -250,6 +251,21 @@ class TestIdempotency:
         assert [r.status_code for r in responses] == [201] * 8, [r.content for r in responses]
         assert len({r.json()["id"] for r in responses}) == 1
         assert Reservation.objects.count() == 1
+
+    def test_a_key_reused_after_its_record_expired_is_a_clear_422_and_makes_nothing(self, tenant, client_for, fleet):
+        client = client_for(tenant)
+        body = {"offer": fleet["node_offer"].id, "quantity": 1, "duration_hours": 2}
+        assert post(client, body, HTTP_IDEMPOTENCY_KEY="yesterday").status_code == 201
+        IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(days=2))
+        assert idempotency_records_expire() == 1
+        # The reservation still holds the key (unique per organization); its first response is gone.
+        for again in (body, {**body, "quantity": 2}):
+            response = post(client, again, HTTP_IDEMPOTENCY_KEY="yesterday")
+            assert response.status_code == 422, response.content
+            error = response.json()["error"]
+            assert error["code"] == "idempotency_key_reused" and "use a new key" in error["message"]
+        assert Reservation.objects.count() == 1 and not IdempotencyRecord.objects.exists()
+        assert post(client, body, HTTP_IDEMPOTENCY_KEY="today").status_code == 201
 
     def test_an_unusable_key_is_400(self, tenant, client_for, fleet):
         response = post(
