@@ -254,9 +254,8 @@ class ReservationCreateSerializer(serializers.Serializer):
     def validate(self, attrs):
         given = [name for name in ("end", "duration_hours", "term_months") if name in attrs]
         if len(given) != 1:
-            raise serializers.ValidationError(
-                {"end": ["Give exactly one of end, duration_hours (on demand) or term_months (a reserved term)."]}
-            )
+            message = "Give exactly one of end, duration_hours (on demand) or term_months (a reserved term)."
+            raise serializers.ValidationError({name: [message] for name in given or ["end"]})
         return attrs
 
 
