@@ -34,7 +34,7 @@ from tests.factories import make_offer_with_nodes, make_tenant
 pytestmark = pytest.mark.django_db
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-EXAMPLES = 10  # per operation and generation mode: the whole schema in about 20 s
+EXAMPLES = 10  # per operation and generation mode: the whole schema in about 25 s here
 
 
 @pytest.fixture
