@@ -1,4 +1,5 @@
-"""Shared pieces of the REST API: pagination and tenant resolution at the boundary."""
+"""Shared pieces of the REST API: pagination, the schema of its errors and tenant resolution at the
+boundary. The schema generator is in ``console.api_schema``."""
 
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -8,8 +9,30 @@ from console.errors import Forbidden
 
 
 class Pagination(PageNumberPagination):
+    """Pages numbered from 1: a page that is not such a number is a 400 naming ``page``; one past the
+    last page is a 404 (both documented on every paginated list by ``console.api_schema.AutoSchema``)."""
+
     page_size_query_param = "page_size"
     max_page_size = 200
+    invalid_page_message = "There is no page {page_number}: it is past the last page."
+
+    def get_page_number(self, request, paginator):
+        raw = request.query_params.get(self.page_query_param) or 1
+        if raw in self.last_page_strings:
+            return paginator.num_pages
+        try:
+            number = int(raw)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise serializers.ValidationError({self.page_query_param: ["A page number is a whole number from 1."]})
+        return number
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["minimum"] = 1
+        return parameters
 
 
 class ErrorDetailSerializer(serializers.Serializer):
@@ -35,6 +58,8 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
         403: "Your role does not allow this.",
         404: "Not found in your organization.",
         409: "Conflicts with the current state.",
+        413: "The request body is larger than the server accepts.",
+        415: "The request body is of a media type this operation does not accept.",
         429: "Over this key's (or user's) request budget; retry after the `Retry-After` header's seconds.",
     }
     # 401 and 429 can answer any call: every endpoint needs a credential and has a budget.

@@ -9,8 +9,26 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings.development")
 django_asgi_app = get_asgi_application()  # before importing anything that touches models
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from daphne import http_protocol  # noqa: E402
 
 from console.routing import websocket_urlpatterns  # noqa: E402
+
+
+class _WebRequest(http_protocol.WebRequest):
+    """Daphne's request, without Twisted's own parse of form bodies. Twisted parses a multipart body
+    before the application sees it (the application gets the raw body and parses it again) and, when
+    its email parser fails, answers 400 itself: no body, no content type, nothing logged
+    (django/daphne#447, twisted/twisted#9739). Unparsed, every body reaches Django, which answers a
+    malformed one in the API's error shape."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
+
+
+# Daphne's HTTPFactory builds each connection's requests from this module attribute. Harmless under
+# another ASGI server, which never builds one.
+http_protocol.WebRequest = _WebRequest
 
 application = ProtocolTypeRouter(
     {

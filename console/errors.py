@@ -9,9 +9,13 @@ import logging
 import math
 import uuid
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, JsonResponse
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent, TooManyFilesSent
+from django.http import Http404, HttpResponsePermanentRedirect, JsonResponse
 from django.shortcuts import render
+from django.urls import Resolver404, resolve
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
 from rest_framework.response import Response
@@ -76,6 +80,11 @@ def _first_message(fields: dict) -> str:
     return "The request is invalid."
 
 
+def _too_large_message() -> str:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return f"The request body is larger than the {limit / 1024 / 1024:g} MiB this server accepts."
+
+
 def api_exception_handler(exc, context):
     """DRF's EXCEPTION_HANDLER: every error the API returns goes through here."""
     if isinstance(exc, DomainError):
@@ -85,6 +94,14 @@ def api_exception_handler(exc, context):
         return Response(error_body("not_found", message), status=404)
     if isinstance(exc, DjangoPermissionDenied):
         exc = drf_exceptions.PermissionDenied(str(exc) or None)
+    # What Django raises while reading a body (a bad request, not a failure of ours): django.request
+    # logs the response in one line, as it does every 4xx.
+    if isinstance(exc, RequestDataTooBig):
+        return Response(error_body("request_too_large", _too_large_message()), status=413)
+    if isinstance(exc, (TooManyFieldsSent, TooManyFilesSent)):
+        return Response(error_body("too_many_fields", str(exc)), status=400)
+    if isinstance(exc, SuspiciousOperation):
+        return Response(error_body("bad_request", "The request could not be understood."), status=400)
     if isinstance(exc, drf_exceptions.ValidationError):
         fields = _flatten(exc.detail)
         if not isinstance(fields, dict):
@@ -131,6 +148,26 @@ class DomainErrorMiddleware:
         )
 
 
+class RequestSizeMiddleware:
+    """Refuses a body declared larger than DATA_UPLOAD_MAX_MEMORY_SIZE with 413 before anything reads
+    it: otherwise Django raises RequestDataTooBig wherever the body is first read (CSRF, a form, a
+    parser), an ERROR with a traceback for each such request. Nothing here takes file uploads, so the
+    limit holds for the whole body. A body of undeclared length still meets Django's own check."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is not None and length > limit:
+            return _page_or_json(request, 413, "request_too_large", _too_large_message())
+        return self.get_response(request)
+
+
 def _page_or_json(request, status_code: int, code: str, message: str):
     if _wants_json(request):
         return JsonResponse(error_body(code, message), status=status_code)
@@ -147,6 +184,25 @@ def handler403(request, exception=None):
 
 def handler404(request, exception=None):
     return _page_or_json(request, 404, "not_found", f"Nothing at {request.path}.")
+
+
+@csrf_exempt  # it changes nothing; a POST to a wrong path is told so, not asked for a CSRF token
+def api_not_found(request, *args, **kwargs):
+    """Any path under /api/ that names nothing: the API's 404 in its one shape, in every profile (with
+    DEBUG on, Django would answer its technical HTML page instead of handler404). A GET without the
+    trailing slash of a path that has one is redirected, as APPEND_SLASH does for the rest of the site."""
+    slashed = request.path_info + "/"
+    hint = ""
+    if not request.path_info.endswith("/"):
+        try:
+            match = resolve(slashed)
+        except Resolver404:
+            match = None
+        if match is not None and match.func is not api_not_found:
+            if request.method in ("GET", "HEAD"):
+                return HttpResponsePermanentRedirect(request.get_full_path(force_append_slash=True))
+            hint = f" Paths of this API end with a slash: {request.path}/."
+    return JsonResponse(error_body("not_found", f"Nothing at {request.path}.{hint}"), status=404)
 
 
 def handler500(request):

@@ -1,6 +1,7 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 
+from console.errors import api_not_found
 from console.metrics import metrics
 from console.portal import views as portal
 from console.throttling import signin_throttled
@@ -14,6 +15,7 @@ admin.site.login = signin_throttled(admin.site.login)  # the admin's sign-in cou
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(("console.api_urls", "api"), namespace="api")),
+    re_path(r"^api/", api_not_found),  # after the API: what it does not name is its JSON 404
     path("healthz", portal.healthz, name="healthz"),
     path("metrics", metrics, name="metrics"),
     path("agent/v1/enroll", enroll, name="agent-enroll"),

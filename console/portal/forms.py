@@ -3,6 +3,25 @@ from decimal import Decimal
 from django import forms
 
 from marketplace.choices import Role
+from marketplace.services.reservations import MAX_DURATION_HOURS
+
+MIN_HOURS = Decimal("0.02")
+
+
+def hours_field(**kwargs) -> forms.DecimalField:
+    """A number of hours, bounded by value and refused in hours (never in digits); the service then
+    holds it to what the offer allows."""
+    return forms.DecimalField(
+        min_value=MIN_HOURS,
+        max_value=Decimal(MAX_DURATION_HOURS),
+        required=False,
+        error_messages={
+            "invalid": "A number of hours, e.g. 1.5.",
+            "min_value": f"At least {MIN_HOURS} hours.",
+            "max_value": f"At most {MAX_DURATION_HOURS:,} hours.",
+        },
+        **kwargs,
+    )
 
 
 class ApiKeyForm(forms.Form):
@@ -28,14 +47,8 @@ class ReserveForm(forms.Form):
         widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
         input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"],
     )
-    duration_hours = forms.DecimalField(
-        min_value=Decimal("0.02"),
-        max_digits=8,
-        decimal_places=2,
-        initial=1,
-        required=False,
-        label="Duration (hours)",
-        help_text="On demand only: a reserved term lasts its months.",
+    duration_hours = hours_field(
+        initial=1, label="Duration (hours)", help_text="On demand only: a reserved term lasts its months."
     )
     # Choices are the offer's terms, set by the view; empty is on demand.
     term_months = forms.TypedChoiceField(
@@ -69,8 +82,20 @@ class SpendAlertForm(forms.Form):
 
 
 class ExtendForm(forms.Form):
+    """A new end, or hours more after the current end."""
+
     end = forms.DateTimeField(
+        required=False,
         label="New end (UTC)",
         widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
         input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"],
     )
+    duration_hours = hours_field(initial=1, label="or hours more", help_text="Added to the current end.")
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        if (data.get("end") is None) == (data.get("duration_hours") is None):
+            self.add_error("end", "Give either a new end or the hours to add.")
+        return data

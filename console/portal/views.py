@@ -190,6 +190,11 @@ def _term_choices(offer) -> list[tuple]:
     return choices
 
 
+def _form_field(form: forms.Form, error: DomainError) -> str | None:
+    """The form's field a refusal names, so it is shown there; None (the whole form) if none."""
+    return next((name for name in error.fields or {} if name in form.fields), None)
+
+
 @tenant_required
 def reserve(request, offer_id):
     """Reserve from an offer: fill in, see the price and the hold, confirm."""
@@ -205,10 +210,17 @@ def reserve(request, offer_id):
         start = data["start"] or timezone.now()
         term = data["term_months"]
         # A reserved term ends when its months do; on demand ends after the hours asked for.
-        end = None if term else start + timedelta(hours=float(data["duration_hours"]))
+        hours = None if term else data["duration_hours"]
         try:
             if "confirm" not in request.POST:
-                asked = {"offer": offer, "quantity": data["quantity"], "start": start, "end": end, "term_months": term}
+                asked = {
+                    "offer": offer,
+                    "quantity": data["quantity"],
+                    "start": start,
+                    "end": None,
+                    "duration_hours": hours,
+                    "term_months": term,
+                }
                 quote = reservation_quote(**asked)  # shown even when refused below: what it would cost
                 # Refused here as the confirm step would refuse it (role, quota, capacity, hold).
                 quote = reservation_check(tenant=request.tenant, **asked)
@@ -221,7 +233,8 @@ def reserve(request, offer_id):
                         offer=offer,
                         quantity=data["quantity"],
                         start=start,
-                        end=end,
+                        end=None,
+                        duration_hours=hours,
                         term_months=term,
                         idempotency_key=key,
                     )
@@ -237,7 +250,7 @@ def reserve(request, offer_id):
                 messages.success(request, "Reserved. It will be provisioned when its start comes.")
                 return redirect("portal:reservation", reservation_id=body["id"])
         except DomainError as error:
-            form.add_error(None, error.message)
+            form.add_error(_form_field(form, error), error.message)
             status = error.status_code
     elif request.method == "POST":
         status = 400
@@ -298,7 +311,7 @@ def reservations(request):
 @tenant_required
 def reservation_detail(request, reservation_id):
     reservation = reservation_get(tenant=request.tenant, reservation_id=reservation_id)
-    extend_form = ExtendForm(initial={"end": reservation.end + timedelta(hours=1)})
+    extend_form = ExtendForm()
     status = 200
     if request.method == "POST":
         try:
@@ -310,13 +323,20 @@ def reservation_detail(request, reservation_id):
                 extend_form = ExtendForm(request.POST)
                 if extend_form.is_valid():
                     reservation_extend(
-                        tenant=request.tenant, reservation=reservation, end=extend_form.cleaned_data["end"]
+                        tenant=request.tenant,
+                        reservation=reservation,
+                        end=extend_form.cleaned_data["end"],
+                        duration_hours=extend_form.cleaned_data["duration_hours"],
                     )
                     messages.success(request, "Extended.")
                     return redirect("portal:reservation", reservation_id=reservation.pk)
                 status = 400
         except DomainError as error:
-            messages.error(request, error.message)
+            field = _form_field(extend_form, error) if extend_form.is_bound else None
+            if field:
+                extend_form.add_error(field, error.message)
+            else:
+                messages.error(request, error.message)
             status = error.status_code
         reservation = reservation_get(tenant=request.tenant, reservation_id=reservation_id)
     now = timezone.now()

@@ -68,10 +68,14 @@ class UsageQuerySerializer(serializers.Serializer):
         now = timezone.now()
         start = attrs.get("start") or datetime.combine(month_start(now), datetime.min.time(), tzinfo=UTC)
         end = attrs.get("end") or now
+        # Without an end, the end is now: then the start is what the client can change.
+        fault, other = ("end", "the start") if "end" in attrs else ("start", "now (the end when none is given)")
         if end <= start:
-            raise serializers.ValidationError({"end": ["Must be after the start."]})
+            side = "after" if fault == "end" else "before"
+            raise serializers.ValidationError({fault: [f"Must be {side} {other}."]})
         if end - start > MAX_USAGE_WINDOW:
-            raise serializers.ValidationError({"end": [f"At most {MAX_USAGE_WINDOW.days} days after the start."]})
+            side = "after" if fault == "end" else "before"
+            raise serializers.ValidationError({fault: [f"At most {MAX_USAGE_WINDOW.days} days {side} {other}."]})
         return {"start": start, "end": end}
 
 

@@ -8,6 +8,7 @@ from marketplace.models import ApiKey, Offer, OfferTermDiscount, Reservation
 from marketplace.money import cents
 from marketplace.selectors.billing import reservation_cost
 from marketplace.selectors.reservations import reservation_billed, reservation_energy_kwh, reservation_progress
+from marketplace.services.reservations import MAX_DURATION_HOURS
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 from provisioning.choices import CommandKind, CommandState
 
@@ -233,6 +234,28 @@ class ReservationDetailSerializer(ReservationSerializer):
         return reservation_progress(reservation=reservation)
 
 
+MIN_HOURS = Decimal("0.02")
+
+
+def hours_field(**kwargs) -> serializers.DecimalField:
+    """A number of hours, bounded by value rather than by digits, and refused in hours: the service
+    then holds it to what the offer allows (``reservation_quote``)."""
+    return serializers.DecimalField(
+        max_digits=None,
+        decimal_places=None,
+        min_value=MIN_HOURS,
+        max_value=Decimal(MAX_DURATION_HOURS),
+        required=False,
+        error_messages={
+            "invalid": "A number of hours, e.g. 1.5.",
+            "max_string_length": "A number of hours, e.g. 1.5.",
+            "min_value": f"At least {MIN_HOURS} hours.",
+            "max_value": f"At most {MAX_DURATION_HOURS:,} hours.",
+        },
+        **kwargs,
+    )
+
+
 class ReservationCreateSerializer(serializers.Serializer):
     offer = serializers.IntegerField(min_value=1)
     quantity = serializers.IntegerField(
@@ -240,9 +263,7 @@ class ReservationCreateSerializer(serializers.Serializer):
     )
     start = serializers.DateTimeField(required=False, allow_null=True, help_text="Omit for now.")
     end = serializers.DateTimeField(required=False, help_text="Either end or duration_hours.")
-    duration_hours = serializers.DecimalField(
-        max_digits=8, decimal_places=2, min_value=Decimal("0.02"), required=False, help_text="Either end or this."
-    )
+    duration_hours = hours_field(help_text="Either end or this; at most the offer's max_duration_hours.")
     term_months = serializers.ChoiceField(
         choices=TermMonths.choices,
         required=False,
@@ -253,14 +274,19 @@ class ReservationCreateSerializer(serializers.Serializer):
     def validate(self, attrs):
         given = [name for name in ("end", "duration_hours", "term_months") if name in attrs]
         if len(given) != 1:
-            raise serializers.ValidationError(
-                {"end": ["Give exactly one of end, duration_hours (on demand) or term_months (a reserved term)."]}
-            )
+            message = "Give exactly one of end, duration_hours (on demand) or term_months (a reserved term)."
+            raise serializers.ValidationError({name: [message] for name in given or ["end"]})
         return attrs
 
 
 class ReservationExtendSerializer(serializers.Serializer):
-    end = serializers.DateTimeField()
+    end = serializers.DateTimeField(required=False, help_text="The new end; either this or duration_hours.")
+    duration_hours = hours_field(help_text="Hours to add to the current end; either this or end.")
+
+    def validate(self, attrs):
+        if ("end" in attrs) == ("duration_hours" in attrs):
+            raise serializers.ValidationError({"end": ["Give either a new end or the hours to add (duration_hours)."]})
+        return attrs
 
 
 class HourlyAvailabilitySerializer(serializers.Serializer):

@@ -1,9 +1,6 @@
 """REST endpoints of the marketplace. Thin: parse, call one service or selector, render."""
 
-from datetime import timedelta
-
 import django_filters
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -167,16 +164,13 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
             params.is_valid(raise_exception=True)
             data = params.validated_data
             offer = offer_for_reservation(offer_id=data["offer"])
-            start = data.get("start") or timezone.now()
-            end = data.get("end")
-            if "duration_hours" in data:
-                end = start + timedelta(hours=float(data["duration_hours"]))
             reservation = reservation_create(
                 tenant=self.tenant,
                 offer=offer,
                 quantity=data["quantity"],
-                start=start,
-                end=end,
+                start=data.get("start"),
+                end=data.get("end"),
+                duration_hours=data.get("duration_hours"),
                 term_months=data.get("term_months"),
                 idempotency_key=key,
             )
@@ -227,6 +221,7 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
 
     @extend_schema(
         summary="Move the end later, while its nodes stay free",
+        description="Send a new `end`, or `duration_hours` to add to the current end.",
         request=ReservationExtendSerializer,
         responses={200: ReservationSerializer, **error_responses(400, 402, 403, 404, 409)},
     )
@@ -235,7 +230,10 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
         params = ReservationExtendSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         reservation = reservation_extend(
-            tenant=self.tenant, reservation=self.get_object(), end=params.validated_data["end"]
+            tenant=self.tenant,
+            reservation=self.get_object(),
+            end=params.validated_data.get("end"),
+            duration_hours=params.validated_data.get("duration_hours"),
         )
         return Response(ReservationSerializer(reservation_get(tenant=self.tenant, reservation_id=reservation.pk)).data)
 

@@ -174,15 +174,23 @@ def availability_by_hour(*, offer: Offer, start: datetime, end: datetime) -> lis
 
 
 MAX_CALENDAR = timedelta(days=14)
+MAX_ADVANCE = timedelta(days=366)  # how far ahead a reservation may start, so its calendar too
 
 
 def availability_window(*, start: datetime | None = None, end: datetime | None = None) -> tuple[datetime, datetime]:
-    """The calendar's range: defaults to this hour and the next 24; at most 14 days."""
+    """The calendar's range: defaults to this hour and the next 24; at most 14 days, starting at most
+    MAX_ADVANCE ahead (checked before an end is computed from the start, so none leaves the calendar)."""
     from django.utils import timezone
 
     from console.errors import DomainError
 
-    start = (start or timezone.now()).replace(minute=0, second=0, microsecond=0)
+    now = timezone.now()
+    start = (start or now).replace(minute=0, second=0, microsecond=0)
+    if start > now + MAX_ADVANCE:
+        raise DomainError(
+            f"The calendar shows at most {MAX_ADVANCE.days} days ahead, as far as reservations can start.",
+            fields={"start": [f"At most {MAX_ADVANCE.days} days from now."]},
+        )
     end = end or start + timedelta(hours=24)
     if end <= start:
         raise DomainError("end must be after start.", fields={"end": ["Must be after start."]})

@@ -79,7 +79,14 @@ def idempotent(
         if constraint not in _KEY_CONSTRAINTS:
             raise
     # A concurrent request with the same key committed first: answer as it did.
-    record = IdempotencyRecord.objects.get(organization=tenant.organization, key=key)
+    record = IdempotencyRecord.objects.filter(organization=tenant.organization, key=key).first()
+    if record is None:
+        # No record, yet a row made with this key exists: its record expired (KEEP_FOR), and the first
+        # response can no longer be replayed. The key still names that row, so it cannot make another.
+        raise IdempotencyKeyReused(
+            f"This Idempotency-Key was used over {KEEP_FOR.total_seconds() / 3600:g} hours ago, and its first "
+            "response is no longer kept; use a new key for a new request."
+        )
     return _replay(record, fingerprint=fingerprint, endpoint=endpoint)
 
 

@@ -19,7 +19,7 @@ from console.tasks import enqueue_on_commit
 from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, Role
 from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organization, Quota, Reservation
 from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between, term_price
-from marketplace.selectors.capacity import earliest_fit
+from marketplace.selectors.capacity import MAX_ADVANCE, earliest_fit
 from marketplace.selectors.catalog import price_in_force
 from marketplace.services.ledger import hold_check, hold_place
 from marketplace.services.metering import SETTLING_STATES
@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 S = ReservationState
 
 CLOCK_SKEW = timedelta(minutes=1)  # a start this far in the past is taken as "now"
-MAX_ADVANCE = timedelta(days=366)  # how far ahead a reservation may start
 MIN_DURATION = timedelta(minutes=1)
+# The longest any reservation may last, whatever its offer allows: with MAX_ADVANCE, it bounds every
+# date the services compute, so that none can leave the calendar (year 9999).
+MAX_DURATION_HOURS = 5 * 366 * 24
 
 
 class QuotaExceeded(Conflict):
@@ -76,18 +78,40 @@ def _window_error(message: str, field: str) -> DomainError:
     return DomainError(message, code="invalid_window", fields={field: [message]})
 
 
+def _most_hours(offer: Offer) -> int:
+    return min(offer.max_duration_hours, MAX_DURATION_HOURS)
+
+
+def _too_long(offer: Offer, field: str) -> DomainError:
+    return _window_error(f"This offer allows at most {_most_hours(offer):,} hours per reservation.", field)
+
+
+def _hours(duration_hours: Decimal | int, *, offer: Offer, field: str) -> timedelta:
+    """``duration_hours`` as a timedelta, refused (naming ``field``) before any arithmetic unless it
+    is from a minute to what the offer allows."""
+    hours = Decimal(str(duration_hours))
+    if not hours.is_finite() or hours * 60 < 1:
+        raise _window_error("A reservation lasts at least a minute.", field)
+    if hours > _most_hours(offer):
+        raise _too_long(offer, field)
+    return timedelta(microseconds=int(hours * 3_600_000_000))
+
+
 def reservation_quote(
     *,
     offer: Offer,
     quantity: int,
     start: datetime | None,
     end: datetime | None,
+    duration_hours: Decimal | int | None = None,
     term_months: int | None = None,
     now: datetime | None = None,
 ) -> Quote:
     """Validate a request against the offer and say what it would hold and cost: on demand for
-    [start, end) at the price in force, or a reserved term of ``term_months`` from start at the
-    offer's discount for that term. Raises DomainError (400)."""
+    [start, end) or ``duration_hours`` from start, at the price in force; or a reserved term of
+    ``term_months`` from start at the offer's discount for that term. The start and the duration are
+    bounded before an end is computed from them, so no input can overflow the calendar. Raises
+    DomainError (400) naming the field at fault."""
     now = now or timezone.now()
     if not offer.is_active:
         raise DomainError(
@@ -103,6 +127,10 @@ def reservation_quote(
             fields={"quantity": ["Must be 1 for a rack offer."]},
         )
     start = now if start is None else start  # up to CLOCK_SKEW in the past is accepted as it is
+    if start < now - CLOCK_SKEW:
+        raise _window_error("The start is in the past.", "start")
+    if start > now + MAX_ADVANCE:
+        raise _window_error(f"Reservations can start at most {MAX_ADVANCE.days} days ahead.", "start")
     price = price_in_force(offer=offer, at=now)
     if term_months is not None:
         discount = offer.term_discounts.filter(term_months=term_months).first()
@@ -119,18 +147,16 @@ def reservation_quote(
             raise _window_error("A reserved term ends when the term does; leave the end out.", "end")
         end = term_end
         price = term_price(price, discount.percent_off)
+    elif duration_hours is not None:
+        end = start + _hours(duration_hours, offer=offer, field="duration_hours")
     elif end is None:
         raise _window_error("An on-demand reservation needs an end.", "end")
-    if start < now - CLOCK_SKEW:
-        raise _window_error("The start is in the past.", "start")
-    if start > now + MAX_ADVANCE:
-        raise _window_error(f"Reservations can start at most {MAX_ADVANCE.days} days ahead.", "start")
     if end <= start:
         raise _window_error("The end must be after the start.", "end")
     if end - start < MIN_DURATION:
         raise _window_error("A reservation lasts at least a minute.", "end")
-    if term_months is None and end - start > timedelta(hours=offer.max_duration_hours):
-        raise _window_error(f"This offer allows at most {offer.max_duration_hours} hours per reservation.", "end")
+    if term_months is None and end - start > timedelta(hours=_most_hours(offer)):
+        raise _too_long(offer, "end")
     if offer.shape == OfferShape.RACK:
         nodes = _typical_rack_size(offer)
     else:
@@ -218,6 +244,7 @@ def reservation_check(
     quantity: int,
     start: datetime | None,
     end: datetime | None,
+    duration_hours: Decimal | int | None = None,
     term_months: int | None = None,
 ) -> Quote:
     """The price step: the quote, refused as reservation_create would refuse it now (the role 403,
@@ -225,7 +252,9 @@ def reservation_check(
     the helper reservation_create calls, so both steps say the same thing; create checks again under
     its locks, and decides."""
     tenant.require(Role.MEMBER, "reserving capacity")
-    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months)
+    quote = reservation_quote(
+        offer=offer, quantity=quantity, start=start, end=end, duration_hours=duration_hours, term_months=term_months
+    )
     if offer.shape == OfferShape.NODE:
         _check_quota(
             organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
@@ -260,15 +289,25 @@ def reservation_create(
     quantity: int,
     start: datetime | None,
     end: datetime | None,
+    duration_hours: Decimal | int | None = None,
     term_months: int | None = None,
     idempotency_key: str | None = None,
     now: datetime | None = None,
 ) -> Reservation:
-    """Hold nodes (or one whole rack) of ``offer`` for [start, end), and the expected cost from the
-    tenant's balance (402 when it cannot cover it). All or nothing. ``now`` is the clock the window
-    is judged by: the real one, except where history is written on purpose (the demo's past month)."""
+    """Hold nodes (or one whole rack) of ``offer`` for [start, end) (or ``duration_hours`` from start,
+    or a term), and the expected cost from the tenant's balance (402 when it cannot cover it). All or
+    nothing. ``now`` is the clock the window is judged by: the real one, except where history is
+    written on purpose (the demo's past month)."""
     tenant.require(Role.MEMBER, "reserving capacity")
-    quote = reservation_quote(offer=offer, quantity=quantity, start=start, end=end, term_months=term_months, now=now)
+    quote = reservation_quote(
+        offer=offer,
+        quantity=quantity,
+        start=start,
+        end=end,
+        duration_hours=duration_hours,
+        term_months=term_months,
+        now=now,
+    )
     organization_lock(tenant.organization.pk)
     if offer.shape == OfferShape.NODE:
         _check_quota(
@@ -378,9 +417,18 @@ def reservation_cancel(*, tenant: TenantContext, reservation: Reservation) -> Re
 
 
 @transaction.atomic
-def reservation_extend(*, tenant: TenantContext, reservation: Reservation, end: datetime) -> Reservation:
-    """Move the end later, if every node it holds stays free until then."""
+def reservation_extend(
+    *,
+    tenant: TenantContext,
+    reservation: Reservation,
+    end: datetime | None = None,
+    duration_hours: Decimal | int | None = None,
+) -> Reservation:
+    """Move the end later, to ``end`` or by ``duration_hours``, if every node it holds stays free until
+    then. The duration is bounded before the new end is computed from it."""
     tenant.require(Role.MEMBER, "extending a reservation")
+    if (end is None) == (duration_hours is None):
+        raise _window_error("Give either a new end or the hours to add (duration_hours).", "end")
     reservation = (
         Reservation.objects.select_for_update().select_related("offer__accelerator_type").get(pk=reservation.pk)
     )
@@ -391,12 +439,15 @@ def reservation_extend(*, tenant: TenantContext, reservation: Reservation, end: 
             requested_state=reservation.state,
         )
     old_end = reservation.end
+    offer = reservation.offer
+    if duration_hours is not None:
+        end = old_end + _hours(duration_hours, offer=offer, field="duration_hours")
+        if end - reservation.start > timedelta(hours=_most_hours(offer)):
+            raise _too_long(offer, "duration_hours")
     if end <= old_end:
         raise _window_error(f"The new end must be after the current end ({old_end.isoformat()}).", "end")
-    if end - reservation.start > timedelta(hours=reservation.offer.max_duration_hours):
-        raise _window_error(
-            f"This offer allows at most {reservation.offer.max_duration_hours} hours per reservation.", "end"
-        )
+    if end - reservation.start > timedelta(hours=_most_hours(offer)):
+        raise _too_long(offer, "end")
     organization_lock(reservation.organization_id)
     _check_quota(
         organization=reservation.organization,

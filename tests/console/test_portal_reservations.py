@@ -6,7 +6,7 @@ from django.test import Client
 from django.utils import timezone
 
 from marketplace.choices import Role
-from marketplace.models import Reservation
+from marketplace.models import OfferTermDiscount, Reservation
 from marketplace.services.reservations import reservation_create
 from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_tenant
 
@@ -91,3 +91,50 @@ def test_another_tenants_reservation_page_is_404(tenant, other_tenant, offer):
     assert browser.post(f"/reservations/{theirs.id}/", {"action": "cancel"}).status_code == 404
     theirs.refresh_from_db()
     assert theirs.state == "pending"
+
+
+@pytest.mark.parametrize("confirm", [False, True])
+@pytest.mark.parametrize(
+    "form,field,words",
+    [
+        ({"start": "9999-12-31T23:00", "duration_hours": "1"}, "start", "at most 366 days ahead"),
+        ({"start": "9999-12-31T23:00", "term_months": "1"}, "start", "at most 366 days ahead"),
+        ({"start": "0001-01-01T00:00", "duration_hours": "1"}, "start", "in the past"),
+        ({"duration_hours": "99999999999"}, "duration_hours", "At most 43,920 hours."),
+        ({"duration_hours": "9000"}, "duration_hours", "at most 2,160 hours"),
+        ({"duration_hours": "0.001"}, "duration_hours", "At least 0.02 hours."),
+    ],
+)
+def test_reserve_refusals_at_the_calendar_edges_name_their_field(tenant, offer, form, field, words, confirm):
+    OfferTermDiscount.objects.create(offer=offer, term_months=1, percent_off=10)
+    response = browser_for(tenant).post(
+        f"/offers/{offer.id}/reserve/", {"quantity": 1, **form, **({"confirm": "1"} if confirm else {})}
+    )
+    assert response.status_code == 400
+    errors = response.context["form"].errors
+    assert list(errors) == [field] and words in errors[field][0], errors
+    assert "digits" not in response.content.decode()
+    assert not Reservation.objects.exists()
+
+
+def test_extend_from_the_portal_by_hours_or_refused_on_its_field(tenant, offer):
+    reservation = reservation_create(tenant=tenant, offer=offer, quantity=1, start=None, end=None, duration_hours=1)
+    browser = browser_for(tenant)
+    page = browser.get(f"/reservations/{reservation.id}/").content.decode()
+    assert 'name="duration_hours"' in page
+    extended = browser.post(f"/reservations/{reservation.id}/", {"action": "extend", "duration_hours": "2.5"})
+    assert extended.status_code == 302
+    old_end = reservation.end
+    reservation.refresh_from_db()
+    assert reservation.end == old_end + timedelta(hours=2.5)
+    for form, field, words in [
+        ({"duration_hours": "5000"}, "duration_hours", "at most 2,160 hours"),
+        ({"duration_hours": "1e12"}, "duration_hours", "At most 43,920 hours."),
+        ({"end": "9999-12-31T23:00"}, "end", "at most 2,160 hours"),
+        ({"end": "2030-01-01T00:00", "duration_hours": "1"}, "end", "either a new end or the hours"),
+    ]:
+        refused = browser.post(f"/reservations/{reservation.id}/", {"action": "extend", **form})
+        assert refused.status_code == 400, form
+        errors = refused.context["extend_form"].errors
+        assert words in errors[field][0], (form, errors)
+        assert Reservation.objects.get().end == old_end + timedelta(hours=2.5)

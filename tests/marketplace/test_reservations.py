@@ -14,6 +14,7 @@ from console.events import tenant_group
 from console.lifecycle import IllegalTransition
 from marketplace.choices import OfferShape, ReservationState, Role
 from marketplace.models import Allocation, IdempotencyRecord, Quota, Reservation
+from marketplace.services.idempotency import idempotency_records_expire
 from marketplace.services.reservations import (
     reservation_cancel,
     reservation_create,
@@ -151,7 +152,7 @@ class TestRefusals:
             ({"OFFER": 0, "start": "START+2h", "end": "START+2h"}, "end"),
             ({"OFFER": 0, "start": "START-10m", "duration_hours": 1}, "start"),
             ({"OFFER": 0, "start": "START+9000h", "duration_hours": 1}, "start"),
-            ({"OFFER": 0, "duration_hours": 49}, "end"),
+            ({"OFFER": 0, "duration_hours": 49}, "duration_hours"),  # the field sent, not the end computed
             ({"OFFER": 0, "start": "yesterday-ish", "duration_hours": 1}, "start"),
             ({"RACK": 0, "quantity": 2, "duration_hours": 1}, "quantity"),
         ],
@@ -251,6 +252,21 @@ class TestIdempotency:
         assert len({r.json()["id"] for r in responses}) == 1
         assert Reservation.objects.count() == 1
 
+    def test_a_key_reused_after_its_record_expired_is_a_clear_422_and_makes_nothing(self, tenant, client_for, fleet):
+        client = client_for(tenant)
+        body = {"offer": fleet["node_offer"].id, "quantity": 1, "duration_hours": 2}
+        assert post(client, body, HTTP_IDEMPOTENCY_KEY="yesterday").status_code == 201
+        IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(days=2))
+        assert idempotency_records_expire() == 1
+        # The reservation still holds the key (unique per organization); its first response is gone.
+        for again in (body, {**body, "quantity": 2}):
+            response = post(client, again, HTTP_IDEMPOTENCY_KEY="yesterday")
+            assert response.status_code == 422, response.content
+            error = response.json()["error"]
+            assert error["code"] == "idempotency_key_reused" and "use a new key" in error["message"]
+        assert Reservation.objects.count() == 1 and not IdempotencyRecord.objects.exists()
+        assert post(client, body, HTTP_IDEMPOTENCY_KEY="today").status_code == 201
+
     def test_an_unusable_key_is_400(self, tenant, client_for, fleet):
         response = post(
             client_for(tenant), {"offer": fleet["node_offer"].id, "duration_hours": 1}, HTTP_IDEMPOTENCY_KEY="x" * 300
@@ -311,6 +327,51 @@ class TestCancelAndExtend:
             response = client.post(f"/api/v1/reservations/{mine['id']}/extend/", {"end": end}, format="json")
             assert response.status_code == 400, (end, response.content)
             assert "end" in response.json()["error"]["fields"]
+
+    def test_extend_by_hours_like_create_takes_them(self, tenant, client_for, fleet):
+        client = client_for(tenant)
+        mine = post(client, {"offer": fleet["node_offer"].id, "duration_hours": 2}).json()
+        extended = client.post(f"/api/v1/reservations/{mine['id']}/extend/", {"duration_hours": "1.5"}, format="json")
+        assert extended.status_code == 200, extended.content
+        assert parse_datetime(extended.json()["end"]) == parse_datetime(mine["end"]) + timedelta(hours=1.5)
+        assert extended.json()["price"]["hours"] == "3.5000"
+
+    @pytest.mark.parametrize(
+        "body,field,words",
+        [
+            ({"duration_hours": "47"}, "duration_hours", "at most 48 hours"),  # 2 + 47 > the offer's 48
+            ({"duration_hours": "99999999999"}, "duration_hours", "At most 43,920 hours."),
+            ({"duration_hours": "0.001"}, "duration_hours", "At least 0.02 hours."),
+            ({"duration_hours": "-3"}, "duration_hours", "At least 0.02 hours."),
+            ({"duration_hours": "NaN"}, "duration_hours", "A number of hours"),
+            ({"duration_hours": "1", "end": "2031-01-01T00:00:00Z"}, "end", "either a new end or the hours"),
+            ({}, "end", "either a new end or the hours"),
+        ],
+    )
+    def test_extend_refusals_speak_hours_and_change_nothing(self, tenant, client_for, fleet, body, field, words):
+        client = client_for(tenant)
+        mine = post(client, {"offer": fleet["node_offer"].id, "duration_hours": 2}).json()
+        response = client.post(f"/api/v1/reservations/{mine['id']}/extend/", body, format="json")
+        assert response.status_code == 400, response.content
+        error = response.json()["error"]
+        assert words in error["fields"][field][0] and "digits" not in response.content.decode()
+        assert client.get(f"/api/v1/reservations/{mine['id']}/").json()["end"] == mine["end"]
+
+    @pytest.mark.parametrize(
+        "hours,words",
+        [
+            ("49", "This offer allows at most 48 hours per reservation."),
+            ("123456789", "At most 43,920 hours."),
+            ("1" * 40, "At most 43,920 hours."),
+            ("1e999999", "At most 43,920 hours."),
+            ("0.005", "At least 0.02 hours."),
+        ],
+    )
+    def test_create_refusals_speak_hours_not_digits(self, tenant, client_for, fleet, hours, words):
+        response = post(client_for(tenant), {"offer": fleet["node_offer"].id, "duration_hours": hours})
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["fields"]["duration_hours"] == [words]
+        assert not Reservation.objects.exists()
 
     def test_a_finished_reservation_cannot_be_cancelled(self, tenant, fleet):
         reservation = reservation_create(
