@@ -268,6 +268,7 @@ def data_stores(root: Path) -> Iterator[dict[str, str]]:
     try:
         if os.environ.get("DATABASE_URL"):
             env["DATABASE_URL"] = os.environ["DATABASE_URL"]
+            database_ensure(env["DATABASE_URL"])
         else:
             postgres = EmbeddedPostgres(root)
             started.append(postgres)
@@ -284,6 +285,51 @@ def data_stores(root: Path) -> Iterator[dict[str, str]]:
     finally:
         for server in reversed(started):
             server.stop()
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The configured PostgreSQL cannot be used; the message says why, in one line."""
+
+
+def database_ensure(url: str) -> None:
+    """The configured database exists: created (and said so) when the server answers but has no such
+    database yet, as a new user's fresh DATABASE_URL does; otherwise a one-line reason, not a traceback."""
+    import dj_database_url
+    import psycopg
+    from psycopg import sql
+
+    config = dj_database_url.parse(url)
+    params = {
+        "host": config.get("HOST") or None,
+        "port": config.get("PORT") or None,
+        "user": config.get("USER") or None,
+        "password": config.get("PASSWORD") or None,
+        "connect_timeout": 5,
+    }
+    name = config["NAME"]
+    try:
+        psycopg.connect(dbname=name, **params).close()
+        return
+    except psycopg.OperationalError as error:
+        refusal = _one_line(error)
+    try:  # the server may be there without the database: ask it, through its maintenance database
+        with psycopg.connect(dbname="postgres", autocommit=True, **params) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+                raise DatabaseUnavailable(f"Cannot use PostgreSQL at DATABASE_URL ({refusal}).")
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.OperationalError:
+        raise DatabaseUnavailable(f"Cannot use PostgreSQL at DATABASE_URL ({refusal}).") from None
+    except psycopg.Error as error:
+        raise DatabaseUnavailable(
+            f"Database {name!r} does not exist and could not be created ({_one_line(error)}); "
+            f"create it (createdb {name}) or point DATABASE_URL at one that exists."
+        ) from None
+    logger.info("Created database %s (it did not exist yet)", name)
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text or error.__class__.__name__
 
 
 class Stop(Exception):
@@ -324,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         if child is not None:
             stop_process(child)
         return 130
+    except DatabaseUnavailable as error:
+        logger.error("%s", error)
+        return 1
     finally:
         if child is not None and child.poll() is None:
             stop_process(child)
