@@ -26,6 +26,7 @@ test: $(INSTALLED) lint
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 check: $(INSTALLED)
 	$(PY) manage.py check

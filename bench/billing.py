@@ -81,7 +81,7 @@ SNAPSHOT = {"marketplace_ledgertransaction": "bench_snapshot_txn", "marketplace_
 
 if str(ROOT) not in sys.path:  # run as a script: the project is importable
     sys.path.insert(0, str(ROOT))
-from console.progress import Progress, say  # noqa: E402 - the bar the management commands show
+from console.kernel.progress import Progress, say  # noqa: E402 - the bar the management commands show
 
 
 def median(values: list[float]) -> float | None:
@@ -723,7 +723,7 @@ def worker_main(args) -> int:
     django_setup()
     from django.db import connection
 
-    import console.events
+    import console.kernel.events
     import marketplace.services.spend
     from marketplace.selectors.billing import reservations_to_rate_count
     from marketplace.services.invoicing import invoice_month
@@ -735,7 +735,7 @@ def worker_main(args) -> int:
     db.install()
     watches = {
         "after_rating": Stopwatch(marketplace.services.spend, "after_rating"),
-        "redis_publish": Stopwatch(console.events, "publish"),
+        "redis_publish": Stopwatch(console.kernel.events, "publish"),
     }
     label = "" if args.mode == "timed" else f" ({args.mode})"
     steps = []
@@ -920,7 +920,7 @@ def push_ceiling() -> dict:
     from asgiref.sync import async_to_sync
     from channels.layers import get_channel_layer
 
-    from console.events import publish, tenant_group
+    from console.kernel.events import publish, tenant_group
     from marketplace.models import Organization
 
     groups = [tenant_group(pk) for pk in Organization.objects.values_list("pk", flat=True)]

@@ -65,7 +65,7 @@ API_HORIZON_DAYS = 360  # API reservations start at random within this (the limi
 
 if str(ROOT) not in sys.path:  # run as a script: the project is importable
     sys.path.insert(0, str(ROOT))
-from console.progress import Progress, say  # noqa: E402 - the bar the management commands show
+from console.kernel.progress import Progress, say  # noqa: E402 - the bar the management commands show
 
 # --- Statistics --------------------------------------------------------------------------------
 
@@ -107,7 +107,7 @@ def configure_environment(database_url: str) -> dict[str, str]:
             "DEBUG": "false",
             "ALLOWED_HOSTS": "127.0.0.1,localhost",
             "DEFAULT_GPU_QUOTA": HUGE_QUOTA,
-            # The server's ceiling is measured, not the per-key budgets (console.throttling).
+            # The server's ceiling is measured, not the per-key budgets (console.kernel.throttling).
             "API_THROTTLE_READ": "off",
             "API_THROTTLE_WRITE": "off",
             "API_THROTTLE_EXPENSIVE": "off",
@@ -261,9 +261,9 @@ def database_analyze() -> None:
 
 def tenant_make(label: str, i: int):
     from marketplace.choices import Role
-    from marketplace.services.ledger import credits_grant
+    from marketplace.services.credits import credits_grant
     from marketplace.services.tenancy import organization_create, user_create
-    from marketplace.tenancy import TenantContext
+    from marketplace.tenant_context import TenantContext
 
     user = user_create(email=f"bench-{label}-{i}@example.com")
     organization = organization_create(name=f"Bench {label} {i}", owner=user)
@@ -475,7 +475,7 @@ def measure_request_path(fleet: Fleet, rng: random.Random, count: int) -> dict:
     from django.utils import timezone
     from django.utils.dateparse import parse_datetime
 
-    from console.events import publish, tenant_group
+    from console.kernel.events import publish, tenant_group
     from marketplace.selectors.catalog import offer_for_reservation
     from marketplace.selectors.reservations import reservation_get
     from marketplace.services.api_keys import api_key_create
@@ -818,7 +818,7 @@ def report(results: dict) -> str:
             "reservation_create": "  of which reservation_create (quantity 1)",
             "placement_pick": "    of which placement_pick (rolled back)",
             "check_quota": "    of which _check_quota",
-            "publish": "    of which the event (console.events.publish)",
+            "publish": "    of which the event (console.kernel.events.publish)",
             "reservation_get": "  of which reservation_get (for the response)",
         }
         for name, label in labels.items():

@@ -222,7 +222,7 @@ def fixture_build(*, nodes: int, watch: int) -> Fixture:
     from django.test import Client
     from django.utils import timezone
 
-    from console.tokens import new_token
+    from console.kernel.tokens import new_token
     from marketplace.choices import OfferShape, ReservationState
     from marketplace.models import Allocation, Offer, Reservation
     from marketplace.services.tenancy import organization_create, user_create

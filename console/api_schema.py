@@ -1,12 +1,12 @@
 """The OpenAPI schema generator of the API (REST_FRAMEWORK's DEFAULT_SCHEMA_CLASS).
 
-Apart from ``console.api`` because drf-spectacular's generator imports DRF's generic views, which
-import ``console.api.Pagination`` (DEFAULT_PAGINATION_CLASS) while they load."""
+Apart from ``console.kernel.api`` because drf-spectacular's generator imports DRF's generic views, which
+import ``console.kernel.api.Pagination`` (DEFAULT_PAGINATION_CLASS) while they load."""
 
 from drf_spectacular import openapi
 from drf_spectacular.utils import OpenApiResponse
 
-from console.api import ErrorSerializer
+from console.kernel.api import ErrorSerializer
 
 # Errors that DRF and Django raise before a view's own code runs, by what the operation takes.
 _BODY_ERRORS = {

@@ -1,6 +1,6 @@
 from django.apps import AppConfig
 
-from console.events import feeds_close_on_commit, session_group
+from console.kernel.events import feeds_close_on_commit, session_group
 
 
 class ConsoleConfig(AppConfig):
@@ -11,7 +11,7 @@ class ConsoleConfig(AppConfig):
         from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
         from django.core import checks
 
-        from console import throttling
+        from console.kernel import throttling
 
         checks.register(throttling.check_rates)
         user_logged_out.connect(_close_session_feeds, dispatch_uid="console.close_session_feeds")

@@ -20,14 +20,17 @@ from marketplace.money import month_start
 from marketplace.selectors.tenancy import tenant_context_for_user
 from marketplace.services import reservations as lifecycle
 from marketplace.services.catalog import offer_create
+from marketplace.services.credits import credits_grant
 from marketplace.services.invoicing import invoice_month
-from marketplace.services.ledger import credits_grant
 from marketplace.services.metering import usage_rate
 from marketplace.services.spend import credit_limit_set, spend_alert_create
 from marketplace.services.tenancy import membership_set, organization_create, user_create
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
+from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
-from provisioning.models import AcceleratorType, Site
+from provisioning.models import AcceleratorType, Node, Site
+from provisioning.selectors.fleet import node_hardware_hints
+from provisioning.services.agents import bootstrap_token_create, node_secret_known
 from provisioning.services.fleet import (
     GpuSpec,
     node_enrol,
@@ -282,11 +285,6 @@ def demo_agent_tokens(*, state_dir: Path) -> AgentTokens:
     A stored secret is usable only if this database knows it for that node: after the demo ran on
     another database (another DATABASE_URL, or a fresh one), the agents' stored secrets are refused
     (4401) and the fleet would stop. Those credentials are deleted here and the nodes enrolled again."""
-    from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
-    from provisioning.models import Node
-    from provisioning.selectors.fleet import node_hardware_hints
-    from provisioning.services.agents import bootstrap_token_create, node_secret_known
-
     entries, stale = [], []
     for node in Node.objects.select_related("accelerator_type").order_by("hostname"):
         member_dir = state_dir / node.hostname

@@ -14,7 +14,7 @@ from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from console.errors import error_body
+from console.kernel.errors import error_body
 from marketplace.models import Reservation
 from provisioning.models import Node
 from provisioning.selectors import telemetry as telemetry_reads

@@ -1,10 +1,10 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 
-from console.errors import api_not_found
+from console.kernel.errors import api_not_found
+from console.kernel.throttling import signin_throttled
 from console.metrics import metrics
 from console.portal import views as portal
-from console.throttling import signin_throttled
 from provisioning.api.enroll import enroll
 
 admin.site.site_header = "Neocloud Console — operations"
@@ -22,7 +22,7 @@ urlpatterns = [
     path("", include(("console.portal.urls", "portal"), namespace="portal")),
 ]
 
-handler400 = "console.errors.handler400"
-handler403 = "console.errors.handler403"
-handler404 = "console.errors.handler404"
-handler500 = "console.errors.handler500"
+handler400 = "console.kernel.errors.handler400"
+handler403 = "console.kernel.errors.handler403"
+handler404 = "console.kernel.errors.handler404"
+handler500 = "console.kernel.errors.handler500"

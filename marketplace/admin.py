@@ -4,7 +4,7 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db.models import Count, Q
 
-from console.admin_columns import annotated_column
+from console.kernel.admin_columns import annotated_column
 from marketplace.billing_admin import (
     OfferPriceAddInline,
     OfferPriceHistoryInline,

@@ -6,14 +6,14 @@ from datetime import timedelta
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 from marketplace.models import (
     BillingNotice,
     BillingProfile,
@@ -28,7 +28,7 @@ from marketplace.models import (
 )
 from marketplace.money import cents
 from marketplace.selectors.billing import balance_of
-from marketplace.services.ledger import credits_grant, ledger_reverse
+from marketplace.services.credits import credits_grant, ledger_reverse
 from marketplace.services.pricing import offer_price_set
 from marketplace.services.spend import credit_limit_set
 
@@ -219,8 +219,6 @@ class LedgerTransactionAdmin(ReadOnlyAdmin):
     actions = ["reverse"]
 
     def get_queryset(self, request):
-        from django.db.models import Q
-
         return super().get_queryset(request).annotate(moved=Sum("entries__amount", filter=Q(entries__amount__gt=0)))
 
     @admin.display(description="amount moved", ordering="moved")

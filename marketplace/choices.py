@@ -48,6 +48,14 @@ class ReservationState(models.TextChoices):
 HOLDING_STATES = frozenset(
     {ReservationState.PENDING, ReservationState.PROVISIONING, ReservationState.ACTIVE, ReservationState.RELEASING}
 )
+# Reservations in these states have left active (or never will be): rated once more, to their end, then
+# settled (marketplace.services.metering).
+SETTLING_STATES = (
+    ReservationState.RELEASING,
+    ReservationState.COMPLETED,
+    ReservationState.CANCELLED,
+    ReservationState.FAILED,
+)
 
 # Reservations in these states are over: nothing more happens to them, their bill is what was rated.
 FINISHED_STATES = frozenset({ReservationState.COMPLETED, ReservationState.CANCELLED, ReservationState.FAILED})

@@ -4,12 +4,12 @@ the session before joining anything; anything else is refused. Each also follows
 
 from channels.db import database_sync_to_async
 
-from console.consumers import FeedConsumer
-from console.errors import NotFound
-from console.events import member_group, reservation_group, tenant_group
-from console.tenancy import SESSION_KEY
+from console.kernel.consumers import FeedConsumer
+from console.kernel.errors import NotFound
+from console.kernel.events import member_group, reservation_group, tenant_group
 from marketplace.selectors.reservations import reservation_get
 from marketplace.selectors.tenancy import tenant_context_for_user
+from marketplace.tenant_context import SESSION_KEY
 
 
 def _tenant_for(scope):

@@ -1,8 +1,11 @@
 """Money and time arithmetic of billing, pure and exact. Amounts are Decimal throughout; the ledger
 keeps ten decimal places (LEDGER_QUANTUM) and only invoice lines are rounded, to cents."""
 
+import calendar
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
+
+from console.kernel.errors import DomainError
 
 LEDGER_QUANTUM = Decimal("1e-10")
 CENT = Decimal("0.01")
@@ -37,8 +40,6 @@ def cents(amount: Decimal) -> Decimal:
 
 def parse_amount(value, *, field: str = "amount", allow_zero: bool = False) -> Decimal:
     """A positive amount in dollars with at most two decimals, from user input; DomainError if not."""
-    from console.errors import DomainError
-
     try:
         amount = Decimal(str(value).strip())
     except (InvalidOperation, ValueError):
@@ -82,8 +83,6 @@ def split_at_months(start: datetime, end: datetime) -> list[tuple[datetime, date
 
 def add_months(moment: datetime, months: int) -> datetime:
     """The same day and time ``months`` later (the last day of a shorter month)."""
-    import calendar
-
     month_index = moment.month - 1 + months
     year, month = moment.year + month_index // 12, month_index % 12 + 1
     day = min(moment.day, calendar.monthrange(year, month)[1])

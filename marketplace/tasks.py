@@ -3,6 +3,10 @@
 from celery import shared_task
 
 from marketplace.services.idempotency import idempotency_records_expire as expire_records
+from marketplace.services.invoicing import cost_tick
+from marketplace.services.invoicing import invoices_close as close
+from marketplace.services.metering import usage_rate as rate
+from marketplace.services.pricing import prices_apply as apply
 from marketplace.services.provisioning_flow import (
     reservation_provision_start,
     reservation_teardown_start,
@@ -11,6 +15,7 @@ from marketplace.services.provisioning_flow import (
     reservations_reconcile as reconcile,
 )
 from marketplace.services.reservations import reservation_begin, reservations_advance
+from marketplace.services.spend import balances_enforce
 
 
 @shared_task(acks_late=True, ignore_result=True)
@@ -49,35 +54,24 @@ def idempotency_records_expire() -> int:
 @shared_task(acks_late=True, ignore_result=True)
 def usage_rate() -> dict[str, int]:
     """Rate every active reservation up to now, then release what overstayed an empty balance."""
-    from marketplace.services.metering import usage_rate as rate
-    from marketplace.services.spend import balances_enforce
-
     return {**rate(), **balances_enforce()}
 
 
 @shared_task(acks_late=True, ignore_result=True)
 def rate_reservation(reservation_id: str) -> dict[str, int]:
-    from marketplace.services.metering import usage_rate as rate
-
     return rate(reservation_ids=[reservation_id])
 
 
 @shared_task(ignore_result=True)
 def billing_tick() -> int:
-    from marketplace.services.invoicing import cost_tick
-
     return cost_tick()
 
 
 @shared_task(acks_late=True, ignore_result=True)
 def invoices_close() -> int:
-    from marketplace.services.invoicing import invoices_close as close
-
     return close()
 
 
 @shared_task(ignore_result=True)
 def prices_apply() -> int:
-    from marketplace.services.pricing import prices_apply as apply
-
     return apply()

@@ -5,8 +5,8 @@ from django.contrib import admin, messages
 from django.db.models import Count, Q
 from django.template.response import TemplateResponse
 
-from console.admin_columns import annotated_column
-from console.errors import DomainError
+from console.kernel.admin_columns import annotated_column
+from console.kernel.errors import DomainError
 from provisioning.choices import NodeState
 from provisioning.models import AcceleratorType, Gpu, Node, NodeCommand, NodeStateChange, Rack, Site
 from provisioning.services.agents import bootstrap_token_create, node_secret_revoke, node_secret_rotate

@@ -11,11 +11,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from console.consumers import FeedConsumer, WithoutDbHousekeeping
-from console.errors import DomainError
-from console.events import FLEET_GROUP
+from console.kernel.consumers import FeedConsumer, WithoutDbHousekeeping
+from console.kernel.errors import DomainError
+from console.kernel.events import FLEET_GROUP
 from provisioning import hooks
-from provisioning.models import NodeCommand
+from provisioning.models import Node, NodeCommand
 from provisioning.services import agents, telemetry
 
 logger = logging.getLogger(__name__)
@@ -194,8 +194,6 @@ class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _node(self):
-        from provisioning.models import Node
-
         return Node.objects.get(pk=self.node_id)
 
     # --- Messages from the server side (channel layer group agent.<node id>) ---

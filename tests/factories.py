@@ -8,9 +8,9 @@ import factory
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Offer, OfferTermDiscount, Reservation
-from marketplace.services.ledger import credits_grant
+from marketplace.services.credits import credits_grant
 from marketplace.services.tenancy import membership_set, organization_create, user_create
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
 from provisioning.models import AcceleratorType, Node, Rack, Site
 from provisioning.services.fleet import GpuSpec, node_set_inventory, node_transition

@@ -11,7 +11,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 from console.portal.access import tenant_required
 from console.portal.forms import SpendAlertForm
 from marketplace.choices import NoticeKind, ReservationState

@@ -1,8 +1,8 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
+from console.kernel.throttling import signin_throttled
 from console.portal import billing, views
-from console.throttling import signin_throttled
 
 urlpatterns = [
     path("", views.home, name="home"),

@@ -6,6 +6,7 @@ from datetime import timedelta
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
 from django.db import connection
 from django.http import HttpResponseRedirect, JsonResponse
 from django.shortcuts import redirect, render
@@ -14,11 +15,11 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from console.errors import DomainError, Forbidden
+from console.kernel.errors import DomainError, Forbidden
 from console.portal.access import tenant_required
 from console.portal.billing import dashboard, money, running_cost, wallet_of
+from console.portal.boundary import SESSION_KEY
 from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm
-from console.tenancy import SESSION_KEY
 from marketplace.api.filters import OfferFilter
 from marketplace.choices import ROLE_RANK, ReservationState, Role
 from marketplace.money import term_price
@@ -51,8 +52,6 @@ from provisioning.selectors.fleet import accelerator_type_list, fleet_overview, 
 
 def healthz(request):
     """Liveness and readiness: PostgreSQL and Redis both answer."""
-    from django.core.cache import cache
-
     checks = {}
     try:
         with connection.cursor() as cursor:
@@ -352,7 +351,7 @@ def reservation_detail(request, reservation_id):
             "progress": reservation_progress(reservation=reservation),
             "telemetry_gpus": reservation_gpus_now(reservation=reservation),
             "energy_kwh": reservation_energy_kwh(reservation=reservation),
-            "can_cancel": reservation.state in ("pending", "provisioning", "active"),
+            "can_cancel": reservation.can_cancel,
             "finished": reservation.is_finished,
             "billed": _billed(reservation),
             "cost_so_far": money(running_cost(reservation, wallet["tick"], now=now)),

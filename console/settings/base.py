@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from console.env import env_bool, env_int, env_list, env_str
+from console.kernel.env import env_bool, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -38,15 +38,15 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "console.errors.RequestSizeMiddleware",  # before anything reads a body
+    "console.kernel.errors.RequestSizeMiddleware",  # before anything reads a body
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "console.tenancy.TenantMiddleware",
-    "console.errors.DomainErrorMiddleware",
+    "console.portal.boundary.TenantMiddleware",
+    "console.kernel.errors.DomainErrorMiddleware",
 ]
 
 ROOT_URLCONF = "console.urls"
@@ -63,7 +63,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "console.tenancy.tenant_context",
+                "console.portal.boundary.tenant_context",
             ],
         },
     },
@@ -176,15 +176,15 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "console.api.Pagination",
+    "DEFAULT_PAGINATION_CLASS": "console.kernel.api.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "console.api_schema.AutoSchema",
-    "EXCEPTION_HANDLER": "console.errors.api_exception_handler",
+    "EXCEPTION_HANDLER": "console.kernel.errors.api_exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
-    # Budgets per API key (or per user of a browser session), console.throttling; "off" lifts one.
-    "DEFAULT_THROTTLE_CLASSES": ["console.throttling.ReadThrottle", "console.throttling.WriteThrottle"],
+    # Budgets per API key (or per user of a browser session), console.kernel.throttling; "off" lifts one.
+    "DEFAULT_THROTTLE_CLASSES": ["console.kernel.throttling.ReadThrottle", "console.kernel.throttling.WriteThrottle"],
     "DEFAULT_THROTTLE_RATES": {
         "api_read": env_str("API_THROTTLE_READ", "1200/min"),
         "api_write": env_str("API_THROTTLE_WRITE", "300/min"),
@@ -197,7 +197,7 @@ SIGNIN_FAILURES_PER_ACCOUNT = env_int("SIGNIN_FAILURES_PER_ACCOUNT", 10)
 SIGNIN_FAILURES_PER_ADDRESS = env_int("SIGNIN_FAILURES_PER_ADDRESS", 100)
 SIGNIN_THROTTLE_SECONDS = env_int("SIGNIN_THROTTLE_SECONDS", 900)
 # Proxies of ours in front of the console: 0 takes REMOTE_ADDR as the client's address; N the address
-# the outermost of N proxies saw, from X-Forwarded-For (console.throttling.client_address).
+# the outermost of N proxies saw, from X-Forwarded-For (console.kernel.throttling.client_address).
 TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
 
 SPECTACULAR_SETTINGS = {
@@ -254,7 +254,7 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
-# --- Live feeds to browsers (console.consumers.FeedConsumer) -------------------------------------
+# --- Live feeds to browsers (console.kernel.consumers.FeedConsumer) -------------------------------------
 # A feed closes at once on sign-out and on removal from the organization; besides, the first message
 # after this many seconds re-reads the session and membership before it is forwarded.
 FEED_RECHECK_SECONDS = env_int("FEED_RECHECK_SECONDS", 60)

@@ -1,6 +1,6 @@
 """Local development and `make demo`: DEBUG on unless said otherwise, a throwaway secret."""
 
-from console.env import env_bool, env_list, env_str
+from console.kernel.env import env_bool, env_list, env_str
 
 from .base import *  # noqa: F403
 from .base import STORAGES

@@ -6,7 +6,7 @@ ALLOWED_HOSTS are real (tests/console/test_settings.py runs it).
 
 from django.core.exceptions import ImproperlyConfigured
 
-from console.env import env_bool, env_int, env_list, env_required
+from console.kernel.env import env_bool, env_int, env_list, env_required
 
 from .base import *  # noqa: F403
 

@@ -1,6 +1,6 @@
 """The test suite: real PostgreSQL and Redis from DATABASE_URL / REDIS_URL, fast password hashing."""
 
-from console.env import env_int, env_list, env_str
+from console.kernel.env import env_int, env_list, env_str
 
 from .base import *  # noqa: F403
 from .base import REST_FRAMEWORK, STORAGES

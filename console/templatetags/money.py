@@ -2,11 +2,11 @@
 
 from django import template
 
+from console.portal.billing import money
+
 register = template.Library()
 
 
 @register.filter
 def usd(value) -> str:
-    from console.portal.billing import money
-
     return money(value)

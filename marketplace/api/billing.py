@@ -16,8 +16,9 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from console.api import TenantRowsMixin, TenantScopedMixin, error_responses, idempotency_key_parameter
-from console.throttling import expensive_read_throttles
+from console.kernel.api import error_responses, idempotency_key_parameter
+from console.kernel.throttling import expensive_read_throttles
+from marketplace.api.boundary import TenantRowsMixin, TenantScopedMixin
 from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start

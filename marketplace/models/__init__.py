@@ -13,6 +13,7 @@ from .billing import (
 )
 from .catalog import Offer, OfferTermDiscount
 from .reservations import (
+    RESERVATION_ON_ENTER,
     RESERVATION_TRANSITIONS,
     Allocation,
     IdempotencyRecord,
@@ -43,6 +44,7 @@ __all__ = [
     "OfferTermDiscount",
     "Organization",
     "Quota",
+    "RESERVATION_ON_ENTER",
     "Reservation",
     "billed_interval",
     "User",

@@ -1,4 +1,5 @@
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -30,6 +31,35 @@ RESERVATION_TRANSITIONS: dict[str, frozenset[str]] = {
     S.CANCELLED: frozenset(),
     S.FAILED: frozenset(),
 }
+
+
+@dataclass(frozen=True)
+class OnEnter:
+    """What entering a state sets off (services.reservations carries it out, in the move's transaction).
+    Every move also tells the tenant (``reservation.<state>``) and the nodes' agents (who may see their
+    telemetry changed). ``tasks``: Celery tasks sent, by name, with the reservation's id after commit;
+    ``frees_nodes``: its allocations stop holding their nodes."""
+
+    tasks: tuple[str, ...] = ()
+    frees_nodes: bool = False
+
+
+_RATE = "marketplace.tasks.rate_reservation"  # rate it to its end and release the rest of its hold
+RESERVATION_ON_ENTER: dict[str, OnEnter] = {
+    S.PENDING: OnEnter(),
+    S.PROVISIONING: OnEnter(tasks=("marketplace.tasks.provision_reservation",)),
+    S.ACTIVE: OnEnter(),
+    S.RELEASING: OnEnter(tasks=("marketplace.tasks.release_reservation", _RATE)),
+    S.COMPLETED: OnEnter(frees_nodes=True),
+    S.CANCELLED: OnEnter(tasks=(_RATE,), frees_nodes=True),
+    # Some nodes may have been set up before one failed: tear them all down.
+    S.FAILED: OnEnter(tasks=("marketplace.tasks.release_reservation", _RATE), frees_nodes=True),
+}
+
+
+def can_end_early(state: str) -> bool:
+    """Whether a reservation in ``state`` can still be cancelled or released, and so extended too."""
+    return bool(RESERVATION_TRANSITIONS[state] & {S.CANCELLED, S.RELEASING})
 
 
 def billed_interval(
@@ -133,6 +163,15 @@ class Reservation(models.Model):
     @property
     def hours(self) -> Decimal:
         return seconds_between(self.start, self.end) / SECONDS_PER_HOUR
+
+    @property
+    def can_cancel(self) -> bool:
+        """Cancel before its start, release after (RESERVATION_TRANSITIONS)."""
+        return can_end_early(self.state)
+
+    @property
+    def can_extend(self) -> bool:
+        return can_end_early(self.state)
 
     def billed_interval(self, now: datetime) -> tuple[datetime, datetime] | None:
         """[start, end) of the time billed so far (see ``billed_interval``)."""

@@ -12,8 +12,8 @@ from django.db.models import DateTimeField, Func, Max, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from console.errors import NotFound
-from marketplace.choices import AccountKind, ReservationState
+from console.kernel.errors import NotFound
+from marketplace.choices import SETTLING_STATES, AccountKind, ReservationState
 from marketplace.models import (
     Allocation,
     BillingNotice,
@@ -25,7 +25,8 @@ from marketplace.models import (
     UsageRecord,
 )
 from marketplace.money import cents, cost, month_bounds, month_start, seconds_between
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
+from provisioning.models import Gpu, GpuRollup
 
 ZERO = Decimal(0)
 
@@ -231,8 +232,6 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
     """``{organization_id: [line, ...]}``: per reservation, its rated usage in the month, with the
     energy its GPUs drew meanwhile. The month's invoice (or, for the month in progress, its preview).
     Three queries whatever the number of tenants."""
-    from provisioning.models import Gpu, GpuRollup
-
     organization_ids = list(organization_ids)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -376,8 +375,6 @@ def cost_ticks(*, now: datetime, organization_id=None) -> dict:
 
 def reservations_to_rate_count() -> int:
     """Reservations a rating run would look at now (for progress bars)."""
-    from marketplace.services.metering import SETTLING_STATES
-
     return Reservation.objects.filter(
         billing_settled_at__isnull=True, state__in=[ReservationState.ACTIVE, *SETTLING_STATES]
     ).count()

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import connection
+from django.utils import timezone
 
+from console.kernel.errors import DomainError
 from marketplace.models import Allocation, Offer
 from provisioning.choices import NodeState
 from provisioning.models import Node, Rack
@@ -180,10 +182,6 @@ MAX_ADVANCE = timedelta(days=366)  # how far ahead a reservation may start, so i
 def availability_window(*, start: datetime | None = None, end: datetime | None = None) -> tuple[datetime, datetime]:
     """The calendar's range: defaults to this hour and the next 24; at most 14 days, starting at most
     MAX_ADVANCE ahead (checked before an end is computed from the start, so none leaves the calendar)."""
-    from django.utils import timezone
-
-    from console.errors import DomainError
-
     now = timezone.now()
     start = (start or now).replace(minute=0, second=0, microsecond=0)
     if start > now + MAX_ADVANCE:

@@ -6,9 +6,10 @@ moment; the hour-by-hour calendar is marketplace.selectors.capacity.availability
 
 from django.db.models import Exists, F, Func, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce, Now
+from django.utils import timezone
 
-from console.errors import DomainError, NotFound
-from marketplace.models import Allocation, Offer
+from console.kernel.errors import DomainError, NotFound
+from marketplace.models import Allocation, Offer, OfferPrice
 from provisioning.choices import NodeState
 from provisioning.models import Node, Rack
 
@@ -92,10 +93,6 @@ def offer_filter(offers: QuerySet[Offer], *, available_only: bool = False) -> Qu
 def price_in_force(*, offer, at=None):
     """The offer's on-demand price per GPU-hour at ``at`` (now): the latest price-book row in force,
     or the offer's own price where the book has none."""
-    from django.utils import timezone
-
-    from marketplace.models import OfferPrice
-
     at = at or timezone.now()
     price = (
         OfferPrice.objects.filter(offer=offer, effective_from__lte=at)

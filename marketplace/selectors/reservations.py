@@ -6,10 +6,11 @@ from decimal import Decimal
 from django.core.exceptions import ValidationError
 from django.db.models import DecimalField, OuterRef, Prefetch, QuerySet, Subquery, Sum
 
-from console.errors import NotFound
+from console.kernel.errors import NotFound
 from marketplace.choices import ReservationState
 from marketplace.models import Allocation, Reservation, UsageRecord
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
+from provisioning.models import NodeCommand
 from provisioning.selectors.telemetry import (
     Holding,
     energy_kwh_held,
@@ -85,8 +86,6 @@ def reservations_due_to_end(*, now: datetime) -> list:
 
 def reservation_progress(*, reservation: Reservation) -> list[dict]:
     """Per node, the latest command provisioning or releasing it: what the agent reported."""
-    from provisioning.models import NodeCommand
-
     latest: dict[int, NodeCommand] = {}
     for command in (
         NodeCommand.objects.filter(correlation_id=reservation.pk).select_related("node").order_by("created_at")

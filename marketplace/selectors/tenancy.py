@@ -5,10 +5,10 @@ import uuid
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
-from console.errors import NotFound
+from console.kernel.errors import NotFound
 from marketplace.choices import weaker_role
 from marketplace.models import ApiKey, Membership, Organization, User
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 
 
 def membership_list_for_user(*, user: User) -> QuerySet[Membership]:

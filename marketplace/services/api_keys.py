@@ -7,11 +7,11 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from console.errors import DomainError, Forbidden
-from console.tokens import matches, new_token, parse
+from console.kernel.errors import DomainError, Forbidden
+from console.kernel.tokens import matches, new_token, parse
 from marketplace.choices import Role, role_rank
 from marketplace.models import ApiKey
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from datetime import timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 from marketplace.models import IdempotencyRecord
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 
 KEEP_FOR = timedelta(days=1)
 # Constraints that mean "this key was just used by a concurrent request".

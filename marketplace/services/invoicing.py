@@ -12,10 +12,12 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from console.events import publish_many, tenant_group
-from marketplace.models import Invoice, InvoiceLine, Organization, UsageRecord
+from console.kernel.events import publish_many, tenant_group
+from marketplace.choices import SETTLING_STATES, ReservationState
+from marketplace.models import Invoice, InvoiceLine, Organization, Reservation, UsageRecord
 from marketplace.money import month_bounds, month_start
 from marketplace.selectors.billing import cost_ticks, invoice_lines, invoice_totals
+from marketplace.services.metering import usage_rate
 
 logger = logging.getLogger(__name__)
 CHUNK = 1000  # tenants per transaction
@@ -25,8 +27,6 @@ _LOCK_KEY = 0x6E63_696E  # one closing run at a time (pg advisory lock)
 
 def invoices_close(*, now: datetime | None = None, progress: Callable[[int], None] | None = None) -> int:
     """Rate up to now, then finalize every ended month not yet invoiced. Returns invoices written."""
-    from marketplace.services.metering import usage_rate
-
     now = now or timezone.now()
     usage_rate(now=now)
     cutoff = now - timedelta(minutes=settings.INVOICE_CLOSE_DELAY_MINUTES)
@@ -55,10 +55,6 @@ def invoices_close(*, now: datetime | None = None, progress: Callable[[int], Non
 def _unrated_before(end: datetime) -> int:
     """Reservations with billed time before ``end`` that no usage record covers yet: active time, or a
     released term's committed rest (models.billed_interval, in SQL)."""
-    from marketplace.choices import ReservationState
-    from marketplace.models import Reservation
-    from marketplace.services.metering import SETTLING_STATES
-
     with connection.cursor() as cursor:
         cursor.execute(
             f"""SELECT count(*) FROM {Reservation._meta.db_table} r

@@ -14,11 +14,12 @@ from decimal import Decimal
 
 from django.db import transaction
 
-from console.errors import Conflict, DomainError
-from console.events import publish, tenant_group
-from marketplace.choices import AccountKind, NoticeKind, TransactionKind
-from marketplace.models import LedgerAccount, LedgerEntry, LedgerTransaction, Organization, Reservation
-from marketplace.money import cents, parse_amount
+from console.kernel.errors import DomainError
+from console.kernel.events import publish, tenant_group
+from marketplace.choices import AccountKind, TransactionKind
+from marketplace.models import LedgerAccount, LedgerEntry, LedgerTransaction, Reservation
+from marketplace.money import cents
+from marketplace.selectors.billing import balance_json, balance_of, spendable
 from marketplace.services.tenancy import organization_lock
 
 logger = logging.getLogger(__name__)
@@ -86,69 +87,11 @@ def post(*, kind: str, legs: Sequence[Leg], organization_id=None, memo: str = ""
     return txn
 
 
-def _recheck(organization_id) -> None:
-    from marketplace.services.spend import balance_check
-
-    balance_check(organization_id=organization_id)
-    balance_changed(organization_id)
-
-
-def _notify(organization_id, kind: str, message: str) -> None:
-    from marketplace.services.spend import notice_add
-
-    notice_add(organization_id=organization_id, kind=kind, message=message)
-
-
-@transaction.atomic
-def credits_grant(*, organization: Organization, amount, memo: str = "", by=None) -> LedgerTransaction:
-    """An operator adds prepaid credit: grants -> the tenant's credits."""
-    amount = parse_amount(amount)
-    accounts = accounts_of([organization.pk])
-    txn = post(
-        kind=TransactionKind.GRANT,
-        organization_id=organization.pk,
-        memo=memo or "Credit grant",
-        by=by,
-        legs=[
-            Leg(accounts[(None, AccountKind.GRANTS)], -amount),
-            Leg(accounts[(organization.pk, AccountKind.CREDITS)], amount),
-        ],
-    )
-    _notify(organization.pk, NoticeKind.CREDITS_GRANTED, f"${cents(amount):,} of credit was added to your balance.")
-    _recheck(organization.pk)
-    return txn
-
-
-@transaction.atomic
-def ledger_reverse(*, txn: LedgerTransaction, memo: str = "", by=None) -> LedgerTransaction:
-    """Undo a grant (say, given by mistake) with a transaction of opposite legs. Holds and usage are
-    corrected through the reservation they belong to, not reversed by hand."""
-    txn = LedgerTransaction.objects.select_for_update().get(pk=txn.pk)
-    if txn.kind != TransactionKind.GRANT:
-        raise Conflict(f"Only credit grants are reversed by hand; this is a {txn.get_kind_display().lower()}.")
-    if LedgerTransaction.objects.filter(reverses=txn).exists():
-        raise Conflict("This transaction has already been reversed.")
-    legs = [Leg(e.account, -e.amount, e.reservation_id) for e in txn.entries.select_related("account")]
-    reversal = LedgerTransaction(
-        kind=TransactionKind.REVERSAL,
-        organization_id=txn.organization_id,
-        memo=memo or f"Reversal of {txn.id}",
-        reverses=txn,
-        created_by=by,
-    )
-    post_many([(reversal, legs)])
-    if txn.organization_id:
-        _recheck(txn.organization_id)
-    return reversal
-
-
 def hold_check(*, organization_id, amount: Decimal, available: Decimal | None = None) -> None:
     """Refuse (402) a hold of ``amount`` that what the tenant may still hold (``available``: its
     credits with the credit line) cannot cover. Writes nothing: the price step asks it before
     anything is made, hold_place again under the tenant's lock; both refuse with this message."""
     if available is None:
-        from marketplace.selectors.billing import spendable
-
         available = spendable(organization_id=organization_id)
     if amount > available:
         raise InsufficientBalance(
@@ -166,7 +109,6 @@ def hold_place(*, reservation: Reservation, amount: Decimal, memo: str) -> Ledge
     extending the reservation, so the refusal undoes it."""
     if amount <= 0:
         return None
-    from marketplace.selectors.billing import spendable
 
     organization_id = reservation.organization_id
     organization_lock(organization_id)
@@ -190,8 +132,6 @@ def balance_changed(organization_id) -> None:
     after the commit: the tenant's row lock is not held for it)."""
 
     def send() -> None:
-        from marketplace.selectors.billing import balance_json, balance_of
-
         try:
             publish(
                 tenant_group(organization_id),

@@ -22,18 +22,17 @@ from django.db import connection, transaction
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.utils import timezone
 
-from marketplace.choices import AccountKind, ReservationState, TransactionKind
+from marketplace.choices import SETTLING_STATES, AccountKind, ReservationState, TransactionKind
 from marketplace.models import LedgerTransaction, Reservation, UsageRecord, billed_interval
 from marketplace.money import cost, seconds_between, split_at_months
 from marketplace.selectors.billing import hold_remaining, rated_until
 from marketplace.services.ledger import Leg, accounts_of, post_many
+from marketplace.services.spend import after_rating
 
 logger = logging.getLogger(__name__)
 S = ReservationState
 ZERO = Decimal(0)
 
-# Rated in every run: active ones up to now; these once, to their end, then settled.
-SETTLING_STATES = (S.RELEASING, S.COMPLETED, S.CANCELLED, S.FAILED)
 _KINDS = (AccountKind.CREDITS, AccountKind.HOLDS, AccountKind.USAGE)
 
 _CANDIDATES = f"""
@@ -75,8 +74,6 @@ def usage_rate(
         if progress:
             progress(len(rows))
     if touched:
-        from marketplace.services.spend import after_rating
-
         after_rating(organization_ids=touched, now=now)
     return totals
 

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from django.db import connection, transaction
 
-from console.errors import Conflict
+from console.kernel.errors import Conflict
 from marketplace.choices import OfferShape
 from marketplace.models import Offer
 from marketplace.selectors.capacity import free_nodes_in_racks, free_nodes_per_rack, free_racks

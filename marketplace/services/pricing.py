@@ -9,7 +9,7 @@ from decimal import Decimal
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from console.errors import Conflict, DomainError
+from console.kernel.errors import Conflict, DomainError
 from marketplace.models import Offer, OfferPrice
 from marketplace.selectors.catalog import price_in_force
 

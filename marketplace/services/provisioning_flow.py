@@ -11,8 +11,9 @@ import logging
 from django.conf import settings
 from django.db import transaction
 
-from console.events import publish_on_commit, tenant_group
-from console.lifecycle import IllegalTransition
+from console.kernel.events import publish_on_commit, reservation_group, tenant_group
+from console.kernel.lifecycle import IllegalTransition
+from console.kernel.tasks import enqueue_on_commit
 from marketplace.choices import ReservationState
 from marketplace.models import Reservation
 from marketplace.services.reservations import (
@@ -89,11 +90,7 @@ def on_command_finished(command: NodeCommand) -> None:
 def _provision_finished(reservation: Reservation, command: NodeCommand) -> None:
     if command.state == CommandState.FAILED:
         reason = f"{command.node.hostname}: {command.error or 'provisioning failed'}"
-        if reservation_fail(reservation_id=reservation.pk, reason=reason):
-            from console.tasks import enqueue_on_commit
-            from marketplace.tasks import release_reservation
-
-            enqueue_on_commit(release_reservation, str(reservation.pk))
+        reservation_fail(reservation_id=reservation.pk, reason=reason)  # its nodes are torn down (OnEnter)
         return
     done = _commands(reservation, CommandKind.PROVISION).filter(state=CommandState.SUCCEEDED).count()
     if done >= reservation.node_count:
@@ -146,19 +143,17 @@ def on_command_progress(command: NodeCommand) -> None:
 
 def reservations_reconcile() -> dict[str, int]:
     """Re-enqueue reservation work whose task was lost (a worker killed, Redis flushed): rows are the truth."""
-    from console.tasks import enqueue_on_commit
-    from marketplace.tasks import provision_reservation, release_reservation
 
     counts = {"provision": 0, "release": 0}
     for reservation in Reservation.objects.filter(state=S.PROVISIONING):
         if _commands(reservation, CommandKind.PROVISION).count() < reservation.allocations.filter(live=True).count():
             with transaction.atomic():
-                enqueue_on_commit(provision_reservation, str(reservation.pk))
+                enqueue_on_commit("marketplace.tasks.provision_reservation", str(reservation.pk))
             counts["provision"] += 1
     for reservation in Reservation.objects.filter(state=S.RELEASING):
         if _commands(reservation, CommandKind.RELEASE).count() < reservation.allocations.count():
             with transaction.atomic():
-                enqueue_on_commit(release_reservation, str(reservation.pk))
+                enqueue_on_commit("marketplace.tasks.release_reservation", str(reservation.pk))
             counts["release"] += 1
     return counts
 
@@ -182,8 +177,6 @@ def node_audience(node_id: int) -> list[str]:
     """provisioning.hooks: who may see a node's telemetry now -- the reservation active on it, if any.
     Only active: while one is still provisioning the node, or releasing it, another may be active on it
     (or just have been), and each sees only its own active interval (selectors.reservations)."""
-    from console.events import reservation_group
-
     holding = Reservation.objects.filter(
         state=S.ACTIVE, allocations__node_id=node_id, allocations__live=True
     ).values_list("pk", flat=True)

@@ -12,20 +12,28 @@ from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.db.models import Sum
 from django.utils import timezone
 
-from console.errors import Conflict, DomainError
-from console.events import publish_on_commit, tenant_group
-from console.lifecycle import IllegalTransition, transition
-from console.tasks import enqueue_on_commit
+from console.kernel.errors import Conflict, DomainError
+from console.kernel.events import publish_on_commit, tenant_group
+from console.kernel.lifecycle import IllegalTransition, transition
+from console.kernel.tasks import enqueue_on_commit
 from marketplace.choices import HOLDING_STATES, OfferShape, ReservationState, Role
-from marketplace.models import RESERVATION_TRANSITIONS, Allocation, Offer, Organization, Quota, Reservation
+from marketplace.models import (
+    RESERVATION_ON_ENTER,
+    RESERVATION_TRANSITIONS,
+    Allocation,
+    Offer,
+    Organization,
+    Quota,
+    Reservation,
+)
 from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between, term_price
-from marketplace.selectors.capacity import MAX_ADVANCE, earliest_fit
+from marketplace.selectors.capacity import MAX_ADVANCE, WHOLE_RACKS, earliest_fit
 from marketplace.selectors.catalog import price_in_force
+from marketplace.selectors.reservations import reservations_due_to_begin, reservations_due_to_end
 from marketplace.services.ledger import hold_check, hold_place
-from marketplace.services.metering import SETTLING_STATES
 from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_check, placement_pick
 from marketplace.services.tenancy import organization_lock
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 from provisioning.models import Node
 from provisioning.services.agents import agent_group
 
@@ -175,8 +183,6 @@ def reservation_quote(
 
 def _typical_rack_size(offer: Offer) -> int:
     """Nodes in the racks of a rack offer (the largest, for a quote before a rack is picked)."""
-    from marketplace.selectors.capacity import WHOLE_RACKS
-
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT coalesce(max(c), 0) FROM (SELECT count(*) c FROM {Node._meta.db_table} n "
@@ -356,9 +362,7 @@ def reservation_create(
     hold_place(reservation=reservation, amount=quote.expected_cost, memo=f"Hold for reservation {reservation.pk}")
     _event(reservation, "reservation.created")
     if quote.start <= timezone.now():  # starts now: do not wait for the next beat tick
-        from marketplace import tasks
-
-        enqueue_on_commit(tasks.begin_reservation, str(reservation.pk))
+        enqueue_on_commit("marketplace.tasks.begin_reservation", str(reservation.pk))
     return reservation
 
 
@@ -379,21 +383,15 @@ def _move(reservation: Reservation, target: str, *, release_early: bool = False,
     elif reservation.state == S.ACTIVE:  # leaving active: the active interval ends (energy, billing)
         also_set.setdefault("deactivated_at", now)
     previous = transition(reservation, table=RESERVATION_TRANSITIONS, target=target, **also_set)
-    if target not in HOLDING_STATES:
+    effects = RESERVATION_ON_ENTER[target]
+    if effects.frees_nodes:
         Allocation.objects.filter(reservation=reservation, live=True).update(live=False)
     _event(reservation, f"reservation.{target}", previous_state=previous)
     # Who may see these nodes' telemetry changed: tell their agents' connections (provisioning.consumers).
     for node_id in reservation.allocations.values_list("node_id", flat=True):
         publish_on_commit(agent_group(node_id), "agent.audience", {})
-    # The nodes are set up and torn down by Celery tasks through their agents (provisioning_flow).
-    from marketplace import tasks
-
-    if target == S.PROVISIONING:
-        enqueue_on_commit(tasks.provision_reservation, str(reservation.pk))
-    elif target == S.RELEASING:
-        enqueue_on_commit(tasks.release_reservation, str(reservation.pk))
-    if target in SETTLING_STATES and target != S.COMPLETED:  # rate it to its end, release the rest of the hold
-        enqueue_on_commit(tasks.rate_reservation, str(reservation.pk))
+    for task in effects.tasks:
+        enqueue_on_commit(task, str(reservation.pk))
     return previous
 
 
@@ -405,7 +403,7 @@ def reservation_cancel(*, tenant: TenantContext, reservation: Reservation) -> Re
     tenant.require(Role.MEMBER, "cancelling a reservation")
     if reservation.state == S.PENDING:
         _move(reservation, S.CANCELLED)
-    elif reservation.state in (S.PROVISIONING, S.ACTIVE):
+    elif reservation.can_cancel:
         _move(reservation, S.RELEASING, release_early=reservation.term_months is not None)
     else:
         raise IllegalTransition(
@@ -432,7 +430,7 @@ def reservation_extend(
     reservation = (
         Reservation.objects.select_for_update().select_related("offer__accelerator_type").get(pk=reservation.pk)
     )
-    if reservation.state not in (S.PENDING, S.PROVISIONING, S.ACTIVE):
+    if not reservation.can_extend:
         raise IllegalTransition(
             f"A {reservation.state} reservation cannot be extended.",
             current_state=reservation.state,
@@ -550,8 +548,6 @@ def reservation_fail(*, reservation_id, reason: str) -> bool:
 def reservations_advance(*, now: datetime | None = None) -> dict[str, int]:
     """Move every reservation whose time has come: started ones to provisioning, ended ones to
     releasing. Their nodes are then set up or torn down through their agents (provisioning_flow)."""
-    from marketplace.selectors.reservations import reservations_due_to_begin, reservations_due_to_end
-
     now = now or timezone.now()
     begun = sum(reservation_begin(reservation_id=pk, now=now) for pk in reservations_due_to_begin(now=now))
     ended = sum(reservation_release(reservation_id=pk) for pk in reservations_due_to_end(now=now))

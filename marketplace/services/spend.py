@@ -10,13 +10,15 @@ from django.db import IntegrityError, transaction
 from django.db.models import Min
 from django.utils import timezone
 
-from console.errors import Conflict, DomainError
-from console.events import publish_many, publish_on_commit, tenant_group
-from marketplace.choices import NoticeKind, ReservationState, Role
+from console.kernel.errors import Conflict, DomainError
+from console.kernel.events import publish_many, publish_on_commit, tenant_group
+from marketplace.choices import AccountKind, NoticeKind, ReservationState, Role
 from marketplace.models import BillingNotice, BillingProfile, Organization, Reservation, SpendAlert
 from marketplace.money import cents, month_start, parse_amount
 from marketplace.selectors.billing import account_balances, balance_json, balances_of, spent_in_month
-from marketplace.tenancy import TenantContext
+from marketplace.services.ledger import balance_changed
+from marketplace.services.reservations import reservation_release
+from marketplace.tenant_context import TenantContext
 
 logger = logging.getLogger(__name__)
 MAX_ALERTS = 10
@@ -43,7 +45,6 @@ def credit_limit_set(*, organization: Organization, limit) -> BillingProfile:
     profile = _profile(organization.pk)
     profile.credit_limit = parse_amount(limit, field="credit_limit", allow_zero=True)
     profile.save(update_fields=["credit_limit"])
-    from marketplace.services.ledger import balance_changed
 
     _depletion_check(organization_id=organization.pk, now=timezone.now())  # a smaller line may leave it out
     balance_changed(organization.pk)
@@ -121,8 +122,6 @@ def _alerts_check(*, organization_id, month) -> None:
 
 
 def _spendable(organization_id, profile: BillingProfile):
-    from marketplace.choices import AccountKind
-
     credits = account_balances(organization_ids=[organization_id])[organization_id][AccountKind.CREDITS]
     return credits + profile.credit_limit
 
@@ -164,8 +163,6 @@ def balance_check(*, organization_id, now: datetime | None = None) -> None:
 def balances_enforce(*, now: datetime | None = None) -> dict[str, int]:
     """Release the active on-demand reservations of tenants whose balance stayed out past the grace
     period. Reserved-term ones are paid by their hold and run on."""
-    from marketplace.services.reservations import reservation_release
-
     now = now or timezone.now()
     cutoff = now - timedelta(minutes=settings.BILLING_GRACE_MINUTES)
     released = 0

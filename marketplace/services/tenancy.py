@@ -3,8 +3,8 @@
 from django.db import transaction
 from django.utils.text import slugify
 
-from console.errors import Conflict, DomainError
-from console.events import feeds_close_on_commit, member_group
+from console.kernel.errors import Conflict, DomainError
+from console.kernel.events import feeds_close_on_commit, member_group
 from marketplace.choices import Role
 from marketplace.models import Membership, Organization, User
 

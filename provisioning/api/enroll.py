@@ -7,7 +7,7 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from console.errors import DomainError, error_body
+from console.kernel.errors import DomainError, error_body
 from provisioning.services.agents import node_enrol
 
 

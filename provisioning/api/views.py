@@ -4,7 +4,7 @@ import django_filters
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import viewsets
 
-from console.api import error_responses
+from console.kernel.api import error_responses
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSerializer
 from provisioning.choices import Purpose, SiteKind, Vendor
 from provisioning.models import AcceleratorType, Site

@@ -4,7 +4,8 @@ nodes and GPUs are for operators."""
 from django.db.models import Count, Q, QuerySet
 
 from provisioning.choices import NodeState
-from provisioning.models import AcceleratorType, Site
+from provisioning.models import AcceleratorType, Node, Rack, Site
+from provisioning.selectors.telemetry import latest_summaries
 
 
 def site_list() -> QuerySet[Site]:
@@ -26,9 +27,6 @@ def site_regions() -> list[str]:
 def fleet_overview() -> dict:
     """Sites → racks → nodes with each node's latest telemetry summary, for the operators' heatmap.
     Three queries and one Redis read, whatever the fleet size."""
-    from provisioning.models import Node, Rack
-    from provisioning.selectors.telemetry import latest_summaries
-
     summaries = latest_summaries()
     nodes_by_rack: dict[int, list] = {}
     totals = {"nodes": 0, "gpus": 0, "available": 0, "offline": 0}

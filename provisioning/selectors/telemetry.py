@@ -13,6 +13,7 @@ from decimal import Decimal
 from functools import cache, reduce
 from operator import or_
 
+import redis
 from django.conf import settings
 from django.db.models import Q, Sum
 from django.utils import timezone
@@ -23,8 +24,6 @@ from provisioning.services.telemetry import COUNTERS_KEY, LATEST_KEY, SUMMARY_KE
 
 @cache
 def _redis():
-    import redis
-
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
 
 

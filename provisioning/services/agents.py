@@ -10,10 +10,10 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from console.errors import DomainError, Forbidden, NotFound
-from console.events import publish, publish_on_commit
-from console.lifecycle import IllegalTransition, transition
-from console.tokens import matches, new_token, parse
+from console.kernel.errors import DomainError, Forbidden, NotFound
+from console.kernel.events import publish, publish_on_commit
+from console.kernel.lifecycle import IllegalTransition, transition
+from console.kernel.tokens import matches, new_token, parse
 from provisioning import hooks
 from provisioning.choices import CommandKind, CommandState, NodeState
 from provisioning.models import (

@@ -6,9 +6,9 @@ from decimal import Decimal
 
 from django.db import transaction
 
-from console.errors import DomainError
-from console.events import FLEET_GROUP, publish_on_commit
-from console.lifecycle import transition
+from console.kernel.errors import DomainError
+from console.kernel.events import FLEET_GROUP, publish_on_commit
+from console.kernel.lifecycle import transition
 from provisioning.choices import NodeState
 from provisioning.models import NODE_TRANSITIONS, AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
 

@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import redis.asyncio
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import connection
 
-from console.errors import DomainError
-from provisioning.models import Gpu, GpuRollup
+from console.kernel.errors import DomainError
+from provisioning.models import Gpu, GpuRollup, Node
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,6 @@ class NodeStream:
 
 
 def node_stream(*, node_id: int) -> NodeStream:
-    from provisioning.models import Node
-
     node = Node.objects.select_related("rack__site").get(pk=node_id)
     gpu_ids = dict(Gpu.objects.filter(node_id=node_id).values_list("uuid", "id"))
     return NodeStream(
@@ -269,8 +269,6 @@ async def _flush_forever() -> None:
 
 async def flush() -> int:
     """Write what the buffer holds and add its counters to Redis (for /metrics)."""
-    from channels.db import database_sync_to_async
-
     rows, accepted, rejected = BUFFER.drain()
     written = await database_sync_to_async(rollups_write)(rows)
     if accepted or rejected:
@@ -285,8 +283,6 @@ _redis = {}
 
 def redis_client():
     """One asyncio Redis client per event loop (Redis holds only the latest snapshots and counters)."""
-    import redis.asyncio
-
     loop = asyncio.get_running_loop()
     client = _redis.get(loop)
     if client is None:

@@ -12,7 +12,7 @@ from django.db import connections
 from django.test import Client
 from django.utils import timezone
 
-from console.events import publish, tenant_group
+from console.kernel.events import publish, tenant_group
 from marketplace.choices import Role
 from marketplace.models import Invoice
 from marketplace.money import month_start

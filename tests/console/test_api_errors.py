@@ -8,7 +8,7 @@ import pytest
 from django.test import Client, override_settings
 from drf_spectacular.generators import SchemaGenerator
 
-from console.errors import api_exception_handler
+from console.kernel.errors import api_exception_handler
 from marketplace.models import ApiKey
 from tests.factories import PASSWORD
 

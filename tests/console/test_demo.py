@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.test import Client
 
 from console.demo import DEMO_PASSWORD, demo_agent_tokens
-from console.tokens import new_token
+from console.kernel.tokens import new_token
 from marketplace.models import Invoice, LedgerEntry, Reservation
 from provisioning.agent.credentials import Credentials, has_credentials, load_credentials, store_credentials
 from provisioning.services.agents import NODE_SECRET_SCHEME, bootstrap_token_create, node_enrol

@@ -10,8 +10,8 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
-from console.consumers import CLOSE_ENDED
-from console.events import tenant_group
+from console.kernel.consumers import CLOSE_ENDED
+from console.kernel.events import tenant_group
 from console.routing import websocket_urlpatterns
 from marketplace.choices import Role
 from marketplace.models import Membership

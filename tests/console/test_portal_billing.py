@@ -23,7 +23,7 @@ from marketplace.services.metering import usage_rate
 from marketplace.services.reservations import reservation_create
 from marketplace.services.spend import spend_alert_create
 from marketplace.services.tenancy import membership_set
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
@@ -264,7 +264,7 @@ def test_daily_spend_counts_each_day_of_the_month(offer):
 
 
 def test_every_page_header_shows_the_tenants_own_balance():
-    from marketplace.services.ledger import credits_grant
+    from marketplace.services.credits import credits_grant
 
     tenant = make_tenant(credit="1234.5")
     make_tenant(credit="777")  # another tenant's money never shows

@@ -1,4 +1,4 @@
-"""Rate limits (console.throttling): the API's budgets per key and per user, writes apart from reads
+"""Rate limits (console.kernel.throttling): the API's budgets per key and per user, writes apart from reads
 and expensive reads apart from both; failed sign-ins per account and per client address, on the
 portal and the admin. Counters in the real Redis cache, each test in a namespace of its own."""
 
@@ -9,8 +9,8 @@ from django.test import Client, RequestFactory
 from rest_framework.exceptions import Throttled
 from rest_framework.test import APIClient
 
-from console.errors import api_exception_handler
-from console.throttling import check_rates, client_address
+from console.kernel.errors import api_exception_handler
+from console.kernel.throttling import check_rates, client_address
 from marketplace.models import ApiKey
 from tests.conftest import key_client
 from tests.factories import PASSWORD, make_user

@@ -9,7 +9,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from console.events import tenant_group
+from console.kernel.events import tenant_group
 from marketplace.models import LedgerEntry, Reservation, UsageRecord
 from marketplace.money import cost, seconds_between
 from marketplace.selectors.billing import balance_of, hold_remaining

@@ -5,7 +5,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from console.errors import DomainError, Forbidden
+from console.kernel.errors import DomainError, Forbidden
 from marketplace.choices import Role
 from marketplace.models import ApiKey
 from marketplace.services.api_keys import InvalidApiKey, api_key_authenticate, api_key_create, api_key_revoke
@@ -108,7 +108,7 @@ def test_members_revoke_only_their_own_keys_admins_any():
     member = make_tenant(role=Role.MEMBER)
     colleague = make_user()
     membership_set(organization=member.organization, user=colleague, role=Role.MEMBER)
-    from marketplace.tenancy import TenantContext
+    from marketplace.tenant_context import TenantContext
 
     colleague_ctx = TenantContext(organization=member.organization, user=colleague, role=Role.MEMBER)
     their_key, _ = api_key_create(tenant=colleague_ctx, name="theirs")

@@ -267,7 +267,7 @@ class TestInvoices:
 
     def test_viewers_read_invoices(self, invoiced, client_for):
         from marketplace.services.tenancy import membership_set
-        from marketplace.tenancy import TenantContext
+        from marketplace.tenant_context import TenantContext
         from tests.factories import make_user
 
         organization = invoiced["mine"].organization
@@ -308,7 +308,7 @@ class TestSpendAlerts:
         second = client.post("/api/v1/spend-alerts/", {"threshold": 100.5}, format="json")
         assert second.status_code == 201 and second.json()["threshold"] == "100.50"
         from marketplace.services.tenancy import membership_set
-        from marketplace.tenancy import TenantContext
+        from marketplace.tenant_context import TenantContext
         from tests.factories import make_user
 
         user = make_user()
@@ -345,7 +345,7 @@ class TestSpendAlerts:
     def test_viewers_and_members_cannot_set_or_remove_them(self, admin, client_for, role):
         alert = spend_alert_create(tenant=admin, threshold="10")
         from marketplace.services.tenancy import membership_set
-        from marketplace.tenancy import TenantContext
+        from marketplace.tenant_context import TenantContext
         from tests.factories import make_user
 
         user = make_user()
@@ -393,7 +393,7 @@ class TestSpendAlerts:
 
 class TestNotices:
     def test_latest_first_limited_and_sealed(self, tenant, other_tenant, client_for):
-        from marketplace.services.ledger import credits_grant
+        from marketplace.services.credits import credits_grant
 
         for amount in ("1", "2", "3"):
             credits_grant(organization=tenant.organization, amount=amount)

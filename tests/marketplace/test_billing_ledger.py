@@ -13,8 +13,8 @@ from channels.layers import get_channel_layer
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from console.errors import Conflict, DomainError
-from console.events import publish, tenant_group
+from console.kernel.errors import Conflict, DomainError
+from console.kernel.events import publish, tenant_group
 from marketplace import tasks
 from marketplace.choices import AccountKind, NoticeKind, OfferShape, ReservationState, TransactionKind
 from marketplace.models import (
@@ -27,13 +27,12 @@ from marketplace.models import (
 )
 from marketplace.money import cost, seconds_between
 from marketplace.selectors.billing import account_balances, balance_of, hold_remaining
+from marketplace.services.credits import credits_grant, ledger_reverse
 from marketplace.services.ledger import (
     InsufficientBalance,
     LedgerUnbalanced,
     Leg,
     accounts_of,
-    credits_grant,
-    ledger_reverse,
     post,
     post_many,
 )
@@ -93,15 +92,15 @@ def reserve(tenant, offer, hours: float = 1, *, start: datetime | None = None) -
 
 
 def enqueued(callbacks) -> list[tuple[str, tuple]]:
-    """The Celery tasks among captured on-commit callbacks: console.tasks.enqueue_on_commit registers
-    a closure over ``task`` and ``args``."""
+    """The Celery tasks among captured on-commit callbacks: console.kernel.tasks.enqueue_on_commit registers
+    a closure over ``task`` (its name) and ``args``."""
     found = []
     for callback in callbacks:
         cells = dict(
             zip(callback.__code__.co_freevars, (c.cell_contents for c in callback.__closure__ or ()), strict=True)
         )
         if "task" in cells and "args" in cells:
-            found.append((cells["task"].name, cells["args"]))
+            found.append((cells["task"], cells["args"]))
     return found
 
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from console.errors import Conflict, DomainError
+from console.kernel.errors import Conflict, DomainError
 from marketplace.choices import AccountKind
 from marketplace.models import Offer, OfferPrice, Reservation
 from marketplace.money import add_months, cost, seconds_between

@@ -24,8 +24,8 @@ from django.db.models import Sum
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from console.errors import DomainError
-from marketplace.choices import AccountKind, TransactionKind
+from console.kernel.errors import DomainError
+from marketplace.choices import SETTLING_STATES, AccountKind, TransactionKind
 from marketplace.choices import ReservationState as S
 from marketplace.models import (
     LedgerAccount,
@@ -39,7 +39,7 @@ from marketplace.models import (
 from marketplace.money import cost, month_start, seconds_between
 from marketplace.selectors.billing import account_balances, balance_of, spent_in_month
 from marketplace.services.ledger import InsufficientBalance, accounts_of
-from marketplace.services.metering import SETTLING_STATES, usage_rate
+from marketplace.services.metering import usage_rate
 from marketplace.services.placement import CapacityUnavailable
 from marketplace.services.reservations import (
     QuotaExceeded,
@@ -53,7 +53,7 @@ from marketplace.services.reservations import (
     reservation_release,
     reservations_advance,
 )
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 from tests.factories import OfferFactory, RackFactory, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db

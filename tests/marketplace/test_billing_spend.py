@@ -12,8 +12,8 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
-from console.errors import Conflict, DomainError, Forbidden
-from console.events import tenant_group
+from console.kernel.errors import Conflict, DomainError, Forbidden
+from console.kernel.events import tenant_group
 from marketplace.choices import AccountKind, NoticeKind, ReservationState, Role, TransactionKind
 from marketplace.models import (
     BillingNotice,
@@ -24,7 +24,7 @@ from marketplace.models import (
 )
 from marketplace.money import month_bounds, month_start, next_month
 from marketplace.selectors.billing import account_balances, balance_of, spent_in_month
-from marketplace.services.ledger import credits_grant, ledger_reverse
+from marketplace.services.credits import credits_grant, ledger_reverse
 from marketplace.services.metering import usage_rate
 from marketplace.services.reservations import (
     reservation_create,
@@ -37,7 +37,7 @@ from marketplace.services.spend import (
     spend_alert_delete,
 )
 from marketplace.services.tenancy import membership_set
-from marketplace.tenancy import TenantContext
+from marketplace.tenant_context import TenantContext
 from tests.factories import (
     OfferFactory,
     RackFactory,

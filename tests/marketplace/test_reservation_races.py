@@ -168,7 +168,8 @@ def test_concurrent_spenders_cannot_hold_more_than_the_balance():
     from decimal import Decimal
 
     from marketplace.selectors.billing import balance_of
-    from marketplace.services.ledger import InsufficientBalance, credits_grant
+    from marketplace.services.credits import credits_grant
+    from marketplace.services.ledger import InsufficientBalance
 
     tenant = make_tenant(role=Role.MEMBER, credit=None)
     rack = RackFactory()

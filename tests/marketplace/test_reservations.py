@@ -10,8 +10,8 @@ from django.db import connection
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from console.events import tenant_group
-from console.lifecycle import IllegalTransition
+from console.kernel.events import tenant_group
+from console.kernel.lifecycle import IllegalTransition
 from marketplace.choices import OfferShape, ReservationState, Role
 from marketplace.models import Allocation, IdempotencyRecord, Quota, Reservation
 from marketplace.services.idempotency import idempotency_records_expire

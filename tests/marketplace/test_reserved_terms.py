@@ -13,7 +13,7 @@ from django.utils import timezone
 from marketplace.models import Reservation, UsageRecord
 from marketplace.money import cost, month_start, seconds_between
 from marketplace.selectors.billing import hold_remaining, invoice_lines, reservation_cost
-from marketplace.services.ledger import credits_grant
+from marketplace.services.credits import credits_grant
 from marketplace.services.metering import usage_rate
 from marketplace.services.reservations import (
     reservation_activate,

@@ -47,7 +47,7 @@ def test_another_tenants_key_is_404_in_the_portal(tenant, other_tenant):
 def test_members_see_their_own_keys_admins_see_all():
     admin = make_tenant(role=Role.ADMIN)
     from marketplace.services.tenancy import membership_set
-    from marketplace.tenancy import TenantContext
+    from marketplace.tenant_context import TenantContext
     from tests.factories import make_user
 
     member_user = make_user()

@@ -2,7 +2,7 @@ import uuid
 
 import pytest
 
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 from provisioning.choices import NodeState
 from provisioning.models import Gpu
 from provisioning.services.fleet import GpuSpec, node_set_inventory

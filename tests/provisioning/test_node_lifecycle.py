@@ -4,8 +4,8 @@ import pytest
 from django.db import connection
 from rest_framework.test import APIRequestFactory
 
-from console.errors import api_exception_handler
-from console.lifecycle import IllegalTransition
+from console.kernel.errors import api_exception_handler
+from console.kernel.lifecycle import IllegalTransition
 from provisioning.choices import NodeState
 from provisioning.models import NODE_TRANSITIONS, Node, NodeStateChange
 from provisioning.services.fleet import node_transition

@@ -4,7 +4,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand
 
 from console.demo import demo_agent_tokens, demo_credentials, seed_demo, seed_past_month
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 
 
 class Command(BaseCommand):

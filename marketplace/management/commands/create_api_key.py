@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 from marketplace.choices import Role
 from marketplace.selectors.tenancy import organization_find, tenant_context_for_user, user_find
 from marketplace.services.api_keys import api_key_create

@@ -10,9 +10,9 @@ import os
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 from marketplace.selectors.tenancy import user_find
-from marketplace.services.ledger import credits_grant
+from marketplace.services.credits import credits_grant
 from marketplace.services.tenancy import organization_create, user_create
 
 

@@ -6,11 +6,11 @@ The tenant is its slug or id. Prints the ledger transaction id and the new balan
 
 from django.core.management.base import BaseCommand, CommandError
 
-from console.errors import DomainError
+from console.kernel.errors import DomainError
 from marketplace.money import cents
 from marketplace.selectors.billing import balance_of
 from marketplace.selectors.tenancy import organization_find
-from marketplace.services.ledger import credits_grant
+from marketplace.services.credits import credits_grant
 
 
 class Command(BaseCommand):

@@ -5,7 +5,7 @@
 
 from django.core.management.base import BaseCommand
 
-from console.progress import Progress
+from console.kernel.progress import Progress
 from marketplace.selectors.billing import reservations_to_rate_count
 from marketplace.services.invoicing import invoices_close
 from marketplace.services.metering import usage_rate

@@ -1,8 +1,10 @@
 """Tenant resolution for the portal: once per request, from the organization the user picked."""
 
-SESSION_KEY = "organization_id"
+from marketplace.selectors.billing import ledger_balance
+from marketplace.selectors.tenancy import membership_list_for_user, tenant_context_for_user
+from marketplace.tenant_context import SESSION_KEY
 
-# The API resolves its tenant itself, after DRF authentication (console.api.TenantScopedMixin).
+# The API resolves its tenant itself, after DRF authentication (marketplace.api.boundary.TenantScopedMixin).
 _SKIP_PREFIXES = ("/api/", "/static/", "/healthz", "/metrics", "/agent/")
 
 
@@ -15,8 +17,6 @@ class TenantMiddleware:
     def __call__(self, request):
         request.tenant = None
         if not request.path.startswith(_SKIP_PREFIXES) and request.user.is_authenticated:
-            from marketplace.selectors.tenancy import tenant_context_for_user
-
             request.tenant = tenant_context_for_user(
                 user=request.user, organization_id=request.session.get(SESSION_KEY)
             )
@@ -29,8 +29,6 @@ def tenant_context(request) -> dict:
     tenant = getattr(request, "tenant", None)
     if tenant is None:
         return {"tenant": None}
-    from marketplace.selectors.billing import ledger_balance
-    from marketplace.selectors.tenancy import membership_list_for_user
 
     return {
         "tenant": tenant,

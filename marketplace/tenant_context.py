@@ -4,9 +4,13 @@ Everything below the boundary receives a TenantContext and reads through selecto
 
 from dataclasses import dataclass
 
-from console.errors import Forbidden
+from console.kernel.errors import Forbidden
 from marketplace.choices import Role, role_rank
 from marketplace.models import ApiKey, Organization, User
+
+# Where the portal keeps the organization the user is working in (the session); the API's session
+# clients and the browsers' feeds read it too.
+SESSION_KEY = "organization_id"
 
 
 @dataclass(frozen=True)

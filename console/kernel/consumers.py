@@ -11,7 +11,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib import auth
 
-from console.events import session_group
+from console.kernel.events import session_group
 
 # A feed whose session or membership ended: the browser should stop, not reconnect.
 CLOSE_ENDED = 4401

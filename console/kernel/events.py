@@ -8,7 +8,7 @@ Redis is down the event is lost and logged, never the state (PostgreSQL is the t
 Two control groups end live feeds when what opened them ends (``feeds_close_on_commit``):
 ``session_group`` (every feed opened with one session: sign-out) and ``member_group`` (every feed of
 one user in one organization: the membership removed). Feeds also re-check on their own
-(``console.consumers.FeedConsumer``), so a lost close only delays the end."""
+(``console.kernel.consumers.FeedConsumer``), so a lost close only delays the end."""
 
 import hashlib
 import logging

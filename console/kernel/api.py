@@ -1,11 +1,10 @@
-"""Shared pieces of the REST API: pagination, the schema of its errors and tenant resolution at the
-boundary. The schema generator is in ``console.api_schema``."""
+"""Shared pieces of the REST API: pagination and the schema of its errors. Tenant resolution at the
+boundary is the marketplace's (``marketplace.api.boundary``); the schema generator is in
+``console.api_schema``."""
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 from rest_framework.pagination import PageNumberPagination
-
-from console.errors import Forbidden
 
 
 class Pagination(PageNumberPagination):
@@ -66,63 +65,6 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
     return {code: OpenApiResponse(ErrorSerializer, description=text.get(code, "")) for code in (401, *statuses, 429)}
 
 
-class TenantScopedMixin:
-    """Resolves the tenant once, before the handler runs (Sentry's convert_args pattern).
-
-    ``request.auth`` is the ApiKey when the client sent one; then the key decides the tenant. For
-    session users (the browser), the organization chosen in the portal decides it."""
-
-    tenant = None
-
-    def initial(self, request, *args, **kwargs):
-        super().initial(request, *args, **kwargs)
-        from marketplace.models import ApiKey
-        from marketplace.selectors.tenancy import tenant_context_for_api_key, tenant_context_for_user
-
-        if isinstance(request.auth, ApiKey):
-            self.tenant = tenant_context_for_api_key(key=request.auth)
-        else:
-            from console.tenancy import SESSION_KEY
-
-            self.tenant = tenant_context_for_user(
-                user=request.user,
-                organization_id=request.session.get(SESSION_KEY) if hasattr(request, "session") else None,
-            )
-        if self.tenant is None:
-            raise Forbidden("You are not a member of any organization.", code="no_organization")
-
-
-class TenantRowsMixin(TenantScopedMixin):
-    """A viewset over one kind of tenant row, read only through its tenant-scoped selectors:
-    ``rows(tenant)`` lists them and ``row(tenant, pk)`` finds one (404 for another tenant's).
-    ``detail_serializer_class``, when set, renders a single row."""
-
-    lookup_value_regex = "[^/]+"
-    detail_serializer_class = None
-
-    def rows(self, tenant):
-        raise NotImplementedError
-
-    def row(self, tenant, pk):
-        raise NotImplementedError
-
-    def get_queryset(self):
-        return self.rows(self.tenant)
-
-    def get_object(self):
-        return self.row(self.tenant, self.kwargs["pk"])
-
-    def get_serializer_class(self):
-        if self.action == "retrieve" and self.detail_serializer_class is not None:
-            return self.detail_serializer_class
-        return self.serializer_class
-
-
-__all__ = ["ErrorSerializer", "Pagination", "TenantScopedMixin", "error_responses", "extend_schema"]
-
-
-def idempotency_key_parameter():
+def idempotency_key_parameter() -> OpenApiParameter:
     """The optional ``Idempotency-Key`` header of POST endpoints (ARCHITECTURE invariant 7), for their schema."""
-    from drf_spectacular.utils import OpenApiParameter
-
     return OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)

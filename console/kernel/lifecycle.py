@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from django.db import models
 from django.utils import timezone
 
-from console.errors import Conflict
+from console.kernel.errors import Conflict
 
 
 class IllegalTransition(Conflict):
