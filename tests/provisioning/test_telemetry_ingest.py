@@ -6,6 +6,7 @@ tests/provisioning/test_telemetry.py."""
 import ast
 import json
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -285,3 +286,22 @@ def test_the_rules_do_no_io():
         for alias in node.names
     }
     assert imported == {"json", "math", "time", "dataclasses", "console.kernel.errors"}
+
+
+def test_the_protocols_range_table_is_the_one_the_console_applies():
+    """docs/agent-protocol.md is the agent's contract: its table of accepted ranges says what validate
+    does, field by field."""
+
+    def number(text: str) -> float:
+        base, _, power = text.replace(",", "").partition("^")
+        return int(base) ** int(power) if power else int(base)
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "agent-protocol.md").read_text()
+    documented = {}
+    for row in doc.splitlines():
+        if row.startswith("| `DCGM_"):
+            names, *_unit, accepted = (cell.strip() for cell in row.strip("|").split("|"))
+            low, high = re.match(r"(-?[\d,^]+)–(-?[\d,^]+)", accepted).groups()
+            for name in re.findall(r"`(DCGM_\w+)`", names):
+                documented[name] = (number(low), number(high))
+    assert documented == ingest.RANGES
