@@ -351,7 +351,7 @@ def frame_sizes(fixture: Fixture) -> dict:
     from provisioning.agent.backends import get_backend
     from provisioning.agent.client import telemetry_reading
     from provisioning.models import Gpu
-    from provisioning.services import telemetry
+    from provisioning.services import telemetry_ingest
 
     backend = get_backend(
         "simulated",
@@ -363,15 +363,15 @@ def frame_sizes(fixture: Fixture) -> dict:
     gpus = [telemetry_reading(r) for r in backend.sample()]
     plain = [{k: v for k, v in g.items() if k != "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"} for g in gpus]
     agent_frame = json.dumps({"type": "telemetry", "seq": 2, "at": time.time(), "gpus": plain})
-    stream = telemetry.NodeStream(
+    stream = telemetry_ingest.NodeStream(
         node_id=fixture.node_ids[0],
         hostname=fixture.hostnames[0],
         site="tb-0",
         rack="r000",
         gpu_ids=dict(Gpu.objects.filter(node_id=fixture.node_ids[0]).values_list("uuid", "id")),
     )
-    at, readings = telemetry.validate(json.loads(agent_frame), stream)
-    tenant_text, fleet_text = telemetry.encode(stream, at, readings)
+    at, readings = telemetry_ingest.validate(json.loads(agent_frame), stream)
+    tenant_text, fleet_text = telemetry_ingest.encode(stream, at, readings)
     message = msgpack.packb({"type": "telemetry.frame", "text": tenant_text})
     return {
         "agent_batch": len(agent_frame),
@@ -1300,9 +1300,9 @@ PROFILE_GROUPS = [
     ("heartbeats: node_seen UPDATE (sync thread)", "node_seen", "provisioning/services/agents.py"),
     ("connects and hellos (database)", "", "provisioning/services/agents.py"),
     ("connects and hellos (database)", "", "provisioning/services/fleet.py"),
-    ("on_telemetry: validate", "validate", "provisioning/services/telemetry.py"),
-    ("on_telemetry: RollupBuffer.add", "add", "provisioning/services/telemetry.py"),
-    ("on_telemetry: encode (2 json.dumps)", "encode", "provisioning/services/telemetry.py"),
+    ("on_telemetry: validate", "validate", "provisioning/services/telemetry_ingest.py"),
+    ("on_telemetry: RollupBuffer.fold", "fold", "provisioning/services/telemetry_ingest.py"),
+    ("on_telemetry: encode (2 json.dumps)", "encode", "provisioning/services/telemetry_ingest.py"),
     ("on_telemetry: group_send (msgpack, PUBLISH round trip)", "group_send", ""),
     ("on_telemetry: snapshot (HSET pipeline round trip)", "snapshot", "provisioning/services/telemetry.py"),
     ("AgentConsumer: json.loads of the batch", "_parse", "provisioning/consumers.py"),

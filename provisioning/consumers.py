@@ -59,13 +59,6 @@ def _unfinished_frames(node_id: int) -> list[dict]:
     return frames
 
 
-@database_sync_to_async
-def _stream(node_id: int) -> telemetry.NodeStream:
-    stream = telemetry.node_stream(node_id=node_id)
-    stream.audience = hooks.node_audience(node_id)
-    return stream
-
-
 class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
     node_id: int | None = None
     stream: telemetry.NodeStream | None = None
@@ -141,25 +134,12 @@ class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
             )
         except (KeyError, TypeError, ValueError) as error:
             raise FrameError(f"hello: a GPU entry is incomplete ({error}).") from None
-        self.stream = await _stream(self.node_id)
-        telemetry.ensure_flusher()
+        self.stream = await telemetry.stream_open(node_id=self.node_id)
         for command in await _unfinished_frames(self.node_id):
             await self.send_frame(command)
 
     async def on_telemetry(self, frame):
-        if self.stream is None:
-            raise telemetry.BadTelemetry("telemetry before hello: send the inventory first.")
-        try:
-            at, readings = telemetry.validate(frame, self.stream)
-        except telemetry.BadTelemetry:
-            telemetry.BUFFER.rejected += 1
-            raise
-        telemetry.BUFFER.add(self.stream, at, readings)
-        tenant_text, fleet_text = telemetry.encode(self.stream, at, readings)
-        for group in self.stream.audience:
-            await self.channel_layer.group_send(group, {"type": "telemetry.frame", "text": tenant_text})
-        await self.channel_layer.group_send(FLEET_GROUP, {"type": "telemetry.frame", "text": fleet_text})
-        await telemetry.snapshot(self.stream, tenant_text, fleet_text)
+        await telemetry.ingest_batch(stream=self.stream, frame=frame, channel_layer=self.channel_layer)
 
     async def on_heartbeat(self, frame):
         pass  # node_seen already recorded it

@@ -1,221 +1,116 @@
-"""Telemetry ingest: validate a node's batch, fan it out once to exactly the groups that may see it,
-keep the node's latest snapshot, and fold the samples into one-minute rollups written in bulk.
+"""Telemetry ingest at run time: where the pure rules of ``telemetry_ingest`` meet I/O. Owns this
+process's rollup buffer and its flusher, the Redis clients, each node's latest snapshot and the batch
+counters in Redis, and the one SQL statement that merges rollups into GpuRollup.
 
-The hot path (one batch per node per second, 1,250 nodes in bench/telemetry) does no database work:
+The agent consumer calls two entry points: ``stream_open`` at hello and ``ingest_batch`` per batch. The
+hot path (one batch per node per second, 1,250 nodes in bench/telemetry) does no database work:
 validation and folding are in memory, the fan-out is one pre-encoded text per audience, the snapshot
-is one Redis write. A process-wide task flushes the rollups every ROLLUP_FLUSH_SECONDS as one
-INSERT … ON CONFLICT that merges sums, counts and maxima, so flushes from several processes add up."""
+is one Redis write. The flusher writes the rollups every ROLLUP_FLUSH_SECONDS as one INSERT … ON
+CONFLICT that merges sums, counts and maxima, so flushes from several processes add up."""
 
 import asyncio
-import json
 import logging
-import math
-import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 
 import redis.asyncio
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import connection
 
-from console.kernel.errors import DomainError
+from console.kernel.events import FLEET_GROUP
+from provisioning import hooks
 from provisioning.models import Gpu, GpuRollup, Node
+from provisioning.services.telemetry_ingest import ECC_DBE as ECC_DBE
+from provisioning.services.telemetry_ingest import ENERGY as ENERGY
+from provisioning.services.telemetry_ingest import FB_TOTAL as FB_TOTAL
+from provisioning.services.telemetry_ingest import FB_USED as FB_USED
+from provisioning.services.telemetry_ingest import POWER as POWER
+from provisioning.services.telemetry_ingest import (
+    ROLLUP_COLUMNS,
+    BadTelemetry,
+    GpuMinute,
+    NodeStream,
+    RollupBuffer,
+    encode,
+    validate,
+)
+from provisioning.services.telemetry_ingest import SM_CLOCK as SM_CLOCK
+from provisioning.services.telemetry_ingest import TEMP as TEMP
+from provisioning.services.telemetry_ingest import UTIL as UTIL
+from provisioning.services.telemetry_ingest import XID as XID
+
+# The readings' names (ECC_DBE … XID) are defined with the rules, in telemetry_ingest; they are re-exported
+# here (``X as X``) because this service's callers -- /metrics, the tenant's reads -- speak of them.
 
 logger = logging.getLogger(__name__)
 
-UTIL = "DCGM_FI_DEV_GPU_UTIL"
-FB_USED = "DCGM_FI_DEV_FB_USED"
-FB_TOTAL = "DCGM_FI_DEV_FB_TOTAL"
-POWER = "DCGM_FI_DEV_POWER_USAGE"
-TEMP = "DCGM_FI_DEV_GPU_TEMP"
-SM_CLOCK = "DCGM_FI_DEV_SM_CLOCK"
-ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
-XID = "DCGM_FI_DEV_XID_ERRORS"
-ECC_DBE = "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"
-
-# docs/agent-protocol.md, Telemetry: accepted ranges per field.
-RANGES: dict[str, tuple[float, float]] = {
-    UTIL: (0, 100),
-    FB_USED: (0, 1_048_576),
-    FB_TOTAL: (0, 1_048_576),
-    POWER: (0, 5_000),
-    TEMP: (-40, 150),
-    SM_CLOCK: (0, 10_000),
-    ENERGY: (0, 2**62),
-    XID: (0, 2**31),
-    ECC_DBE: (0, 2**62),
-}
-MAX_GPUS = 64
-CLOCK_SKEW_S = 300  # a batch stamped further from the server's clock is refused
+BUFFER = RollupBuffer()
+COUNTERS_KEY = "neocloud:telemetry:counters"
+LATEST_KEY = "neocloud:telemetry:latest"  # node id → the tenant frame of its latest batch
+SUMMARY_KEY = "neocloud:telemetry:summary"  # node id → the fleet summary of its latest batch
 
 
-class BadTelemetry(DomainError):
-    code = "bad_telemetry"
-
-
-@dataclass
-class NodeStream:
-    """What one agent connection needs to ingest its node's batches; built at hello."""
-
-    node_id: int
-    hostname: str
-    site: str
-    rack: str
-    gpu_ids: dict[str, int]  # uuid → Gpu id: only this node's GPUs are accepted
-    audience: list[str] = field(default_factory=list)  # groups that may see this node's telemetry
-    last_energy: dict[int, int] = field(default_factory=dict)
+# --- The entry points ----------------------------------------------------------------------------
 
 
 def node_stream(*, node_id: int) -> NodeStream:
+    """The node's stream as its GPUs are now, with the groups that may see it."""
     node = Node.objects.select_related("rack__site").get(pk=node_id)
     gpu_ids = dict(Gpu.objects.filter(node_id=node_id).values_list("uuid", "id"))
     return NodeStream(
-        node_id=node.pk, hostname=node.hostname, site=node.rack.site.slug, rack=node.rack.name, gpu_ids=gpu_ids
+        node_id=node.pk,
+        hostname=node.hostname,
+        site=node.rack.site.slug,
+        rack=node.rack.name,
+        gpu_ids=gpu_ids,
+        audience=hooks.node_audience(node_id),
     )
 
 
-def validate(frame: dict, stream: NodeStream, *, now: float | None = None) -> tuple[float, list[dict]]:
-    """The batch's time and its GPUs' readings, checked field by field; BadTelemetry says what is wrong."""
-    at = frame.get("at")
-    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
-        raise BadTelemetry("telemetry: 'at' must be Unix seconds.")
-    if abs(at - (now or time.time())) > CLOCK_SKEW_S:
-        raise BadTelemetry(f"telemetry: 'at' is more than {CLOCK_SKEW_S} s from the console's clock.")
-    gpus = frame.get("gpus")
-    if not isinstance(gpus, list) or not gpus or len(gpus) > MAX_GPUS:
-        raise BadTelemetry(f"telemetry: 'gpus' must list 1 to {MAX_GPUS} GPUs.")
-    clean, seen = [], set()
-    for gpu in gpus:
-        uuid = gpu.get("uuid") if isinstance(gpu, dict) else None
-        if uuid not in stream.gpu_ids:
-            raise BadTelemetry(f"telemetry: GPU {uuid!r} is not one of this node's GPUs.")
-        if uuid in seen:
-            raise BadTelemetry(f"telemetry: GPU {uuid} appears twice.")
-        seen.add(uuid)
-        reading = {"uuid": uuid, "index": gpu.get("index")}
-        for name, (low, high) in RANGES.items():
-            value = gpu.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-                raise BadTelemetry(f"telemetry: {name} of {uuid} is {value!r}, outside [{low}, {high}].")
-            reading[name] = value
-        if reading.get(FB_USED, 0) > reading.get(FB_TOTAL, math.inf):
-            raise BadTelemetry(f"telemetry: {uuid} uses more memory than it has.")
-        clean.append(reading)
-    return float(at), clean
+async def stream_open(*, node_id: int) -> NodeStream:
+    """At hello (after the inventory is recorded): the connection's stream, and this process's flusher
+    running."""
+    stream = await database_sync_to_async(node_stream)(node_id=node_id)
+    ensure_flusher()
+    return stream
 
 
-def health(readings: list[dict]) -> str:
-    """critical: uncorrectable ECC errors; warn: XID errors or a GPU at 85 °C or more; else ok."""
-    if any(r.get(ECC_DBE, 0) > 0 for r in readings):
-        return "critical"
-    if any(r.get(XID, 0) > 0 or r.get(TEMP, 0) >= 85 for r in readings):
-        return "warn"
-    return "ok"
+async def ingest_batch(*, stream: NodeStream | None, frame: dict, channel_layer) -> None:
+    """One batch of ``stream``'s node: validated (BadTelemetry, counted as rejected, and nothing kept),
+    folded into the rollup buffer, sent once to each group that may see it and to the fleet, and kept as
+    the node's latest snapshot."""
+    if stream is None:
+        raise BadTelemetry("telemetry before hello: send the inventory first.")
+    try:
+        at, readings = validate(frame, stream)
+    except BadTelemetry:
+        BUFFER.rejected += 1
+        raise
+    BUFFER.fold(stream, at, readings)
+    tenant_text, fleet_text = encode(stream, at, readings)
+    for group in stream.audience:
+        await channel_layer.group_send(group, {"type": "telemetry.frame", "text": tenant_text})
+    await channel_layer.group_send(FLEET_GROUP, {"type": "telemetry.frame", "text": fleet_text})
+    await snapshot(stream, tenant_text, fleet_text)
 
 
-def _sum(readings: list[dict], name: str) -> float | None:
-    values = [r[name] for r in readings if name in r]
-    return round(sum(values), 1) if values else None
+# --- Rollups in PostgreSQL -----------------------------------------------------------------------
 
 
-def encode(stream: NodeStream, at: float, readings: list[dict]) -> tuple[str, str]:
-    """The batch for the tenant holding the node, and its summary for the operators' fleet view. Each is
-    encoded once here and forwarded unchanged to every subscriber (MEASURED: json.dumps per client was
-    11 % of the fan-out)."""
-    tenant = json.dumps({"type": "telemetry", "node": stream.hostname, "at": at, "gpus": readings})
-    utils = [r[UTIL] for r in readings if UTIL in r]
-    temps = [r[TEMP] for r in readings if TEMP in r]
-    fleet = json.dumps(
-        {
-            "type": "node",
-            "node": stream.hostname,
-            "site": stream.site,
-            "rack": stream.rack,
-            "at": at,
-            "util": round(sum(utils) / len(utils), 1) if utils else None,
-            "power": _sum(readings, POWER),
-            "temp": max(temps) if temps else None,
-            "fb_used": _sum(readings, FB_USED),
-            "fb_total": _sum(readings, FB_TOTAL),
-            "health": health(readings),
-        }
-    )
-    return tenant, fleet
+_as_row = attrgetter(*ROLLUP_COLUMNS)  # a record as a row of GpuRollup's columns
 
 
-# --- Rollups -------------------------------------------------------------------------------------
-
-
-class RollupBuffer:
-    """Per (GPU, minute): [samples, util_n, util_sum, util_max, power_n, power_sum, power_max, temp_max,
-    fb_used_max, energy_mj]. Folded in memory, drained by the flusher."""
-
-    def __init__(self):
-        self._rows: dict[tuple[int, int], list] = {}
-        self.accepted = 0
-        self.rejected = 0
-
-    def add(self, stream: NodeStream, at: float, readings: list[dict]) -> None:
-        minute = int(at // 60) * 60
-        for reading in readings:
-            gpu_id = stream.gpu_ids[reading["uuid"]]
-            row = self._rows.get((gpu_id, minute))
-            if row is None:
-                row = self._rows[(gpu_id, minute)] = [0, 0, 0.0, None, 0, 0.0, None, None, None, 0]
-            row[0] += 1
-            if UTIL in reading:
-                row[1] += 1
-                row[2] += reading[UTIL]
-                row[3] = _max(row[3], reading[UTIL])
-            if POWER in reading:
-                row[4] += 1
-                row[5] += reading[POWER]
-                row[6] = _max(row[6], reading[POWER])
-            row[7] = _max(row[7], reading.get(TEMP))
-            row[8] = _max(row[8], reading.get(FB_USED))
-            row[9] += energy_delta(stream, gpu_id, reading.get(ENERGY))
-        self.accepted += 1
-
-    def drain(self) -> tuple[list[tuple], int, int]:
-        rows = [(gpu, minute, *values) for (gpu, minute), values in self._rows.items()]
-        accepted, rejected = self.accepted, self.rejected
-        self._rows, self.accepted, self.rejected = {}, 0, 0
-        return rows, accepted, rejected
-
-
-def _max(current, value):
-    if value is None:
-        return current
-    return value if current is None or value > current else current
-
-
-def energy_delta(stream: NodeStream, gpu_id: int, energy_mj) -> int:
-    """How far the GPU's energy counter moved since its previous reading on this connection. The first
-    reading has no delta (energy while disconnected is not attributed); a counter that went backwards
-    (driver reload) restarts the count."""
-    if energy_mj is None:
+def rollups_write(records: list[GpuMinute]) -> int:
+    """Merge drained records into GpuRollup in one statement; a record of a GPU that is gone is dropped."""
+    if not records:
         return 0
-    previous = stream.last_energy.get(gpu_id)
-    stream.last_energy[gpu_id] = int(energy_mj)
-    if previous is None or energy_mj < previous:
-        return 0
-    return int(energy_mj) - previous
-
-
-def rollups_write(rows: list[tuple]) -> int:
-    """Merge drained rows into GpuRollup in one statement."""
-    if not rows:
-        return 0
-    columns = list(zip(*rows, strict=True))
+    columns = [list(column) for column in zip(*map(_as_row, records), strict=True)]
     table = GpuRollup._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
-            INSERT INTO {table} AS r (gpu_id, minute, samples, util_n, util_sum, util_max, power_n, power_sum,
-                                      power_max, temp_max, fb_used_max, energy_mj)
+            INSERT INTO {table} AS r ({", ".join(ROLLUP_COLUMNS)})
             SELECT g, to_timestamp(m), s, un, us, ux, pn, ps, px, tx, fx, e
             FROM unnest(%s::bigint[], %s::bigint[], %s::int[], %s::int[], %s::float8[], %s::float8[], %s::int[],
                         %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::bigint[])
@@ -231,9 +126,9 @@ def rollups_write(rows: list[tuple]) -> int:
                 fb_used_max = GREATEST(r.fb_used_max, EXCLUDED.fb_used_max),
                 energy_mj = r.energy_mj + EXCLUDED.energy_mj
             """,
-            [list(column) for column in columns],
+            columns,
         )
-    return len(rows)
+    return len(records)
 
 
 def rollups_expire(*, days: int) -> int:
@@ -242,12 +137,8 @@ def rollups_expire(*, days: int) -> int:
     return deleted
 
 
-# --- The process-wide buffer and its flusher ------------------------------------------------------
+# --- The flusher, Redis and the snapshot ---------------------------------------------------------
 
-BUFFER = RollupBuffer()
-COUNTERS_KEY = "neocloud:telemetry:counters"
-LATEST_KEY = "neocloud:telemetry:latest"  # node id → the tenant frame of its latest batch
-SUMMARY_KEY = "neocloud:telemetry:summary"  # node id → the fleet summary of its latest batch
 _flusher: asyncio.Task | None = None
 
 
@@ -269,8 +160,8 @@ async def _flush_forever() -> None:
 
 async def flush() -> int:
     """Write what the buffer holds and add its counters to Redis (for /metrics)."""
-    rows, accepted, rejected = BUFFER.drain()
-    written = await database_sync_to_async(rollups_write)(rows)
+    records, accepted, rejected = BUFFER.drain()
+    written = await database_sync_to_async(rollups_write)(records)
     if accepted or rejected:
         client = redis_client()
         await client.hincrby(COUNTERS_KEY, "accepted", accepted)

@@ -25,6 +25,7 @@ from marketplace.services.reservations import (
 )
 from provisioning.models import Gpu
 from provisioning.services.telemetry import rollups_write
+from provisioning.services.telemetry_ingest import GpuMinute
 from tests.factories import make_offer_with_nodes, make_tenant
 
 pytestmark = pytest.mark.django_db
@@ -79,7 +80,20 @@ def energy(reservation: Reservation, minutes: list[datetime], mj_per_gpu_minute:
     gpus = Gpu.objects.filter(node__allocations__reservation=reservation).values_list("pk", flat=True)
     rollups_write(
         [
-            (gpu, int(minute.timestamp()), 1, 1, 50.0, 50.0, 1, 700.0, 700.0, 60.0, 1000.0, mj_per_gpu_minute)
+            GpuMinute(
+                gpu_id=gpu,
+                minute=int(minute.timestamp()),
+                samples=1,
+                util_n=1,
+                util_sum=50.0,
+                util_max=50.0,
+                power_n=1,
+                power_sum=700.0,
+                power_max=700.0,
+                temp_max=60.0,
+                fb_used_max=1000.0,
+                energy_mj=mj_per_gpu_minute,
+            )
             for gpu in gpus
             for minute in minutes
         ]

@@ -25,7 +25,7 @@ from marketplace.services.reservations import (
     reservation_release,
 )
 from provisioning.models import GpuRollup
-from provisioning.services import telemetry
+from provisioning.services import telemetry, telemetry_ingest
 from tests.conftest import key_client
 from tests.factories import PASSWORD, OfferFactory, make_node, make_tenant
 
@@ -66,8 +66,8 @@ def latest(node, *, power: float, at: float | None = None) -> None:
         "at": at or time.time(),
         "gpus": [{"uuid": g.uuid, "index": g.index, telemetry.POWER: power} for g in node.gpus.order_by("index")],
     }
-    at, readings = telemetry.validate(frame, stream)
-    tenant_text, _fleet = telemetry.encode(stream, at, readings)
+    at, readings = telemetry_ingest.validate(frame, stream)
+    tenant_text, _fleet = telemetry_ingest.encode(stream, at, readings)
     redis.Redis.from_url(settings.REDIS_URL).hset(telemetry.LATEST_KEY, str(node.pk), tenant_text)
 
 

@@ -17,7 +17,8 @@ from marketplace.models import Reservation
 from marketplace.selectors.reservations import reservation_energy_kwh
 from marketplace.services.reservations import reservation_activate, reservation_begin, reservation_create
 from provisioning.models import GpuRollup
-from provisioning.services import telemetry
+from provisioning.services import telemetry, telemetry_ingest
+from provisioning.services.telemetry_ingest import GpuMinute, RollupBuffer
 from tests.factories import PASSWORD, OfferFactory, make_node, make_user
 from tests.provisioning.test_agent_server import Agent, enrol
 
@@ -200,6 +201,36 @@ def test_a_bad_batch_is_refused_and_no_stream_is_closed(tenant, problem, setting
     assert len(received) == 1 and received[0]["gpus"][0][telemetry.FB_USED] == 1000  # only the good batch
 
 
+def test_telemetry_before_hello_is_refused_uncounted_and_the_connection_goes_on():
+    node = make_node()
+    secret = enrol(node)
+    early, bad, good = batch(node), {"type": "telemetry", "at": time.time(), "gpus": []}, batch(node)
+
+    async def scenario():
+        telemetry.BUFFER.drain()  # what earlier tests in this process left
+        agent = Agent(secret)
+        assert await agent.connect()
+        await agent.expect("welcome")
+        await agent.send(early)
+        refused = await agent.expect("error")
+        await agent.close()
+        agent = await started(node, secret)
+        await agent.send(bad)
+        await agent.expect("error")
+        await agent.send(good)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while telemetry.BUFFER.accepted < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        records, accepted, rejected = telemetry.BUFFER.drain()
+        await agent.close()
+        return refused, records, accepted, rejected
+
+    refused, records, accepted, rejected = async_to_sync(scenario)()
+    assert refused["code"] == "bad_telemetry" and "before hello" in refused["message"]
+    assert (accepted, rejected) == (1, 1)  # a batch before hello is a protocol slip, not a bad reading
+    assert sum(r.samples for r in records) == node.gpu_count
+
+
 def test_stored_rollups_equal_an_independent_computation_from_the_samples_sent(tenant):
     node = make_node(gpus=2)
     secret = enrol(node)
@@ -254,6 +285,42 @@ def test_stored_rollups_equal_an_independent_computation_from_the_samples_sent(t
         assert row.power_mean == pytest.approx(sum(want["p"]) / len(want["p"]))
         assert row.temp_max == max(want["t"]) and row.fb_used_max == max(want["f"])
         assert row.energy_mj == want["e"]
+
+
+def test_a_minute_written_by_several_flushes_is_the_minute_folded_at_once():
+    """rollups_write merges the parts of a minute (later flushes, other processes) by the rules of
+    telemetry_ingest.GpuMinute; a record of a GPU that is gone is dropped."""
+    node = make_node(gpus=2)
+    minute = int(time.time() // 60) * 60 - 60
+    samples = []
+    for second in range(0, 60, 4):
+        frame = batch(node, at=minute + second)
+        for gpu in frame["gpus"]:
+            gpu.update({telemetry.UTIL: (second * 13) % 101, telemetry.POWER: 200 + second * 1.5})
+            gpu.update({telemetry.TEMP: 30 + second % 11, telemetry.ENERGY: 5_000 + second * 400})
+        samples.append(frame)
+
+    def fold(stream, frames):
+        buffer = RollupBuffer()
+        for frame in frames:
+            buffer.fold(stream, *telemetry_ingest.validate(frame, stream))
+        return buffer.drain()[0]
+
+    whole = {r.gpu_id: r for r in fold(telemetry.node_stream(node_id=node.pk), samples)}
+    stream = telemetry.node_stream(node_id=node.pk)
+    gone = GpuMinute(gpu_id=max(whole) + 1_000, minute=minute, samples=1)
+    telemetry.rollups_write([*fold(stream, samples[:3]), gone])
+    telemetry.rollups_write(fold(stream, samples[3:4]))
+    telemetry.rollups_write(fold(stream, samples[4:]))
+
+    stored = {r.gpu_id: r for r in GpuRollup.objects.all()}
+    assert set(stored) == set(whole)
+    for gpu_id, want in whole.items():
+        row = stored[gpu_id]
+        assert int(row.minute.timestamp()) == minute
+        assert {name: getattr(row, name) for name in telemetry_ingest.ROLLUP_COLUMNS[2:]} == {
+            name: getattr(want, name) for name in telemetry_ingest.ROLLUP_COLUMNS[2:]
+        }
 
 
 def test_energy_of_a_reservation_counts_whole_minutes_of_its_active_interval_only(tenant):
