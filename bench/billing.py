@@ -342,7 +342,7 @@ def ledger_seed(*, organization_ids: list, reservations: list, now: datetime, se
     from marketplace.choices import AccountKind, TransactionKind
     from marketplace.models import LedgerTransaction
     from marketplace.money import cents, cost, seconds_between
-    from marketplace.services.ledger import Leg, accounts_of, post_many
+    from marketplace.services.billing.ledger import Leg, accounts_of, post_many
 
     accounts = accounts_of(organization_ids)
     grants_account = accounts[(None, AccountKind.GRANTS)]
@@ -724,17 +724,17 @@ def worker_main(args) -> int:
     from django.db import connection
 
     import console.kernel.events
-    import marketplace.services.spend
+    import marketplace.services.billing.spend
     from marketplace.selectors.billing import reservations_to_rate_count
-    from marketplace.services.invoicing import invoice_month
-    from marketplace.services.metering import usage_rate
+    from marketplace.services.billing.invoicing import invoice_month
+    from marketplace.services.billing.metering import usage_rate
 
     now, month = datetime.fromisoformat(args.now), date.fromisoformat(args.month)
     backend_pid = sql_value("SELECT pg_backend_pid()")
     db = DbClock()
     db.install()
     watches = {
-        "after_rating": Stopwatch(marketplace.services.spend, "after_rating"),
+        "after_rating": Stopwatch(marketplace.services.billing.spend, "after_rating"),
         "redis_publish": Stopwatch(console.kernel.events, "publish"),
     }
     label = "" if args.mode == "timed" else f" ({args.mode})"

@@ -149,7 +149,7 @@ def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
 
     from marketplace.choices import OfferShape, ReservationState
     from marketplace.models import Allocation, Offer, Reservation
-    from marketplace.services.tenancy import organization_create, user_create
+    from marketplace.services.tenancy.members import organization_create, user_create
     from provisioning.choices import NodeState, SiteKind
     from provisioning.models import Node, Rack, Site
 
@@ -261,8 +261,8 @@ def database_analyze() -> None:
 
 def tenant_make(label: str, i: int):
     from marketplace.choices import Role
-    from marketplace.services.credits import credits_grant
-    from marketplace.services.tenancy import organization_create, user_create
+    from marketplace.services.billing.credits import credits_grant
+    from marketplace.services.tenancy.members import organization_create, user_create
     from marketplace.tenant_context import TenantContext
 
     user = user_create(email=f"bench-{label}-{i}@example.com")
@@ -322,7 +322,7 @@ def measure_placement(fleet: Fleet, rng: random.Random, count: int) -> dict:
     from django.test.utils import CaptureQueriesContext
     from django.utils import timezone
 
-    from marketplace.services.placement import CapacityUnavailable, placement_pick
+    from marketplace.services.reservations.placement import CapacityUnavailable, placement_pick
 
     now = timezone.now()
     requests = [random_request(fleet, rng, now) for _ in range(count)]
@@ -374,8 +374,8 @@ def measure_create(fleet: Fleet, rng: random.Random, count: int) -> dict:
     from django.test.utils import CaptureQueriesContext
     from django.utils import timezone
 
-    from marketplace.services.placement import CapacityUnavailable
-    from marketplace.services.reservations import reservation_create
+    from marketplace.services.reservations.lifecycle import reservation_create
+    from marketplace.services.reservations.placement import CapacityUnavailable
 
     tenant = tenant_make("inprocess", 0)
     now = timezone.now()
@@ -419,8 +419,8 @@ def measure_refusals(fleet: Fleet, rng: random.Random, count: int) -> dict:
     (but fewer than the offer has), and more nodes than the offer has at all."""
     from django.utils import timezone
 
-    from marketplace.services.placement import CapacityUnavailable
-    from marketplace.services.reservations import reservation_create
+    from marketplace.services.reservations.lifecycle import reservation_create
+    from marketplace.services.reservations.placement import CapacityUnavailable
 
     tenant = tenant_make("refusals", 0)
     now = timezone.now()
@@ -478,9 +478,9 @@ def measure_request_path(fleet: Fleet, rng: random.Random, count: int) -> dict:
     from console.kernel.events import publish, tenant_group
     from marketplace.selectors.catalog import offer_for_reservation
     from marketplace.selectors.reservations import reservation_get
-    from marketplace.services.api_keys import api_key_create
-    from marketplace.services.placement import placement_pick
-    from marketplace.services.reservations import _check_quota, reservation_create
+    from marketplace.services.reservations.lifecycle import _check_quota, reservation_create
+    from marketplace.services.reservations.placement import placement_pick
+    from marketplace.services.tenancy.api_keys import api_key_create
 
     tenant = tenant_make("client", 0)
     _, key = api_key_create(tenant=tenant, name="bench")
@@ -688,7 +688,7 @@ def measure_api(
     from django.db import connection
 
     tenants = [tenant_make("api", i) for i in range(connections)]
-    from marketplace.services.api_keys import api_key_create
+    from marketplace.services.tenancy.api_keys import api_key_create
 
     keys = [api_key_create(tenant=tenant, name="bench")[1] for tenant in tenants]
     organization_ids = [tenant.organization.pk for tenant in tenants]

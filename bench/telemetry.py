@@ -225,7 +225,7 @@ def fixture_build(*, nodes: int, watch: int) -> Fixture:
     from console.kernel.tokens import new_token
     from marketplace.choices import OfferShape, ReservationState
     from marketplace.models import Allocation, Offer, Reservation
-    from marketplace.services.tenancy import organization_create, user_create
+    from marketplace.services.tenancy.members import organization_create, user_create
     from provisioning.agent.backends.profile import load_profile
     from provisioning.agent.backends.simulated import gpu_uuid
     from provisioning.choices import NodeState, SiteKind, Vendor

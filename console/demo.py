@@ -19,12 +19,12 @@ from marketplace.models import Offer, Organization, Reservation
 from marketplace.money import month_start
 from marketplace.selectors.tenancy import tenant_context_for_user
 from marketplace.services import reservations as lifecycle
-from marketplace.services.catalog import offer_create
-from marketplace.services.credits import credits_grant
-from marketplace.services.invoicing import invoice_month
-from marketplace.services.metering import usage_rate
-from marketplace.services.spend import credit_limit_set, spend_alert_create
-from marketplace.services.tenancy import membership_set, organization_create, user_create
+from marketplace.services.billing.credits import credits_grant
+from marketplace.services.billing.invoicing import invoice_month
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.billing.spend import credit_limit_set, spend_alert_create
+from marketplace.services.catalog.offers import offer_create
+from marketplace.services.tenancy.members import membership_set, organization_create, user_create
 from marketplace.tenant_context import TenantContext
 from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor

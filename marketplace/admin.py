@@ -23,9 +23,9 @@ from marketplace.models import (
     Reservation,
     User,
 )
-from marketplace.services.api_keys import api_keys_revoke_as_operator
-from marketplace.services.provisioning_flow import reservation_force_release
-from marketplace.services.tenancy import membership_remove, membership_set
+from marketplace.services.reservations.provisioning import reservation_force_release
+from marketplace.services.tenancy.api_keys import api_keys_revoke_as_operator
+from marketplace.services.tenancy.members import membership_remove, membership_set
 
 
 class MembershipInline(admin.TabularInline):

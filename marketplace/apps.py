@@ -7,7 +7,7 @@ class MarketplaceConfig(AppConfig):
 
     def ready(self):
         # Provisioning reports command outcomes through hooks; it never imports marketplace.
-        from marketplace.services import provisioning_flow
+        from marketplace.services.reservations import provisioning as provisioning_flow
         from provisioning import hooks
 
         hooks.on_command_finished(provisioning_flow.on_command_finished)

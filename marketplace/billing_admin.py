@@ -28,9 +28,9 @@ from marketplace.models import (
 )
 from marketplace.money import cents
 from marketplace.selectors.billing import balance_of
-from marketplace.services.credits import credits_grant, ledger_reverse
-from marketplace.services.pricing import offer_price_set
-from marketplace.services.spend import credit_limit_set
+from marketplace.services.billing.credits import credits_grant, ledger_reverse
+from marketplace.services.billing.pricing import offer_price_set
+from marketplace.services.billing.spend import credit_limit_set
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -49,7 +49,7 @@ HOLDING_STATES = frozenset(
     {ReservationState.PENDING, ReservationState.PROVISIONING, ReservationState.ACTIVE, ReservationState.RELEASING}
 )
 # Reservations in these states have left active (or never will be): rated once more, to their end, then
-# settled (marketplace.services.metering).
+# settled (marketplace.services.billing.metering).
 SETTLING_STATES = (
     ReservationState.RELEASING,
     ReservationState.COMPLETED,

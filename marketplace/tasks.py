@@ -2,20 +2,20 @@
 
 from celery import shared_task
 
+from marketplace.services.billing.invoicing import cost_tick
+from marketplace.services.billing.invoicing import invoices_close as close
+from marketplace.services.billing.metering import usage_rate as rate
+from marketplace.services.billing.pricing import prices_apply as apply
 from marketplace.services.idempotency import idempotency_records_expire as expire_records
-from marketplace.services.invoicing import cost_tick
-from marketplace.services.invoicing import invoices_close as close
-from marketplace.services.metering import usage_rate as rate
-from marketplace.services.pricing import prices_apply as apply
-from marketplace.services.provisioning_flow import (
+from marketplace.services.reservations.enforcement import balances_enforce
+from marketplace.services.reservations.lifecycle import reservation_begin, reservations_advance
+from marketplace.services.reservations.provisioning import (
     reservation_provision_start,
     reservation_teardown_start,
 )
-from marketplace.services.provisioning_flow import (
+from marketplace.services.reservations.provisioning import (
     reservations_reconcile as reconcile,
 )
-from marketplace.services.reservations import reservation_begin, reservations_advance
-from marketplace.services.spend import balances_enforce
 
 
 @shared_task(acks_late=True, ignore_result=True)
@@ -48,7 +48,7 @@ def idempotency_records_expire() -> int:
     return expire_records()
 
 
-# Billing (marketplace.services.metering, spend, invoicing, pricing), on the "billing" queue.
+# Billing (marketplace.services.billing.metering, spend, invoicing, pricing), on the "billing" queue.
 
 
 @shared_task(acks_late=True, ignore_result=True)

@@ -3,7 +3,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from marketplace.choices import Role
-from marketplace.services.api_keys import api_key_create
+from marketplace.services.tenancy.api_keys import api_key_create
 from tests.factories import PASSWORD, make_tenant, make_user
 
 

@@ -8,8 +8,8 @@ import factory
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Offer, OfferTermDiscount, Reservation
-from marketplace.services.credits import credits_grant
-from marketplace.services.tenancy import membership_set, organization_create, user_create
+from marketplace.services.billing.credits import credits_grant
+from marketplace.services.tenancy.members import membership_set, organization_create, user_create
 from marketplace.tenant_context import TenantContext
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
 from provisioning.models import AcceleratorType, Node, Rack, Site
@@ -138,7 +138,7 @@ def make_offer_with_nodes(
 def activate(reservation: Reservation, *, since=None) -> Reservation:
     """Begin and activate it through the lifecycle. ``since`` moves the recorded activation back in
     time: tests cannot wait hours for usage to accrue."""
-    from marketplace.services.reservations import reservation_activate, reservation_begin
+    from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin
 
     assert reservation_begin(reservation_id=reservation.pk)
     assert reservation_activate(reservation_id=reservation.pk)

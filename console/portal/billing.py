@@ -30,7 +30,7 @@ from marketplace.selectors.billing import (
     spend_alert_list,
 )
 from marketplace.selectors.reservations import reservation_list
-from marketplace.services.spend import spend_alert_create, spend_alert_delete
+from marketplace.services.billing.spend import spend_alert_create, spend_alert_delete
 
 # --- Money on pages ---------------------------------------------------------------------------------
 

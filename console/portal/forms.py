@@ -3,7 +3,7 @@ from decimal import Decimal
 from django import forms
 
 from marketplace.choices import Role
-from marketplace.services.reservations import MAX_DURATION_HOURS
+from marketplace.services.reservations.lifecycle import MAX_DURATION_HOURS
 
 MIN_HOURS = Decimal("0.02")
 

@@ -38,15 +38,15 @@ from marketplace.selectors.reservations import (
     reservation_progress,
 )
 from marketplace.selectors.tenancy import api_key_get, api_key_list, tenant_context_for_user
-from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.idempotency import idempotent
-from marketplace.services.reservations import (
+from marketplace.services.reservations.lifecycle import (
     reservation_cancel,
     reservation_check,
     reservation_create,
     reservation_extend,
     reservation_quote,
 )
+from marketplace.services.tenancy.api_keys import api_key_create, api_key_revoke
 from provisioning.selectors.fleet import accelerator_type_list, fleet_overview, site_regions
 
 

@@ -3,7 +3,7 @@
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
-from marketplace.services.api_keys import InvalidApiKey, api_key_authenticate
+from marketplace.services.tenancy.api_keys import InvalidApiKey, api_key_authenticate
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):

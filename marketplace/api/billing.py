@@ -33,8 +33,8 @@ from marketplace.selectors.billing import (
     spend_alert_list,
     usage_of,
 )
+from marketplace.services.billing.spend import spend_alert_create, spend_alert_delete
 from marketplace.services.idempotency import idempotent
-from marketplace.services.spend import spend_alert_create, spend_alert_delete
 
 CURRENCY = "USD"
 MAX_USAGE_WINDOW = timedelta(days=400)  # about 13 months: a year compared with the month before it

@@ -8,7 +8,7 @@ from marketplace.models import ApiKey, Offer, OfferTermDiscount, Reservation
 from marketplace.money import cents
 from marketplace.selectors.billing import reservation_cost
 from marketplace.selectors.reservations import reservation_billed, reservation_energy_kwh, reservation_progress
-from marketplace.services.reservations import MAX_DURATION_HOURS
+from marketplace.services.reservations.lifecycle import MAX_DURATION_HOURS
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 from provisioning.choices import CommandKind, CommandState
 

@@ -32,9 +32,9 @@ from marketplace.selectors.capacity import availability_by_hour, availability_wi
 from marketplace.selectors.catalog import offer_for_reservation, offer_get, offer_list
 from marketplace.selectors.reservations import reservation_get, reservation_list, reservation_telemetry
 from marketplace.selectors.tenancy import api_key_get, api_key_list
-from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.idempotency import idempotent
-from marketplace.services.reservations import reservation_cancel, reservation_create, reservation_extend
+from marketplace.services.reservations.lifecycle import reservation_cancel, reservation_create, reservation_extend
+from marketplace.services.tenancy.api_keys import api_key_create, api_key_revoke
 
 
 @extend_schema_view(

@@ -21,7 +21,7 @@ from .tenancy import Organization
 S = ReservationState
 
 # The reservation lifecycle (ARCHITECTURE "Lifecycles"). Every move goes through
-# marketplace.services.reservations, which checks this table.
+# marketplace.services.reservations.lifecycle, which checks this table.
 RESERVATION_TRANSITIONS: dict[str, frozenset[str]] = {
     S.PENDING: frozenset({S.PROVISIONING, S.CANCELLED}),
     S.PROVISIONING: frozenset({S.ACTIVE, S.FAILED, S.RELEASING}),
@@ -111,7 +111,7 @@ class Reservation(models.Model):
     deactivated_at = models.DateTimeField(null=True, blank=True)
     # None: on demand. Otherwise a reserved term at the offer's term discount (price kept as above).
     term_months = models.PositiveSmallIntegerField(null=True, blank=True, choices=TermMonths.choices)
-    # Set by billing (marketplace.services.metering) once every billed second is rated and the hold released.
+    # Set by billing (marketplace.services.billing.metering) once every billed second is rated and the hold released.
     billing_settled_at = models.DateTimeField(null=True, blank=True)
     # A reserved term is a commitment: released by its tenant before its end, its nodes are freed at
     # once but the rest of the term, [released_early_at, end), is still billed (docs/billing.md).

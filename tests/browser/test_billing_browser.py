@@ -16,10 +16,10 @@ from console.kernel.events import publish, tenant_group
 from marketplace.choices import Role
 from marketplace.models import Invoice
 from marketplace.money import month_start
-from marketplace.services import reservations as lifecycle
-from marketplace.services.invoicing import cost_tick, invoice_month
-from marketplace.services.metering import usage_rate
-from marketplace.services.reservations import reservation_create
+from marketplace.services.billing.invoicing import cost_tick, invoice_month
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.reservations import lifecycle
+from marketplace.services.reservations.lifecycle import reservation_create
 from tests.browser.conftest import chromium  # noqa: F401 - the shared browser fixture (requested below)
 from tests.e2e.conftest import stack  # noqa: F401 - daphne on the test database (the fixture)
 from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_tenant

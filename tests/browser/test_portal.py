@@ -3,7 +3,7 @@ import os
 import pytest
 
 from marketplace.models import ApiKey
-from marketplace.services.api_keys import api_key_authenticate
+from marketplace.services.tenancy.api_keys import api_key_authenticate
 from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node
 
 pytestmark = pytest.mark.django_db(transaction=True)

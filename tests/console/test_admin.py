@@ -9,8 +9,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from marketplace.models import Quota, Reservation
-from marketplace.services.api_keys import api_key_create
-from marketplace.services.reservations import reservation_create, reservations_advance
+from marketplace.services.reservations.lifecycle import reservation_create, reservations_advance
+from marketplace.services.tenancy.api_keys import api_key_create
 from provisioning.choices import NodeState
 from provisioning.models import Node
 from tests.factories import PASSWORD, OfferFactory, make_node, make_tenant

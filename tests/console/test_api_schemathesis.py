@@ -26,9 +26,9 @@ from schemathesis.specs.openapi.checks import (
 
 from console.wsgi import application
 from marketplace.choices import Role
-from marketplace.services.api_keys import api_key_create
-from marketplace.services.reservations import reservation_create
-from marketplace.services.spend import spend_alert_create
+from marketplace.services.billing.spend import spend_alert_create
+from marketplace.services.reservations.lifecycle import reservation_create
+from marketplace.services.tenancy.api_keys import api_key_create
 from tests.factories import make_offer_with_nodes, make_tenant
 
 pytestmark = pytest.mark.django_db

@@ -16,8 +16,8 @@ from console.routing import websocket_urlpatterns
 from marketplace.choices import Role
 from marketplace.models import Membership
 from marketplace.selectors.tenancy import tenant_context_for_user
-from marketplace.services.api_keys import api_key_create
-from marketplace.services.tenancy import membership_set
+from marketplace.services.tenancy.api_keys import api_key_create
+from marketplace.services.tenancy.members import membership_set
 from tests.factories import PASSWORD, make_tenant
 from tests.provisioning.test_telemetry import CONNECT_TIMEOUT, accepted, refusal
 

@@ -5,7 +5,7 @@ from django.test import Client
 
 from marketplace.choices import Role
 from marketplace.models import ApiKey
-from marketplace.services.api_keys import api_key_authenticate
+from marketplace.services.tenancy.api_keys import api_key_authenticate
 from tests.factories import PASSWORD, AcceleratorTypeFactory, OfferFactory, RackFactory, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db

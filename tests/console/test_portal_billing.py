@@ -17,12 +17,12 @@ from marketplace.choices import Role
 from marketplace.models import Invoice, OfferTermDiscount, Reservation, SpendAlert
 from marketplace.money import add_months, month_start
 from marketplace.selectors.billing import daily_spend
-from marketplace.services import reservations as lifecycle
-from marketplace.services.invoicing import invoice_month
-from marketplace.services.metering import usage_rate
-from marketplace.services.reservations import reservation_create
-from marketplace.services.spend import spend_alert_create
-from marketplace.services.tenancy import membership_set
+from marketplace.services.billing.invoicing import invoice_month
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.billing.spend import spend_alert_create
+from marketplace.services.reservations import lifecycle
+from marketplace.services.reservations.lifecycle import reservation_create
+from marketplace.services.tenancy.members import membership_set
 from marketplace.tenant_context import TenantContext
 from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
 
@@ -264,7 +264,7 @@ def test_daily_spend_counts_each_day_of_the_month(offer):
 
 
 def test_every_page_header_shows_the_tenants_own_balance():
-    from marketplace.services.credits import credits_grant
+    from marketplace.services.billing.credits import credits_grant
 
     tenant = make_tenant(credit="1234.5")
     make_tenant(credit="777")  # another tenant's money never shows

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from marketplace.choices import Role
 from marketplace.models import OfferTermDiscount, Reservation
-from marketplace.services.reservations import reservation_create
+from marketplace.services.reservations.lifecycle import reservation_create
 from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db

@@ -13,7 +13,7 @@ from console.kernel.events import tenant_group
 from marketplace.models import LedgerEntry, Reservation, UsageRecord
 from marketplace.money import cost, seconds_between
 from marketplace.selectors.billing import balance_of, hold_remaining
-from marketplace.services.api_keys import api_key_create
+from marketplace.services.tenancy.api_keys import api_key_create
 from tests.e2e.conftest import Api, wait_for
 from tests.e2e.test_provisioning import connected, fleet_of, state_of
 from tests.factories import make_tenant

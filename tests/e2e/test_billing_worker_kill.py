@@ -21,7 +21,7 @@ from marketplace.choices import AccountKind, TransactionKind
 from marketplace.choices import ReservationState as S
 from marketplace.models import LedgerEntry, LedgerTransaction, Reservation, UsageRecord
 from marketplace.money import cost, seconds_between, split_at_months
-from marketplace.services.ledger import Leg, accounts_of, post_many
+from marketplace.services.billing.ledger import Leg, accounts_of, post_many
 from marketplace.tenant_context import TenantContext
 from tests.e2e.conftest import Stack, wait_for
 from tests.factories import OfferFactory, make_tenant

@@ -7,7 +7,7 @@ import http.client
 import pytest
 
 from marketplace.choices import Role
-from marketplace.services.api_keys import api_key_create
+from marketplace.services.tenancy.api_keys import api_key_create
 from tests.factories import make_tenant
 
 pytestmark = [pytest.mark.slow]

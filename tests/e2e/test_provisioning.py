@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from marketplace.choices import Role
-from marketplace.services.api_keys import api_key_create
+from marketplace.services.tenancy.api_keys import api_key_create
 from provisioning.choices import CommandKind, CommandState
 from provisioning.models import Node, NodeCommand
 from provisioning.services.agents import bootstrap_token_create

@@ -8,8 +8,8 @@ from rest_framework.test import APIClient
 from console.kernel.errors import DomainError, Forbidden
 from marketplace.choices import Role
 from marketplace.models import ApiKey
-from marketplace.services.api_keys import InvalidApiKey, api_key_authenticate, api_key_create, api_key_revoke
-from marketplace.services.tenancy import membership_set
+from marketplace.services.tenancy.api_keys import InvalidApiKey, api_key_authenticate, api_key_create, api_key_revoke
+from marketplace.services.tenancy.members import membership_set
 from tests.factories import make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
@@ -213,7 +213,7 @@ class TestKeysMadeWithKeys:
         assert ApiKey.objects.get(pk=grandchild["id"]).status == "revoked"
 
     def test_an_operator_revoking_a_leaked_key_revokes_its_descendants(self, tenant):
-        from marketplace.services.api_keys import api_keys_revoke_as_operator
+        from marketplace.services.tenancy.api_keys import api_keys_revoke_as_operator
 
         parent, plaintext = api_key_create(tenant=tenant, name="leaked")
         child = self.made_with(bearer(plaintext))

@@ -28,11 +28,11 @@ from marketplace.models import (
     SpendAlert,
 )
 from marketplace.money import add_months, cents, cost, month_bounds, month_start, seconds_between
-from marketplace.services.catalog import offer_create
-from marketplace.services.invoicing import invoice_month
-from marketplace.services.metering import usage_rate
-from marketplace.services.reservations import reservation_activate, reservation_begin, reservation_create
-from marketplace.services.spend import credit_limit_set, spend_alert_create
+from marketplace.services.billing.invoicing import invoice_month
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.billing.spend import credit_limit_set, spend_alert_create
+from marketplace.services.catalog.offers import offer_create
+from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin, reservation_create
 from tests.factories import PASSWORD, AcceleratorTypeFactory, RackFactory, SiteFactory, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db
@@ -266,7 +266,7 @@ class TestInvoices:
         assert client.get("/api/v1/invoices/").json()["count"] == 1
 
     def test_viewers_read_invoices(self, invoiced, client_for):
-        from marketplace.services.tenancy import membership_set
+        from marketplace.services.tenancy.members import membership_set
         from marketplace.tenant_context import TenantContext
         from tests.factories import make_user
 
@@ -307,7 +307,7 @@ class TestSpendAlerts:
         assert first.json()["threshold"] == "250.00" and first.json()["last_notified_month"] is None
         second = client.post("/api/v1/spend-alerts/", {"threshold": 100.5}, format="json")
         assert second.status_code == 201 and second.json()["threshold"] == "100.50"
-        from marketplace.services.tenancy import membership_set
+        from marketplace.services.tenancy.members import membership_set
         from marketplace.tenant_context import TenantContext
         from tests.factories import make_user
 
@@ -344,7 +344,7 @@ class TestSpendAlerts:
     @pytest.mark.parametrize("role", [Role.VIEWER, Role.MEMBER])
     def test_viewers_and_members_cannot_set_or_remove_them(self, admin, client_for, role):
         alert = spend_alert_create(tenant=admin, threshold="10")
-        from marketplace.services.tenancy import membership_set
+        from marketplace.services.tenancy.members import membership_set
         from marketplace.tenant_context import TenantContext
         from tests.factories import make_user
 
@@ -393,7 +393,7 @@ class TestSpendAlerts:
 
 class TestNotices:
     def test_latest_first_limited_and_sealed(self, tenant, other_tenant, client_for):
-        from marketplace.services.credits import credits_grant
+        from marketplace.services.billing.credits import credits_grant
 
         for amount in ("1", "2", "3"):
             credits_grant(organization=tenant.organization, amount=amount)

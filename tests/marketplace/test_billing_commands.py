@@ -13,7 +13,7 @@ from marketplace.choices import AccountKind, TransactionKind
 from marketplace.models import BillingNotice, Invoice, LedgerEntry, LedgerTransaction, Organization, Reservation
 from marketplace.money import month_bounds, month_start
 from marketplace.selectors.billing import balance_of
-from marketplace.services.reservations import (
+from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_begin,
     reservation_complete,

@@ -1,4 +1,4 @@
-"""Monthly invoices (marketplace.services.invoicing, selectors.billing.invoice_lines): written once per
+"""Monthly invoices (marketplace.services.billing.invoicing, selectors.billing.invoice_lines): written once per
 tenant with usage in an ended month, a line per reservation rounded to cents there and only there,
 with the energy its GPUs drew while active; never changed afterwards."""
 
@@ -13,9 +13,9 @@ from marketplace.choices import ReservationState
 from marketplace.models import Invoice, InvoiceLine, Reservation, UsageRecord
 from marketplace.money import cents, cost, month_bounds, month_start, seconds_between
 from marketplace.selectors.billing import invoice_preview
-from marketplace.services.invoicing import invoice_month, invoices_close
-from marketplace.services.metering import usage_rate
-from marketplace.services.reservations import (
+from marketplace.services.billing.invoicing import invoice_month, invoices_close
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_begin,
     reservation_cancel,
@@ -219,8 +219,8 @@ class TestClosing:
         assert invoices_close(now=ended + delay + timedelta(minutes=2)) == 0
 
     def test_a_month_with_unrated_active_time_waits_for_its_rating(self, offer):
-        from marketplace.services.invoicing import _unrated_before
-        from marketplace.services.metering import usage_rate
+        from marketplace.services.billing.invoicing import _unrated_before
+        from marketplace.services.billing.metering import usage_rate
 
         tenant = make_tenant()
         ended = month_bounds(LAST_MONTH)[1]

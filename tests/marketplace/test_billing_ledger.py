@@ -1,4 +1,4 @@
-"""The double-entry ledger (marketplace.services.ledger, migration 0006), holds and metering: money moves
+"""The double-entry ledger (marketplace.services.billing.ledger, migration 0006), holds and metering: money moves
 only in balanced, immutable transactions (PostgreSQL refuses anything else, whoever writes it), a
 reservation holds its expected cost when it is made, and only active seconds are charged."""
 
@@ -27,8 +27,8 @@ from marketplace.models import (
 )
 from marketplace.money import cost, seconds_between
 from marketplace.selectors.billing import account_balances, balance_of, hold_remaining
-from marketplace.services.credits import credits_grant, ledger_reverse
-from marketplace.services.ledger import (
+from marketplace.services.billing.credits import credits_grant, ledger_reverse
+from marketplace.services.billing.ledger import (
     InsufficientBalance,
     LedgerUnbalanced,
     Leg,
@@ -36,8 +36,9 @@ from marketplace.services.ledger import (
     post,
     post_many,
 )
-from marketplace.services.metering import usage_rate
-from marketplace.services.reservations import (
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.billing.spend import credit_limit_set
+from marketplace.services.reservations.lifecycle import (
     reservation_begin,
     reservation_cancel,
     reservation_complete,
@@ -46,7 +47,6 @@ from marketplace.services.reservations import (
     reservation_fail,
     reservation_release,
 )
-from marketplace.services.spend import credit_limit_set
 from tests.factories import (
     OfferFactory,
     RackFactory,

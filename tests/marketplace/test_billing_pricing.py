@@ -1,4 +1,4 @@
-"""The price book (marketplace.services.pricing, selectors.catalog.price_in_force) and reserved terms:
+"""The price book (marketplace.services.billing.pricing, selectors.catalog.price_in_force) and reserved terms:
 a price takes effect on its second, reservations keep the price they were made at, and a term is
 priced at the offer's discount and lasts whole calendar months."""
 
@@ -14,9 +14,9 @@ from marketplace.models import Offer, OfferPrice, Reservation
 from marketplace.money import add_months, cost, seconds_between
 from marketplace.selectors.billing import account_balances, hold_remaining
 from marketplace.selectors.catalog import price_in_force
-from marketplace.services.metering import usage_rate
-from marketplace.services.pricing import offer_price_set, prices_apply
-from marketplace.services.reservations import (
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.billing.pricing import offer_price_set, prices_apply
+from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_begin,
     reservation_create,

@@ -38,10 +38,9 @@ from marketplace.models import (
 )
 from marketplace.money import cost, month_start, seconds_between
 from marketplace.selectors.billing import account_balances, balance_of, spent_in_month
-from marketplace.services.ledger import InsufficientBalance, accounts_of
-from marketplace.services.metering import usage_rate
-from marketplace.services.placement import CapacityUnavailable
-from marketplace.services.reservations import (
+from marketplace.services.billing.ledger import InsufficientBalance, accounts_of
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.reservations.lifecycle import (
     QuotaExceeded,
     reservation_activate,
     reservation_begin,
@@ -53,6 +52,7 @@ from marketplace.services.reservations import (
     reservation_release,
     reservations_advance,
 )
+from marketplace.services.reservations.placement import CapacityUnavailable
 from marketplace.tenant_context import TenantContext
 from tests.factories import OfferFactory, RackFactory, make_node, make_tenant
 

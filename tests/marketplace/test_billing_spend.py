@@ -1,4 +1,4 @@
-"""Spend control (marketplace.services.spend): spend alerts the tenant sets fire once a month, a balance
+"""Spend control (marketplace.services.billing.spend): spend alerts the tenant sets fire once a month, a balance
 that runs out is noticed and, after the grace period, the tenant's active on-demand reservations are
 released; credit brings it back. Pushes are received through the real channel layer."""
 
@@ -24,19 +24,17 @@ from marketplace.models import (
 )
 from marketplace.money import month_bounds, month_start, next_month
 from marketplace.selectors.billing import account_balances, balance_of, spent_in_month
-from marketplace.services.credits import credits_grant, ledger_reverse
-from marketplace.services.metering import usage_rate
-from marketplace.services.reservations import (
-    reservation_create,
-)
-from marketplace.services.spend import (
+from marketplace.services.billing.credits import credits_grant, ledger_reverse
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.billing.spend import (
     MAX_ALERTS,
-    balances_enforce,
     credit_limit_set,
     spend_alert_create,
     spend_alert_delete,
 )
-from marketplace.services.tenancy import membership_set
+from marketplace.services.reservations.enforcement import balances_enforce
+from marketplace.services.reservations.lifecycle import reservation_create
+from marketplace.services.tenancy.members import membership_set
 from marketplace.tenant_context import TenantContext
 from tests.factories import (
     OfferFactory,

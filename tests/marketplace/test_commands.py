@@ -5,7 +5,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from marketplace.models import ApiKey, Membership, Organization
-from marketplace.services.api_keys import api_key_authenticate
+from marketplace.services.tenancy.api_keys import api_key_authenticate
 from tests.processes import manage
 
 

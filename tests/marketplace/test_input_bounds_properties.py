@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from marketplace.models import Allocation, LedgerEntry, Reservation
-from marketplace.services.reservations import reservation_create
+from marketplace.services.reservations.lifecycle import reservation_create
 from tests.conftest import key_client
 from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant
 

@@ -10,8 +10,8 @@ from django.utils import timezone
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Allocation, Reservation
-from marketplace.services.placement import CapacityUnavailable
-from marketplace.services.reservations import reservation_create
+from marketplace.services.reservations.lifecycle import reservation_create
+from marketplace.services.reservations.placement import CapacityUnavailable
 from tests.factories import OfferFactory, RackFactory, SiteFactory, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -168,8 +168,8 @@ def test_concurrent_spenders_cannot_hold_more_than_the_balance():
     from decimal import Decimal
 
     from marketplace.selectors.billing import balance_of
-    from marketplace.services.credits import credits_grant
-    from marketplace.services.ledger import InsufficientBalance
+    from marketplace.services.billing.credits import credits_grant
+    from marketplace.services.billing.ledger import InsufficientBalance
 
     tenant = make_tenant(role=Role.MEMBER, credit=None)
     rack = RackFactory()

@@ -15,7 +15,7 @@ from console.kernel.lifecycle import IllegalTransition
 from marketplace.choices import OfferShape, ReservationState, Role
 from marketplace.models import Allocation, IdempotencyRecord, Quota, Reservation
 from marketplace.services.idempotency import idempotency_records_expire
-from marketplace.services.reservations import (
+from marketplace.services.reservations.lifecycle import (
     reservation_cancel,
     reservation_create,
     reservations_advance,

@@ -13,9 +13,9 @@ from django.utils import timezone
 from marketplace.models import Reservation, UsageRecord
 from marketplace.money import cost, month_start, seconds_between
 from marketplace.selectors.billing import hold_remaining, invoice_lines, reservation_cost
-from marketplace.services.credits import credits_grant
-from marketplace.services.metering import usage_rate
-from marketplace.services.reservations import (
+from marketplace.services.billing.credits import credits_grant
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_begin,
     reservation_cancel,

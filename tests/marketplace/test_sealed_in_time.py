@@ -14,16 +14,16 @@ from django.utils import timezone
 from marketplace.models import Invoice, Reservation
 from marketplace.money import month_start
 from marketplace.selectors.reservations import reservation_energy_kwh
-from marketplace.services.invoicing import invoice_month
-from marketplace.services.metering import usage_rate
-from marketplace.services.provisioning_flow import node_audience
-from marketplace.services.reservations import (
+from marketplace.services.billing.invoicing import invoice_month
+from marketplace.services.billing.metering import usage_rate
+from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_begin,
     reservation_cancel,
     reservation_create,
     reservation_release,
 )
+from marketplace.services.reservations.provisioning import node_audience
 from provisioning.models import GpuRollup
 from provisioning.services import telemetry, telemetry_ingest
 from tests.conftest import key_client

@@ -15,8 +15,8 @@ from django.utils import timezone
 from console.asgi import application
 from marketplace.choices import ReservationState
 from marketplace.models import Reservation
-from marketplace.services.provisioning_flow import reservation_provision_start, reservation_teardown_start
-from marketplace.services.reservations import reservation_begin, reservation_cancel, reservation_create
+from marketplace.services.reservations.lifecycle import reservation_begin, reservation_cancel, reservation_create
+from marketplace.services.reservations.provisioning import reservation_provision_start, reservation_teardown_start
 from provisioning.choices import CommandState, NodeState
 from provisioning.models import Node, NodeCommand, NodeCredential
 from provisioning.services.agents import (

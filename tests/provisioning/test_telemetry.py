@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from marketplace.models import Reservation
 from marketplace.selectors.reservations import reservation_energy_kwh
-from marketplace.services.reservations import reservation_activate, reservation_begin, reservation_create
+from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin, reservation_create
 from provisioning.models import GpuRollup
 from provisioning.services import telemetry, telemetry_ingest
 from provisioning.services.telemetry_ingest import GpuMinute, RollupBuffer

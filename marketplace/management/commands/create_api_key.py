@@ -11,7 +11,7 @@ from django.utils import timezone
 from console.kernel.errors import DomainError
 from marketplace.choices import Role
 from marketplace.selectors.tenancy import organization_find, tenant_context_for_user, user_find
-from marketplace.services.api_keys import api_key_create
+from marketplace.services.tenancy.api_keys import api_key_create
 
 
 class Command(BaseCommand):

@@ -12,8 +12,8 @@ from django.db import transaction
 
 from console.kernel.errors import DomainError
 from marketplace.selectors.tenancy import user_find
-from marketplace.services.credits import credits_grant
-from marketplace.services.tenancy import organization_create, user_create
+from marketplace.services.billing.credits import credits_grant
+from marketplace.services.tenancy.members import organization_create, user_create
 
 
 class Command(BaseCommand):

@@ -10,7 +10,7 @@ from console.kernel.errors import DomainError
 from marketplace.money import cents
 from marketplace.selectors.billing import balance_of
 from marketplace.selectors.tenancy import organization_find
-from marketplace.services.credits import credits_grant
+from marketplace.services.billing.credits import credits_grant
 
 
 class Command(BaseCommand):

@@ -7,8 +7,8 @@ from django.core.management.base import BaseCommand
 
 from console.kernel.progress import Progress
 from marketplace.selectors.billing import reservations_to_rate_count
-from marketplace.services.invoicing import invoices_close
-from marketplace.services.metering import usage_rate
+from marketplace.services.billing.invoicing import invoices_close
+from marketplace.services.billing.metering import usage_rate
 
 
 class Command(BaseCommand):

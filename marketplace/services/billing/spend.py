@@ -12,12 +12,11 @@ from django.utils import timezone
 
 from console.kernel.errors import Conflict, DomainError
 from console.kernel.events import publish_many, publish_on_commit, tenant_group
-from marketplace.choices import AccountKind, NoticeKind, ReservationState, Role
-from marketplace.models import BillingNotice, BillingProfile, Organization, Reservation, SpendAlert
+from marketplace.choices import AccountKind, NoticeKind, Role
+from marketplace.models import BillingNotice, BillingProfile, Organization, SpendAlert
 from marketplace.money import cents, month_start, parse_amount
 from marketplace.selectors.billing import account_balances, balance_json, balances_of, spent_in_month
-from marketplace.services.ledger import balance_changed
-from marketplace.services.reservations import reservation_release
+from marketplace.services.billing.ledger import balance_changed
 from marketplace.tenant_context import TenantContext
 
 logger = logging.getLogger(__name__)
@@ -121,7 +120,8 @@ def _alerts_check(*, organization_id, month) -> None:
     SpendAlert.objects.filter(pk__in=[a.pk for a in reached]).update(last_notified_month=month)
 
 
-def _spendable(organization_id, profile: BillingProfile):
+def profile_spendable(organization_id, profile: BillingProfile):
+    """What the tenant may still hold: its credits with its credit line."""
     credits = account_balances(organization_ids=[organization_id])[organization_id][AccountKind.CREDITS]
     return credits + profile.credit_limit
 
@@ -130,7 +130,7 @@ def _depletion_check(*, organization_id, now: datetime) -> datetime | None:
     """Note a balance that ran out (or came back). Returns since when it is out, None if it is not."""
     profile = BillingProfile.objects.select_for_update().filter(organization_id=organization_id).first()
     profile = profile or _profile(organization_id)
-    out = _spendable(organization_id, profile) < 0
+    out = profile_spendable(organization_id, profile) < 0
     grace = timedelta(minutes=settings.BILLING_GRACE_MINUTES)
     if out and profile.depleted_at is None:
         profile.depleted_at = now
@@ -158,32 +158,3 @@ def balance_check(*, organization_id, now: datetime | None = None) -> None:
     """Re-check one tenant's balance now (after a grant or a reversal)."""
     with transaction.atomic():
         _depletion_check(organization_id=organization_id, now=now or timezone.now())
-
-
-def balances_enforce(*, now: datetime | None = None) -> dict[str, int]:
-    """Release the active on-demand reservations of tenants whose balance stayed out past the grace
-    period. Reserved-term ones are paid by their hold and run on."""
-    now = now or timezone.now()
-    cutoff = now - timedelta(minutes=settings.BILLING_GRACE_MINUTES)
-    released = 0
-    overdue = BillingProfile.objects.filter(depleted_at__lte=cutoff).values_list("organization_id", flat=True)
-    for organization_id in overdue:
-        with transaction.atomic():
-            profile = BillingProfile.objects.select_for_update().get(organization_id=organization_id)
-            if profile.depleted_at is None or _spendable(organization_id, profile) >= 0:
-                continue
-            ids = Reservation.objects.filter(
-                organization_id=organization_id, state=ReservationState.ACTIVE, term_months__isnull=True
-            ).values_list("pk", flat=True)
-            count = sum(
-                reservation_release(reservation_id=pk, reason="Released: the organization's balance ran out.")
-                for pk in ids
-            )
-            if count:
-                notice_add(
-                    organization_id=organization_id,
-                    kind=NoticeKind.RELEASED_UNPAID,
-                    message=f"{count} on-demand reservation(s) were released because the balance ran out.",
-                )
-            released += count
-    return {"released": released}

@@ -16,7 +16,7 @@ from console.kernel.lifecycle import IllegalTransition
 from console.kernel.tasks import enqueue_on_commit
 from marketplace.choices import ReservationState
 from marketplace.models import Reservation
-from marketplace.services.reservations import (
+from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_cancel_as_operator,
     reservation_complete,

@@ -26,8 +26,8 @@ from marketplace.choices import SETTLING_STATES, AccountKind, ReservationState, 
 from marketplace.models import LedgerTransaction, Reservation, UsageRecord, billed_interval
 from marketplace.money import cost, seconds_between, split_at_months
 from marketplace.selectors.billing import hold_remaining, rated_until
-from marketplace.services.ledger import Leg, accounts_of, post_many
-from marketplace.services.spend import after_rating
+from marketplace.services.billing.ledger import Leg, accounts_of, post_many
+from marketplace.services.billing.spend import after_rating
 
 logger = logging.getLogger(__name__)
 S = ReservationState

@@ -17,7 +17,7 @@ from marketplace.choices import SETTLING_STATES, ReservationState
 from marketplace.models import Invoice, InvoiceLine, Organization, Reservation, UsageRecord
 from marketplace.money import month_bounds, month_start
 from marketplace.selectors.billing import cost_ticks, invoice_lines, invoice_totals
-from marketplace.services.metering import usage_rate
+from marketplace.services.billing.metering import usage_rate
 
 logger = logging.getLogger(__name__)
 CHUNK = 1000  # tenants per transaction

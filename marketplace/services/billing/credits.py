@@ -9,8 +9,8 @@ from console.kernel.errors import Conflict
 from marketplace.choices import AccountKind, NoticeKind, TransactionKind
 from marketplace.models import LedgerTransaction, Organization
 from marketplace.money import cents, parse_amount
-from marketplace.services.ledger import Leg, accounts_of, balance_changed, post, post_many
-from marketplace.services.spend import balance_check, notice_add
+from marketplace.services.billing.ledger import Leg, accounts_of, balance_changed, post, post_many
+from marketplace.services.billing.spend import balance_check, notice_add
 
 
 def _recheck(organization_id) -> None:

@@ -20,7 +20,7 @@ from marketplace.choices import AccountKind, TransactionKind
 from marketplace.models import LedgerAccount, LedgerEntry, LedgerTransaction, Reservation
 from marketplace.money import cents
 from marketplace.selectors.billing import balance_json, balance_of, spendable
-from marketplace.services.tenancy import organization_lock
+from marketplace.services.tenancy.members import organization_lock
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds
 from marketplace.selectors.capacity import MAX_ADVANCE, WHOLE_RACKS, earliest_fit
 from marketplace.selectors.catalog import price_in_force
 from marketplace.selectors.reservations import reservations_due_to_begin, reservations_due_to_end
-from marketplace.services.ledger import hold_check, hold_place
-from marketplace.services.placement import CapacityUnavailable, nodes_lock, placement_check, placement_pick
-from marketplace.services.tenancy import organization_lock
+from marketplace.services.billing.ledger import hold_check, hold_place
+from marketplace.services.reservations.placement import CapacityUnavailable, nodes_lock, placement_check, placement_pick
+from marketplace.services.tenancy.members import organization_lock
 from marketplace.tenant_context import TenantContext
 from provisioning.models import Node
 from provisioning.services.agents import agent_group

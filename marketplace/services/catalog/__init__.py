@@ -1,0 +1,1 @@
+"""Writes of the catalog: offers and their reserved-term discounts."""

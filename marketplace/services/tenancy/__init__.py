@@ -1,0 +1,1 @@
+"""Writes of tenancy: people, organizations and memberships, API keys."""
