@@ -19,6 +19,7 @@ from rest_framework.views import APIView
 from console.kernel.api import error_responses, idempotency_key_parameter
 from console.kernel.throttling import expensive_read_throttles
 from marketplace.api.boundary import TenantRowsMixin, TenantScopedMixin
+from marketplace.api.idempotency import idempotent_response
 from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start
@@ -33,7 +34,6 @@ from marketplace.selectors.billing import (
     spend_alert_list,
     usage_of,
 )
-from marketplace.services.idempotency import idempotent
 from marketplace.services.spend import spend_alert_create, spend_alert_delete
 
 CURRENCY = "USD"
@@ -296,14 +296,7 @@ class SpendAlertViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.DestroyMo
             alert = spend_alert_create(tenant=self.tenant, threshold=params.validated_data["threshold"])
             return status.HTTP_201_CREATED, SpendAlertSerializer(alert).data
 
-        key = request.headers.get("Idempotency-Key")
-        if key is None:
-            code, body = perform()
-            return Response(body, status=code)
-        code, body, replayed = idempotent(
-            tenant=self.tenant, key=key, endpoint=f"POST {request.path}", payload=request.data, perform=perform
-        )
-        return Response(body, status=code, headers={"Idempotent-Replayed": "true"} if replayed else None)
+        return idempotent_response(request, tenant=self.tenant, perform=perform)
 
     def perform_destroy(self, instance):
         spend_alert_delete(tenant=self.tenant, alert=instance)
