@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Offer, Organization, Reservation
-from marketplace.money import month_start
+from marketplace.money import cents, month_start
 from marketplace.selectors.tenancy import tenant_context_for_user
 from marketplace.services import reservations as lifecycle
 from marketplace.services.catalog import offer_create
@@ -199,7 +199,7 @@ def seed_demo() -> bool:
                     site=site,
                     accelerator_type=types[accelerator_slug],
                     shape=shape,
-                    price_per_gpu_hour=price.quantize(Decimal("0.01")),
+                    price_per_gpu_hour=cents(price),
                     term_discounts=TERM_DISCOUNTS,
                     max_duration_hours=24 * 365 if shape == OfferShape.RACK else 24 * 90,
                 )

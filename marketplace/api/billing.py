@@ -20,6 +20,7 @@ from console.kernel.api import error_responses, idempotency_key_parameter
 from console.kernel.throttling import expensive_read_throttles
 from marketplace.api.boundary import TenantRowsMixin, TenantScopedMixin
 from marketplace.api.idempotency import idempotent_response
+from marketplace.api.serializers import MoneyField
 from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start
@@ -40,9 +41,9 @@ CURRENCY = "USD"
 MAX_USAGE_WINDOW = timedelta(days=400)  # about 13 months: a year compared with the month before it
 
 
-def _money(**kwargs) -> serializers.DecimalField:
-    """Dollars and cents, as a string."""
-    return serializers.DecimalField(max_digits=16, decimal_places=2, **kwargs)
+def _money(**kwargs) -> MoneyField:
+    """Dollars and cents, as a string (sums over months: two digits more than a reservation's)."""
+    return MoneyField(max_digits=16, **kwargs)
 
 
 # --- Serializers -----------------------------------------------------------------------------------
