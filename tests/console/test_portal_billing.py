@@ -24,20 +24,15 @@ from marketplace.services.reservations import reservation_create
 from marketplace.services.spend import spend_alert_create
 from marketplace.services.tenancy import membership_set
 from marketplace.tenant_context import TenantContext
-from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
+from tests.factories import PASSWORD, make_tenant, make_user
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price="2.50", nodes=3)]
 
 
 def browser_for(user) -> Client:
     client = Client()
     assert client.login(username=user.email, password=PASSWORD)
     return client
-
-
-@pytest.fixture
-def offer():
-    return make_offer_with_nodes(price="2.50", nodes=3)
 
 
 def run_for(tenant: TenantContext, offer, *, hours: int = 1, length: int | None = None) -> Reservation:
