@@ -16,14 +16,14 @@ from django.utils import timezone
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Offer, Organization, Reservation
-from marketplace.money import month_start
+from marketplace.money import cents, month_start
 from marketplace.selectors.tenancy import tenant_context_for_user
-from marketplace.services import reservations as lifecycle
 from marketplace.services.billing.credits import credits_grant
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import credit_limit_set, spend_alert_create
 from marketplace.services.catalog.offers import offer_create
+from marketplace.services.reservations import lifecycle
 from marketplace.services.tenancy.members import membership_set, organization_create, user_create
 from marketplace.tenant_context import TenantContext
 from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
@@ -199,7 +199,7 @@ def seed_demo() -> bool:
                     site=site,
                     accelerator_type=types[accelerator_slug],
                     shape=shape,
-                    price_per_gpu_hour=price.quantize(Decimal("0.01")),
+                    price_per_gpu_hour=cents(price),
                     term_discounts=TERM_DISCOUNTS,
                     max_duration_hours=24 * 365 if shape == OfferShape.RACK else 24 * 90,
                 )

@@ -6,6 +6,7 @@ import io
 from django.http import HttpResponse
 
 from marketplace.models import Invoice
+from marketplace.money import cents
 
 INVOICE_CSV_COLUMNS = [
     "reservation",
@@ -19,7 +20,8 @@ INVOICE_CSV_COLUMNS = [
 
 
 def invoice_csv(invoice: Invoice) -> str:
-    """An invoice as CSV: a row per line and a total row (what accounting tools import)."""
+    """An invoice as CSV: a row per line and a total row (what accounting tools import); amounts in
+    cents, rounded as on every surface."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(INVOICE_CSV_COLUMNS)
@@ -31,11 +33,11 @@ def invoice_csv(invoice: Invoice) -> str:
                 line.gpu_count,
                 line.gpu_hours,
                 line.price_per_gpu_hour,
-                line.amount,
+                cents(line.amount),
                 line.energy_kwh,
             ]
         )
-    writer.writerow(["", "Total", "", invoice.gpu_hours, "", invoice.total, invoice.energy_kwh])
+    writer.writerow(["", "Total", "", invoice.gpu_hours, "", cents(invoice.total), invoice.energy_kwh])
     return out.getvalue()
 
 

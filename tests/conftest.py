@@ -4,7 +4,7 @@ from rest_framework.test import APIClient
 
 from marketplace.choices import Role
 from marketplace.services.tenancy.api_keys import api_key_create
-from tests.factories import PASSWORD, make_tenant, make_user
+from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
 
 
 @pytest.fixture
@@ -21,6 +21,15 @@ def tenant(db):
 @pytest.fixture
 def other_tenant(db):
     return make_tenant(role=Role.OWNER)
+
+
+@pytest.fixture
+def offer(request, db):
+    """A node offer with free 8-GPU nodes of its type at its site (``make_offer_with_nodes``). A module
+    or a test says which with ``pytest.mark.offer(price=..., nodes=..., term_discounts=..., <Offer field>=...)``;
+    unmarked: $2.49 per GPU-hour, three nodes, no terms."""
+    marker = request.node.get_closest_marker("offer")
+    return make_offer_with_nodes(**(marker.kwargs if marker else {}))
 
 
 def key_client(tenant, role: str | None = None) -> APIClient:

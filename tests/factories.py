@@ -122,11 +122,15 @@ def make_tenant(
 
 
 def make_offer_with_nodes(
-    *, price: Decimal | str = "2.49", nodes: int = 3, term_discounts: dict[int, Decimal | str] | None = None
+    *,
+    price: Decimal | str = "2.49",
+    nodes: int = 3,
+    term_discounts: dict[int, Decimal | str] | None = None,
+    **fields,
 ) -> Offer:
     """A node offer at ``price`` per GPU-hour with ``nodes`` free 8-GPU nodes of its type at its site,
-    and reserved-term discounts (months: percent off)."""
-    offer = OfferFactory(price_per_gpu_hour=Decimal(price))
+    and reserved-term discounts (months: percent off); ``fields`` set other fields of the offer."""
+    offer = OfferFactory(price_per_gpu_hour=Decimal(price), **fields)
     for months, percent in (term_discounts or {}).items():
         OfferTermDiscount.objects.create(offer=offer, term_months=months, percent_off=Decimal(percent))
     rack = RackFactory(site=offer.site)

@@ -22,7 +22,7 @@ from console.portal.boundary import SESSION_KEY
 from console.portal.forms import ApiKeyForm, ExtendForm, ReserveForm
 from marketplace.api.filters import OfferFilter
 from marketplace.choices import ROLE_RANK, ReservationState, Role
-from marketplace.money import term_price
+from marketplace.money import cents, term_price
 from marketplace.selectors.billing import (
     hold_remaining,
     spendable,
@@ -176,14 +176,14 @@ def _term_choices(offer) -> list[tuple]:
     """The reserve form's terms: on demand at the price in force, then each reserved term the offer
     has at its discounted price (as reservation_quote computes it)."""
     price = price_in_force(offer=offer)
-    choices = [("", f"On demand · ${price:.2f}/GPU-h")]
+    choices = [("", f"On demand · ${cents(price)}/GPU-h")]
     for discount in offer.term_discounts.order_by("term_months"):
         discounted = term_price(price, discount.percent_off)
         choices.append(
             (
                 discount.term_months,
                 f"{discount.term_months} month{'s' if discount.term_months > 1 else ''} · "
-                f"${discounted:.2f}/GPU-h (−{discount.percent_off:.0f}%)",
+                f"${cents(discounted)}/GPU-h (−{discount.percent_off:.0f}%)",
             )
         )
     return choices

@@ -19,6 +19,8 @@ from rest_framework.views import APIView
 from console.kernel.api import error_responses, idempotency_key_parameter
 from console.kernel.throttling import expensive_read_throttles
 from marketplace.api.boundary import TenantRowsMixin, TenantScopedMixin
+from marketplace.api.idempotency import idempotent_response
+from marketplace.api.serializers import MoneyField
 from marketplace.exports import invoice_csv_response
 from marketplace.models import Invoice, SpendAlert
 from marketplace.money import month_start
@@ -34,15 +36,14 @@ from marketplace.selectors.billing import (
     usage_of,
 )
 from marketplace.services.billing.spend import spend_alert_create, spend_alert_delete
-from marketplace.services.idempotency import idempotent
 
 CURRENCY = "USD"
 MAX_USAGE_WINDOW = timedelta(days=400)  # about 13 months: a year compared with the month before it
 
 
-def _money(**kwargs) -> serializers.DecimalField:
-    """Dollars and cents, as a string."""
-    return serializers.DecimalField(max_digits=16, decimal_places=2, **kwargs)
+def _money(**kwargs) -> MoneyField:
+    """Dollars and cents, as a string (sums over months: two digits more than a reservation's)."""
+    return MoneyField(max_digits=16, **kwargs)
 
 
 # --- Serializers -----------------------------------------------------------------------------------
@@ -296,14 +297,7 @@ class SpendAlertViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.DestroyMo
             alert = spend_alert_create(tenant=self.tenant, threshold=params.validated_data["threshold"])
             return status.HTTP_201_CREATED, SpendAlertSerializer(alert).data
 
-        key = request.headers.get("Idempotency-Key")
-        if key is None:
-            code, body = perform()
-            return Response(body, status=code)
-        code, body, replayed = idempotent(
-            tenant=self.tenant, key=key, endpoint=f"POST {request.path}", payload=request.data, perform=perform
-        )
-        return Response(body, status=code, headers={"Idempotent-Replayed": "true"} if replayed else None)
+        return idempotent_response(request, tenant=self.tenant, perform=perform)
 
     def perform_destroy(self, instance):
         spend_alert_delete(tenant=self.tenant, alert=instance)

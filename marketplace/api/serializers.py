@@ -112,12 +112,23 @@ class AllocationSerializer(serializers.Serializer):
     live = serializers.BooleanField()
 
 
+class MoneyField(serializers.DecimalField):
+    """Dollars and cents, as a string, rounded by ``marketplace.money.cents`` as on every surface."""
+
+    def __init__(self, *, max_digits: int = 14, **kwargs):
+        super().__init__(max_digits=max_digits, decimal_places=2, **kwargs)
+
+    def to_representation(self, value) -> str:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value).strip())
+        return super().to_representation(cents(amount))
+
+
 class PriceSerializer(serializers.Serializer):
     currency = serializers.CharField()
     per_gpu_hour = serializers.DecimalField(max_digits=10, decimal_places=4)
     gpu_count = serializers.IntegerField()
     hours = serializers.DecimalField(max_digits=12, decimal_places=4)
-    estimated_total = serializers.DecimalField(max_digits=14, decimal_places=2)
+    estimated_total = MoneyField()
 
 
 class OfferRefSerializer(serializers.Serializer):
@@ -175,10 +186,10 @@ class ReservationSerializer(serializers.ModelSerializer):
     def get_price(self, reservation: Reservation) -> dict:
         return PriceSerializer(price_of(reservation)).data
 
-    @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=2, allow_null=True))
+    @extend_schema_field(MoneyField(allow_null=True))
     def get_billed(self, reservation: Reservation) -> str | None:
         billed = reservation_billed(reservation=reservation)
-        return None if billed is None else str(cents(billed))
+        return None if billed is None else MoneyField().to_representation(billed)
 
 
 def price_of(item) -> dict:
@@ -220,9 +231,9 @@ class ReservationDetailSerializer(ReservationSerializer):
         ]
         read_only_fields = fields
 
-    @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=2))
+    @extend_schema_field(MoneyField())
     def get_cost_so_far(self, reservation: Reservation) -> str:
-        return str(cents(reservation_cost(reservation=reservation)))
+        return MoneyField().to_representation(reservation_cost(reservation=reservation))
 
     @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=4, allow_null=True))
     def get_energy_kwh(self, reservation: Reservation):

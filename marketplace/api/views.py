@@ -11,6 +11,7 @@ from console.kernel.api import error_responses, idempotency_key_parameter
 from console.kernel.throttling import expensive_read_throttles
 from marketplace.api.boundary import TenantRowsMixin, TenantScopedMixin
 from marketplace.api.filters import OfferFilter
+from marketplace.api.idempotency import idempotency_key, idempotent_response
 from marketplace.api.serializers import (
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
@@ -32,7 +33,6 @@ from marketplace.selectors.capacity import availability_by_hour, availability_wi
 from marketplace.selectors.catalog import offer_for_reservation, offer_get, offer_list
 from marketplace.selectors.reservations import reservation_get, reservation_list, reservation_telemetry
 from marketplace.selectors.tenancy import api_key_get, api_key_list
-from marketplace.services.idempotency import idempotent
 from marketplace.services.reservations.lifecycle import reservation_cancel, reservation_create, reservation_extend
 from marketplace.services.tenancy.api_keys import api_key_create, api_key_revoke
 
@@ -173,20 +173,13 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
                 end=data.get("end"),
                 duration_hours=data.get("duration_hours"),
                 term_months=data.get("term_months"),
-                idempotency_key=key,
+                idempotency_key=idempotency_key(request),
             )
             return status.HTTP_201_CREATED, ReservationSerializer(
                 reservation_get(tenant=self.tenant, reservation_id=reservation.pk)
             ).data
 
-        key = request.headers.get("Idempotency-Key")
-        if key is None:
-            code, body = perform()
-            return Response(body, status=code)
-        code, body, replayed = idempotent(
-            tenant=self.tenant, key=key, endpoint=f"POST {request.path}", payload=request.data, perform=perform
-        )
-        return Response(body, status=code, headers={"Idempotent-Replayed": "true"} if replayed else None)
+        return idempotent_response(request, tenant=self.tenant, perform=perform)
 
     @extend_schema(
         summary="One-minute GPU telemetry of its nodes, and their latest batch",

@@ -2,7 +2,8 @@
 gets the first response; the same key with another body is refused (422).
 
 Only successful responses are kept: a refused request (no capacity, bad input) changed nothing, so a
-retry with the same key runs again."""
+retry with the same key runs again. ``idempotent`` is the one way a POST that creates is run, by the API
+(``marketplace.api.idempotency``) and the portal alike, with a key or without one."""
 
 import hashlib
 import json
@@ -47,9 +48,13 @@ def _replay(record: IdempotencyRecord, *, fingerprint: str, endpoint: str) -> tu
 
 
 def idempotent(
-    *, tenant: TenantContext, key: str, endpoint: str, payload, perform: Callable[[], tuple[int, dict]]
+    *, tenant: TenantContext, key: str | None, endpoint: str, payload, perform: Callable[[], tuple[int, dict]]
 ) -> tuple[int, dict, bool]:
-    """Run ``perform`` once per key: returns (status, body, replayed)."""
+    """Run ``perform`` once per key: returns (status, body, replayed). Without a key (the header is
+    optional) ``perform`` just runs, and nothing is kept."""
+    if key is None:
+        status, body = perform()
+        return status, body, False
     key = _validate_key(key)
     fingerprint = request_fingerprint(payload)
     record = IdempotencyRecord.objects.filter(organization=tenant.organization, key=key).first()

@@ -1,9 +1,21 @@
-"""Browser tests in real Chromium (Debian's package), driven by Playwright against live_server."""
+"""Browser tests in real Chromium (Debian's package), driven by Playwright against live_server (or
+daphne, for those that need the whole stack). Every test here is marked ``browser``; every test that
+drives a browser is here."""
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items):
+    # A conftest's hook sees the whole session's items: mark only this folder's.
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.browser)
 
 
 def chromium_path() -> str | None:

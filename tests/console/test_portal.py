@@ -1,10 +1,11 @@
 import re
+from decimal import Decimal
 
 import pytest
 from django.test import Client
 
 from marketplace.choices import Role
-from marketplace.models import ApiKey
+from marketplace.models import ApiKey, OfferTermDiscount
 from marketplace.services.tenancy.api_keys import api_key_authenticate
 from tests.factories import PASSWORD, AcceleratorTypeFactory, OfferFactory, RackFactory, make_node, make_tenant
 
@@ -43,6 +44,18 @@ def test_the_catalog_lists_offers_with_availability_and_filters(tenant):
     assert f'data-offer="{l40s.id}"' in filtered and f'data-offer="{h100.id}"' not in filtered
     bad = browser.get("/catalog/?max_price=lots").content.decode()
     assert "Enter a number" in bad
+
+
+def test_a_price_is_rounded_to_the_cent_alike_on_the_catalog_and_the_reserve_page(tenant):
+    """One rounding for money (marketplace.money.cents, half to even, as invoices round): a price of
+    $2.4850 reads $2.48 wherever a page shows it in cents, never $2.49 on one page and $2.48 on another."""
+    offer = OfferFactory(price_per_gpu_hour=Decimal("2.4850"))
+    OfferTermDiscount.objects.create(offer=offer, term_months=1, percent_off=Decimal("10"))  # terms: a choice
+    browser = signed_in(tenant)
+    row = re.search(rf'<tr data-offer="{offer.id}">(.+?)</tr>', browser.get("/catalog/").content.decode(), re.S)
+    assert '<td class="num">2.48</td>' in row.group(1) and "2.49" not in row.group(1)
+    reserve = browser.get(f"/offers/{offer.id}/reserve/").content.decode()
+    assert "$2.48 per GPU-hour" in reserve and "On demand · $2.48/GPU-h" in reserve and "$2.49" not in reserve
 
 
 def test_an_api_key_is_shown_once_then_only_its_prefix(tenant):

@@ -20,24 +20,18 @@ from marketplace.selectors.billing import daily_spend
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import spend_alert_create
-from marketplace.services.reservations import lifecycle
-from marketplace.services.reservations.lifecycle import reservation_create
+from marketplace.services.reservations.lifecycle import lifecycle, reservation_create
 from marketplace.services.tenancy.members import membership_set
 from marketplace.tenant_context import TenantContext
-from tests.factories import PASSWORD, make_offer_with_nodes, make_tenant, make_user
+from tests.factories import PASSWORD, make_tenant, make_user
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price="2.50", nodes=3)]
 
 
 def browser_for(user) -> Client:
     client = Client()
     assert client.login(username=user.email, password=PASSWORD)
     return client
-
-
-@pytest.fixture
-def offer():
-    return make_offer_with_nodes(price="2.50", nodes=3)
 
 
 def run_for(tenant: TenantContext, offer, *, hours: int = 1, length: int | None = None) -> Reservation:

@@ -13,17 +13,11 @@ from django.utils import timezone
 from marketplace.choices import Role
 from marketplace.models import Quota, Reservation
 from marketplace.services.billing.metering import usage_rate
-from marketplace.services.reservations import lifecycle
-from marketplace.services.reservations.lifecycle import reservation_create
+from marketplace.services.reservations.lifecycle import lifecycle, reservation_create
 from tests.conftest import key_client
-from tests.factories import PASSWORD, activate, make_offer_with_nodes, make_tenant, make_user
+from tests.factories import PASSWORD, activate, make_tenant, make_user
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def offer():
-    return make_offer_with_nodes(price="2.50", nodes=3)
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price="2.50", nodes=3)]
 
 
 def browser_for(user) -> Client:

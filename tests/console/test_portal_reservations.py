@@ -8,17 +8,9 @@ from django.utils import timezone
 from marketplace.choices import Role
 from marketplace.models import OfferTermDiscount, Reservation
 from marketplace.services.reservations.lifecycle import reservation_create
-from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_tenant
+from tests.factories import PASSWORD, make_tenant
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def offer():
-    rack = RackFactory()
-    for _ in range(3):
-        make_node(rack=rack)
-    return OfferFactory(site=rack.site)
 
 
 def browser_for(tenant) -> Client:

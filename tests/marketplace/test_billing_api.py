@@ -31,31 +31,16 @@ from marketplace.money import add_months, cents, cost, month_bounds, month_start
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import credit_limit_set, spend_alert_create
-from marketplace.services.catalog.offers import offer_create
 from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin, reservation_create
-from tests.factories import PASSWORD, AcceleratorTypeFactory, RackFactory, SiteFactory, make_node, make_tenant
-
-pytestmark = pytest.mark.django_db
+from tests.factories import PASSWORD, make_tenant
 
 PRICE = Decimal("2.50")  # per GPU-hour; 8 GPUs a node: $20 an hour
+# The shared offer: $2.50 per GPU-hour, 20% off for a one-month term, four free nodes.
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.offer(price=PRICE, nodes=4, term_discounts={1: "20"}, max_duration_hours=48),
+]
 GPUS = 8
-
-
-@pytest.fixture
-def offer():
-    """A node offer ($2.50 per GPU-hour, 20% off for a one-month term) with four free nodes."""
-    site = SiteFactory()
-    offer = offer_create(
-        site=site,
-        accelerator_type=AcceleratorTypeFactory(),
-        price_per_gpu_hour=PRICE,
-        max_duration_hours=48,
-        term_discounts={1: Decimal("20")},
-    )
-    rack = RackFactory(site=site)
-    for _ in range(4):
-        make_node(rack=rack, accelerator=offer.accelerator_type)
-    return offer
 
 
 def active_reservation(tenant, offer, *, hours: int = 2) -> Reservation:

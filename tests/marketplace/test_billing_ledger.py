@@ -53,19 +53,13 @@ from tests.factories import (
     SiteFactory,
     activate,
     make_node,
-    make_offer_with_nodes,
     make_tenant,
 )
 
-pytestmark = pytest.mark.django_db
 S = ReservationState
 PRICE = Decimal("3.60")  # 8 GPUs: $28.80 an hour, exactly $0.008 a second
-
-
-@pytest.fixture
-def offer():
-    """A node offer at $3.60/GPU-hour with three free 8-GPU nodes."""
-    return make_offer_with_nodes(price=PRICE, nodes=3)
+# The shared offer: $3.60 per GPU-hour, three free 8-GPU nodes.
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price=PRICE, nodes=3)]
 
 
 def balances(organization) -> dict:

@@ -41,20 +41,14 @@ from tests.factories import (
     RackFactory,
     activate,
     make_node,
-    make_offer_with_nodes,
     make_tenant,
     make_user,
 )
 
-pytestmark = pytest.mark.django_db
 S = ReservationState
 PRICE = Decimal("3.60")  # 8 GPUs: $28.80 an hour
-
-
-@pytest.fixture
-def offer():
-    """A node offer at $3.60/GPU-hour with a 1-month term at 20 % off, and four free 8-GPU nodes."""
-    return make_offer_with_nodes(price=PRICE, nodes=4, term_discounts={1: "20"})
+# The shared offer: $3.60 per GPU-hour, a one-month term at 20 % off, four free 8-GPU nodes.
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price=PRICE, nodes=4, term_discounts={1: "20"})]
 
 
 def reserve(tenant, offer, *, hours: float = 1, term_months: int | None = None) -> Reservation:

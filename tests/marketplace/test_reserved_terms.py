@@ -23,14 +23,9 @@ from marketplace.services.reservations.lifecycle import (
     reservation_create,
     reservation_release,
 )
-from tests.factories import make_offer_with_nodes, make_tenant
+from tests.factories import make_tenant
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def offer():
-    return make_offer_with_nodes(price="2.00", nodes=1, term_discounts={1: "25"})
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price="2.00", nodes=1, term_discounts={1: "25"})]
 
 
 @pytest.fixture

@@ -98,19 +98,20 @@ def node():
 
 
 @pytest.fixture
-def offer(node):
+def node_offer(node):
+    """An offer of the two-GPU ``node`` alone (not the shared ``offer``: readings here are that node's)."""
     return OfferFactory(site=node.rack.site, accelerator_type=node.accelerator_type, gpus_per_node=node.gpu_count)
 
 
-def test_a_tenant_booked_later_on_the_node_reads_none_of_the_current_tenants_readings(node, offer):
+def test_a_tenant_booked_later_on_the_node_reads_none_of_the_current_tenants_readings(node, node_offer):
     alice, bob = make_tenant(), make_tenant()
     now = timezone.now()
-    a = reserve(alice, offer, None, now + timedelta(hours=1))
+    a = reserve(alice, node_offer, None, now + timedelta(hours=1))
     assert reservation_begin(reservation_id=a.pk) and reservation_activate(reservation_id=a.pk)
     Reservation.objects.filter(pk=a.pk).update(activated_at=now - timedelta(minutes=30))
     rollups(node, [now - timedelta(minutes=m) for m in range(2, 20)], power=A_POWER, energy_mj=A_ENERGY_MJ)
     latest(node, power=A_POWER)
-    b = reserve(bob, offer, now + timedelta(hours=1), now + timedelta(hours=2))  # the same node, next
+    b = reserve(bob, node_offer, now + timedelta(hours=1), now + timedelta(hours=2))  # the same node, next
 
     def sees_nothing_of_alice():
         body = rest(bob, b)
@@ -128,11 +129,11 @@ def test_a_tenant_booked_later_on_the_node_reads_none_of_the_current_tenants_rea
     sees_nothing_of_alice()  # and after cancelling, at no cost, still nothing
 
 
-def test_each_holder_reads_only_its_own_active_interval_whole_minutes(node, offer):
+def test_each_holder_reads_only_its_own_active_interval_whole_minutes(node, node_offer):
     alice, bob = make_tenant(), make_tenant()
     now = timezone.now()
-    a = reserve(alice, offer, None, now + timedelta(minutes=30))
-    b = reserve(bob, offer, now + timedelta(minutes=30), now + timedelta(hours=2))
+    a = reserve(alice, node_offer, None, now + timedelta(minutes=30))
+    b = reserve(bob, node_offer, now + timedelta(minutes=30), now + timedelta(hours=2))
     assert reservation_begin(reservation_id=a.pk) and reservation_activate(reservation_id=a.pk)
     a_start = minute(now) - timedelta(minutes=40, seconds=-20)  # mid-minute: its first minute is cut
     a_end = minute(now) - timedelta(minutes=20, seconds=-30)  # mid-minute: its last minute is cut
@@ -163,9 +164,9 @@ def test_each_holder_reads_only_its_own_active_interval_whole_minutes(node, offe
     assert "222" not in page(alice, a)
 
 
-def test_a_latest_batch_measured_before_the_activation_is_not_shown(node, offer):
+def test_a_latest_batch_measured_before_the_activation_is_not_shown(node, node_offer):
     bob = make_tenant()
-    b = reserve(bob, offer, None, timezone.now() + timedelta(hours=1))
+    b = reserve(bob, node_offer, None, timezone.now() + timedelta(hours=1))
     latest(node, power=A_POWER, at=time.time() - 5)  # the previous holder's workload, a moment before
     assert reservation_begin(reservation_id=b.pk) and reservation_activate(reservation_id=b.pk)
     assert rest(bob, b)["latest"] == []
@@ -173,11 +174,11 @@ def test_a_latest_batch_measured_before_the_activation_is_not_shown(node, offer)
     assert powers(rest(bob, b)) == {B_POWER}
 
 
-def test_only_the_active_reservation_is_the_live_audience_of_a_node(node, offer):
+def test_only_the_active_reservation_is_the_live_audience_of_a_node(node, node_offer):
     alice, bob = make_tenant(), make_tenant()
     now = timezone.now()
-    a = reserve(alice, offer, None, now + timedelta(minutes=30))
-    b = reserve(bob, offer, now + timedelta(minutes=30), now + timedelta(hours=1))
+    a = reserve(alice, node_offer, None, now + timedelta(minutes=30))
+    b = reserve(bob, node_offer, now + timedelta(minutes=30), now + timedelta(hours=1))
     group = f"reservation.{a.pk}"
     assert node_audience(node.pk) == []  # pending: booked is not held
     assert reservation_begin(reservation_id=a.pk)
@@ -189,10 +190,10 @@ def test_only_the_active_reservation_is_the_live_audience_of_a_node(node, offer)
     assert node_audience(node.pk) == [f"reservation.{b.pk}"]  # never both
 
 
-def test_invoice_energy_counts_whole_minutes_inside_the_active_interval(node, offer):
+def test_invoice_energy_counts_whole_minutes_inside_the_active_interval(node, node_offer):
     tenant = make_tenant()
     now = timezone.now()
-    a = reserve(tenant, offer, None, now + timedelta(hours=1))
+    a = reserve(tenant, node_offer, None, now + timedelta(hours=1))
     assert reservation_begin(reservation_id=a.pk) and reservation_activate(reservation_id=a.pk)
     last_month = month_start(month_start(now.date()) - timedelta(days=1))
     start = datetime.combine(last_month, datetime.min.time(), tzinfo=UTC) + timedelta(days=3, seconds=30)

@@ -1,19 +1,18 @@
 """The portal shows provisioning as it happens: real Chromium on daphne, with the worker, beat and a
-simulated agent doing the work."""
+simulated agent doing the work (the processes are tests/e2e's ``stack``)."""
 
 import pytest
+from django.test import Client
 
-from tests.browser.conftest import chromium  # noqa: F401 - the shared browser fixture (requested below)
-from tests.e2e.conftest import wait_for
+from marketplace.models import Reservation
+from tests.e2e.conftest import stack, wait_for  # noqa: F401 - stack: the processes' fixture (requested below)
 from tests.e2e.test_provisioning import api_for_new_tenant, connected, fleet_of
 from tests.factories import PASSWORD
 
 pytestmark = [pytest.mark.slow]
 
 
-def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, request):
-    from marketplace.models import Reservation
-
+def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, request):  # noqa: F811 - the fixture
     nodes, offer, tokens = fleet_of(1)
     stack.start_daphne()
     stack.start_worker()
@@ -25,14 +24,12 @@ def test_the_reservation_page_follows_provisioning_live(stack, tmp_path, request
     assert status == 201, body
     member = Reservation.objects.get(pk=body["id"]).created_by
 
-    # The browser last: its event loop runs on this thread from here on (see tests/browser/conftest.py).
+    # The browser last: its event loop runs on this thread from here on (see conftest.py).
     browser = request.getfixturevalue("chromium")
     context = browser.new_context(base_url=stack.base)
     page = context.new_page()
     page.set_default_timeout(60_000)  # CI machines are small and busy: generous, never a timing assertion
-    # Signed in with a session made here (the sign-in form itself is covered by tests/browser).
-    from django.test import Client
-
+    # Signed in with a session made here (the sign-in form itself is covered by test_portal).
     session = Client()
     assert session.login(username=member.email, password=PASSWORD)
     context.add_cookies([{"name": "sessionid", "value": session.cookies["sessionid"].value, "url": stack.base}])

@@ -26,11 +26,12 @@ from marketplace.services.reservations.lifecycle import (
 from provisioning.models import Gpu
 from provisioning.services.telemetry import rollups_write
 from provisioning.services.telemetry_ingest import GpuMinute
-from tests.factories import make_offer_with_nodes, make_tenant
+from tests.factories import make_tenant
 
-pytestmark = pytest.mark.django_db
 S = ReservationState
 PRICE = Decimal("2.49")
+# The shared offer: $2.49 per GPU-hour, four free 8-GPU nodes.
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price=PRICE, nodes=4)]
 MJ_PER_KWH = 3_600_000_000
 
 
@@ -45,12 +46,6 @@ MONTH_BEFORE = previous(LAST_MONTH)
 
 def at(month: date, day: int = 1, hour: int = 0, minute: int = 0) -> datetime:
     return month_bounds(month)[0].replace(day=day, hour=hour, minute=minute)
-
-
-@pytest.fixture
-def offer():
-    """A node offer at $2.49/GPU-hour with four free 8-GPU nodes."""
-    return make_offer_with_nodes(price=PRICE, nodes=4)
 
 
 def reserve(tenant, offer, duration: timedelta, *, quantity: int = 1) -> Reservation:

@@ -22,15 +22,9 @@ from marketplace.services.reservations.lifecycle import (
     reservation_create,
     reservation_quote,
 )
-from tests.factories import OfferFactory, make_offer_with_nodes, make_tenant
+from tests.factories import OfferFactory, make_tenant
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def offer():
-    """A node offer at $2.49/GPU-hour with 1- and 3-month terms (10 % and 20 % off), three free nodes."""
-    return make_offer_with_nodes(price="2.49", nodes=3, term_discounts={1: "10", 3: "20"})
+pytestmark = [pytest.mark.django_db, pytest.mark.offer(price="2.49", nodes=3, term_discounts={1: "10", 3: "20"})]
 
 
 def quote_at(offer: Offer, moment: datetime, *, term_months: int | None = None):
