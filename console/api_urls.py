@@ -4,8 +4,10 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from marketplace.api.billing import BalanceView, BillingNoticeView, InvoiceViewSet, SpendAlertViewSet, UsageView
-from marketplace.api.views import ApiKeyViewSet, MeView, OfferViewSet, ReservationViewSet
+from marketplace.api.views.billing import BalanceView, BillingNoticeView, InvoiceViewSet, SpendAlertViewSet, UsageView
+from marketplace.api.views.catalog import OfferViewSet
+from marketplace.api.views.reservations import ReservationViewSet
+from marketplace.api.views.tenancy import ApiKeyViewSet, MeView
 from provisioning.api.views import AcceleratorTypeViewSet, SiteViewSet
 
 router = DefaultRouter(trailing_slash=True)

@@ -1,8 +1,10 @@
+"""Query filters of the REST API (django-filter), which the portal reuses: offers and reservations."""
+
 import django_filters
 from django.db.models import Q
 
-from marketplace.choices import OfferShape
-from marketplace.models import Offer
+from marketplace.choices import OfferShape, ReservationState
+from marketplace.models import Offer, Reservation
 from marketplace.selectors.catalog import offer_filter
 from provisioning.choices import Purpose, SiteKind, Vendor
 
@@ -56,3 +58,11 @@ class OfferFilter(django_filters.FilterSet):
 
     def filter_available(self, queryset, name, value):
         return offer_filter(queryset, available_only=True) if value else queryset
+
+
+class ReservationFilter(django_filters.FilterSet):
+    state = django_filters.ChoiceFilter(choices=ReservationState.choices)
+
+    class Meta:
+        model = Reservation
+        fields = ["state"]

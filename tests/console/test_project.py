@@ -60,7 +60,7 @@ def test_unknown_portal_pages_are_a_page_not_json():
 
 @pytest.mark.django_db
 def test_an_unexpected_api_error_is_500_in_the_error_shape_without_internals(monkeypatch, tenant, client_for):
-    from marketplace.api import views
+    from marketplace.api.views import catalog as views
 
     def explode(**kwargs):
         raise RuntimeError("secret internals")

@@ -1,25 +1,17 @@
-"""REST endpoints of the marketplace. Thin: parse, call one service or selector, render."""
+"""REST endpoints of reservations: reserve, read, cancel, extend, and the telemetry of their GPUs. Thin:
+parse, call one service or selector, render."""
 
-import django_filters
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from console.kernel.api import error_responses, idempotency_key_parameter
 from console.kernel.throttling import expensive_read_throttles
-from marketplace.api.boundary import TenantRowsMixin, TenantScopedMixin
-from marketplace.api.filters import OfferFilter
+from marketplace.api.boundary import TenantRowsMixin
+from marketplace.api.filters import ReservationFilter
 from marketplace.api.idempotency import idempotency_key, idempotent_response
-from marketplace.api.serializers import (
-    ApiKeyCreatedSerializer,
-    ApiKeyCreateSerializer,
-    ApiKeySerializer,
-    AvailabilityQuerySerializer,
-    MeSerializer,
-    OfferAvailabilitySerializer,
-    OfferSerializer,
+from marketplace.api.serializers.reservations import (
     ReservationCreateSerializer,
     ReservationDetailSerializer,
     ReservationExtendSerializer,
@@ -27,106 +19,10 @@ from marketplace.api.serializers import (
     ReservationTelemetrySerializer,
     TelemetryQuerySerializer,
 )
-from marketplace.choices import ReservationState
-from marketplace.models import ApiKey, Reservation
-from marketplace.selectors.capacity import availability_by_hour, availability_window
-from marketplace.selectors.catalog import offer_for_reservation, offer_get, offer_list
+from marketplace.models import Reservation
+from marketplace.selectors.catalog import offer_for_reservation
 from marketplace.selectors.reservations import reservation_get, reservation_list, reservation_telemetry
-from marketplace.selectors.tenancy import api_key_get, api_key_list
 from marketplace.services.reservations.lifecycle import reservation_cancel, reservation_create, reservation_extend
-from marketplace.services.tenancy.api_keys import api_key_create, api_key_revoke
-
-
-@extend_schema_view(
-    list=extend_schema(
-        summary="List offers with their availability",
-        responses={200: OfferSerializer(many=True), **error_responses(400)},
-    ),
-    retrieve=extend_schema(summary="An offer", responses={200: OfferSerializer, **error_responses(404)}),
-)
-class OfferViewSet(viewsets.ReadOnlyModelViewSet):
-    serializer_class = OfferSerializer
-    filterset_class = OfferFilter
-
-    def get_queryset(self):
-        return offer_list()
-
-    @extend_schema(
-        summary="Free capacity of an offer, hour by hour",
-        parameters=[AvailabilityQuerySerializer],
-        responses={200: OfferAvailabilitySerializer, **error_responses(400, 404)},
-    )
-    @action(
-        detail=True,
-        methods=["get"],
-        filterset_class=None,
-        pagination_class=None,
-        throttle_classes=expensive_read_throttles(),
-    )
-    def availability(self, request, pk=None):
-        query = AvailabilityQuerySerializer(data=request.query_params)
-        query.is_valid(raise_exception=True)
-        offer = offer_get(offer_id=pk)
-        start, end = availability_window(**query.validated_data)
-        return Response(
-            OfferAvailabilitySerializer(
-                {
-                    "offer": offer.pk,
-                    "unit": "racks" if offer.shape == "rack" else "nodes",
-                    "start": start,
-                    "end": end,
-                    "hours": availability_by_hour(offer=offer, start=start, end=end),
-                }
-            ).data
-        )
-
-
-@extend_schema_view(
-    list=extend_schema(
-        summary="Your organization's API keys",
-        description="Admins and owners see every key; others see the keys they created.",
-        responses={200: ApiKeySerializer(many=True), **error_responses(403)},
-    ),
-    retrieve=extend_schema(summary="An API key", responses={200: ApiKeySerializer, **error_responses(403, 404)}),
-)
-class ApiKeyViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    serializer_class = ApiKeySerializer
-    queryset = ApiKey.objects.none()  # the schema's model; requests read through api_key_list
-
-    def rows(self, tenant):
-        return api_key_list(tenant=tenant)
-
-    def row(self, tenant, pk):
-        return api_key_get(tenant=tenant, key_id=pk)
-
-    @extend_schema(
-        summary="Create an API key",
-        request=ApiKeyCreateSerializer,
-        description="The response holds the full key, once. Only a digest is stored.",
-        responses={201: ApiKeyCreatedSerializer, **error_responses(400, 403)},
-    )
-    def create(self, request):
-        params = ApiKeyCreateSerializer(data=request.data)
-        params.is_valid(raise_exception=True)
-        key, plaintext = api_key_create(tenant=self.tenant, **params.validated_data)
-        key.key = plaintext
-        return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)
-
-    @extend_schema(
-        summary="Revoke an API key", request=None, responses={200: ApiKeySerializer, **error_responses(403, 404)}
-    )
-    @action(detail=True, methods=["post"])
-    def revoke(self, request, pk=None):
-        key = api_key_revoke(tenant=self.tenant, key=self.get_object())
-        return Response(ApiKeySerializer(key).data)
-
-
-class ReservationFilter(django_filters.FilterSet):
-    state = django_filters.ChoiceFilter(choices=ReservationState.choices)
-
-    class Meta:
-        model = Reservation
-        fields = ["state"]
 
 
 @extend_schema_view(
@@ -230,20 +126,3 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
             duration_hours=params.validated_data.get("duration_hours"),
         )
         return Response(ReservationSerializer(reservation_get(tenant=self.tenant, reservation_id=reservation.pk)).data)
-
-
-class MeView(TenantScopedMixin, APIView):
-    @extend_schema(summary="Who this key or session acts as", responses={200: MeSerializer, **error_responses(403)})
-    def get(self, request):
-        tenant = self.tenant
-        org = tenant.organization
-        return Response(
-            MeSerializer(
-                {
-                    "email": tenant.user.email,
-                    "organization": {"id": str(org.id), "slug": org.slug, "name": org.name},
-                    "role": tenant.role,
-                    "api_key_prefix": tenant.api_key.prefix if tenant.api_key else None,
-                }
-            ).data
-        )

@@ -1,0 +1,2 @@
+"""The REST API's viewsets, one module per subdomain (tenancy, catalog, reservations, billing),
+routed in console/api_urls.py."""

@@ -1,0 +1,61 @@
+"""REST endpoints of the catalog: offers and their availability hour by hour. Thin: parse, call one selector, render."""
+
+from drf_spectacular.utils import extend_schema, extend_schema_view
+from rest_framework import viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from console.kernel.api import error_responses
+from console.kernel.throttling import expensive_read_throttles
+from marketplace.api.filters import OfferFilter
+from marketplace.api.serializers.catalog import (
+    AvailabilityQuerySerializer,
+    OfferAvailabilitySerializer,
+    OfferSerializer,
+)
+from marketplace.selectors.capacity import availability_by_hour, availability_window
+from marketplace.selectors.catalog import offer_get, offer_list
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List offers with their availability",
+        responses={200: OfferSerializer(many=True), **error_responses(400)},
+    ),
+    retrieve=extend_schema(summary="An offer", responses={200: OfferSerializer, **error_responses(404)}),
+)
+class OfferViewSet(viewsets.ReadOnlyModelViewSet):
+    serializer_class = OfferSerializer
+    filterset_class = OfferFilter
+
+    def get_queryset(self):
+        return offer_list()
+
+    @extend_schema(
+        summary="Free capacity of an offer, hour by hour",
+        parameters=[AvailabilityQuerySerializer],
+        responses={200: OfferAvailabilitySerializer, **error_responses(400, 404)},
+    )
+    @action(
+        detail=True,
+        methods=["get"],
+        filterset_class=None,
+        pagination_class=None,
+        throttle_classes=expensive_read_throttles(),
+    )
+    def availability(self, request, pk=None):
+        query = AvailabilityQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        offer = offer_get(offer_id=pk)
+        start, end = availability_window(**query.validated_data)
+        return Response(
+            OfferAvailabilitySerializer(
+                {
+                    "offer": offer.pk,
+                    "unit": "racks" if offer.shape == "rack" else "nodes",
+                    "start": start,
+                    "end": end,
+                    "hours": availability_by_hour(offer=offer, start=start, end=end),
+                }
+            ).data
+        )
