@@ -4,7 +4,7 @@ from django.urls import include, path, re_path
 from console.kernel.errors import api_not_found
 from console.kernel.throttling import signin_throttled
 from console.metrics import metrics
-from console.portal import views as portal
+from console.portal.home import healthz
 from provisioning.api.enroll import enroll
 
 admin.site.site_header = "Neocloud Console — operations"
@@ -16,7 +16,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(("console.api_urls", "api"), namespace="api")),
     re_path(r"^api/", api_not_found),  # after the API: what it does not name is its JSON 404
-    path("healthz", portal.healthz, name="healthz"),
+    path("healthz", healthz, name="healthz"),
     path("metrics", metrics, name="metrics"),
     path("agent/v1/enroll", enroll, name="agent-enroll"),
     path("", include(("console.portal.urls", "portal"), namespace="portal")),

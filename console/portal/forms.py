@@ -1,7 +1,10 @@
+"""The portal's forms (times are UTC), and ``refused_field``: a refusal naming a field is shown on it."""
+
 from decimal import Decimal
 
 from django import forms
 
+from console.kernel.errors import DomainError
 from marketplace.choices import Role
 from marketplace.services.reservations.lifecycle import MAX_DURATION_HOURS
 
@@ -99,3 +102,8 @@ class ExtendForm(forms.Form):
         if (data.get("end") is None) == (data.get("duration_hours") is None):
             self.add_error("end", "Give either a new end or the hours to add.")
         return data
+
+
+def refused_field(form: forms.Form, error: DomainError) -> str | None:
+    """The form's field a refusal names, so it is shown there; None (the whole form) if none."""
+    return next((name for name in error.fields or {} if name in form.fields), None)

@@ -20,7 +20,8 @@ from marketplace.selectors.billing import daily_spend
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import spend_alert_create
-from marketplace.services.reservations.lifecycle import lifecycle, reservation_create
+from marketplace.services.reservations import lifecycle
+from marketplace.services.reservations.lifecycle import reservation_create
 from marketplace.services.tenancy.members import membership_set
 from marketplace.tenant_context import TenantContext
 from tests.factories import PASSWORD, make_tenant, make_user

@@ -13,7 +13,8 @@ from django.utils import timezone
 from marketplace.choices import Role
 from marketplace.models import Quota, Reservation
 from marketplace.services.billing.metering import usage_rate
-from marketplace.services.reservations.lifecycle import lifecycle, reservation_create
+from marketplace.services.reservations import lifecycle
+from marketplace.services.reservations.lifecycle import reservation_create
 from tests.conftest import key_client
 from tests.factories import PASSWORD, activate, make_tenant, make_user
 
