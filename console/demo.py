@@ -28,11 +28,12 @@ from marketplace.services.tenancy.members import membership_set, organization_cr
 from marketplace.tenant_context import TenantContext
 from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
-from provisioning.models import AcceleratorType, Node, Site
+from provisioning.models import Node, Site
 from provisioning.selectors.fleet import node_hardware_hints
 from provisioning.services.agents import bootstrap_token_create, node_secret_known
 from provisioning.services.fleet import (
     GpuSpec,
+    accelerator_type_create,
     node_enrol,
     node_set_inventory,
     node_transition,
@@ -147,7 +148,7 @@ def seed_demo() -> bool:
     if demo_is_seeded():
         return False
     types = {
-        slug: AcceleratorType.objects.create(
+        slug: accelerator_type_create(
             slug=slug,
             vendor=vendor,
             model=model,

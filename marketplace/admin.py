@@ -1,39 +1,66 @@
-"""Operators' view of tenants and the catalog."""
+"""Operators' view of tenants and the catalog. Every write goes through marketplace.services, as the
+portal's and the API's do (console.kernel.admin.ServiceAdmin)."""
 
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db.models import Count, Q
 
+from console.kernel.admin import ReadOnlyAdmin, ServiceAdmin, ServiceInline, values
 from console.kernel.admin_columns import annotated_column
-from marketplace.billing_admin import (
-    OfferPriceAddInline,
-    OfferPriceHistoryInline,
-    OrganizationBillingMixin,
-    save_offer_prices,
-)
+from marketplace.billing_admin import OfferPriceAddInline, OfferPriceHistoryInline, OrganizationBillingMixin
 from marketplace.models import (
     Allocation,
     ApiKey,
     Membership,
     Offer,
-    OfferPrice,
     OfferTermDiscount,
     Organization,
     Quota,
     Reservation,
     User,
 )
+from marketplace.services.catalog.offers import (
+    offer_create,
+    offer_delete,
+    offer_update,
+    term_discount_remove,
+    term_discount_set,
+)
 from marketplace.services.reservations.provisioning import reservation_force_release
 from marketplace.services.tenancy.api_keys import api_keys_revoke_as_operator
-from marketplace.services.tenancy.members import membership_remove, membership_set
+from marketplace.services.tenancy.members import (
+    membership_remove,
+    membership_set,
+    organization_create,
+    organization_delete,
+    organization_update,
+    quota_remove,
+    quota_set,
+)
+
+OFFER_FIELDS = ["site", "accelerator_type", "shape", "gpus_per_node", "max_duration_hours", "is_active"]
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(ServiceInline, admin.TabularInline):
+    """Memberships change through the tenancy services: a removal closes the member's live feeds."""
+
     model = Membership
     extra = 0
     autocomplete_fields = ["user"]
     fields = ["user", "role", "created_at"]
     readonly_fields = ["created_at"]
+
+    def create(self, request, parent, form):
+        return membership_set(organization=parent, user=form.cleaned_data["user"], role=form.cleaned_data["role"])
+
+    def update(self, request, obj, form):
+        user = form.cleaned_data["user"]
+        if user != obj.user:  # the row now names someone else: the one it named is out
+            membership_remove(organization=obj.organization, user=obj.user)
+        return membership_set(organization=obj.organization, user=user, role=form.cleaned_data["role"])
+
+    def delete(self, request, obj):
+        membership_remove(organization=obj.organization, user=obj.user)
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -68,7 +95,7 @@ class UserAdmin(DjangoUserAdmin):
 
 
 @admin.register(Organization)
-class OrganizationAdmin(OrganizationBillingMixin, admin.ModelAdmin):
+class OrganizationAdmin(OrganizationBillingMixin, ServiceAdmin):
     list_display = ["name", "slug", "member_total", "active_key_total", "created_at"]
     search_fields = ["name", "slug", "memberships__user__email"]
     prepopulated_fields = {"slug": ["name"]}
@@ -88,23 +115,19 @@ class OrganizationAdmin(OrganizationBillingMixin, admin.ModelAdmin):
     member_total = annotated_column("member_total", "members")
     active_key_total = annotated_column("active_key_total", "unrevoked keys")
 
-    def save_formset(self, request, form, formset, change):
-        if formset.model is not Membership:
-            return super().save_formset(request, form, formset, change)
-        # Memberships change through the tenancy services: a removal closes the member's live feeds.
-        changed = formset.save(commit=False)
-        for membership in formset.deleted_objects:
-            membership_remove(organization=form.instance, user=membership.user)
-        for membership, fields in formset.changed_objects:
-            if "user" in fields:  # the row now names someone else: the one it named is out
-                before = Membership.objects.select_related("user").get(pk=membership.pk)
-                membership_remove(organization=form.instance, user=before.user)
-        for membership in changed:
-            membership_set(organization=form.instance, user=membership.user, role=membership.role)
+    def create(self, request, form):
+        # Its members come from the inline below, each through membership_set.
+        return organization_create(name=form.cleaned_data["name"], slug=form.cleaned_data["slug"], owner=None)
+
+    def update(self, request, obj, form):
+        return organization_update(organization=obj, **values(obj, form, ["name", "slug"]))
+
+    def delete(self, request, obj):
+        organization_delete(organization=obj)
 
 
 @admin.register(Membership)
-class MembershipAdmin(admin.ModelAdmin):
+class MembershipAdmin(ServiceAdmin):
     list_display = ["user", "organization", "role", "created_at"]
     list_filter = ["role", "organization"]
     search_fields = ["user__email", "organization__name", "organization__slug"]
@@ -115,19 +138,22 @@ class MembershipAdmin(admin.ModelAdmin):
         # A membership is one user in one organization; another pair is another membership.
         return ["user", "organization"] if obj is not None else []
 
-    def save_model(self, request, obj, form, change):
-        obj.pk = membership_set(organization=obj.organization, user=obj.user, role=obj.role).pk
+    def create(self, request, form):
+        data = form.cleaned_data
+        return membership_set(organization=data["organization"], user=data["user"], role=data["role"])
 
-    def delete_model(self, request, obj):
+    def update(self, request, obj, form):
+        return membership_set(organization=obj.organization, user=obj.user, role=form.cleaned_data["role"])
+
+    def delete(self, request, obj):
         membership_remove(organization=obj.organization, user=obj.user)
-
-    def delete_queryset(self, request, queryset):
-        for membership in queryset.select_related("user", "organization"):
-            membership_remove(organization=membership.organization, user=membership.user)
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ReadOnlyAdmin):
+    """Keys are made by members (portal, API) or `manage.py create_api_key`, and revoked (with the keys
+    made from them), never edited or deleted."""
+
     list_display = [
         "name",
         "prefix",
@@ -157,22 +183,35 @@ class ApiKeyAdmin(admin.ModelAdmin):
     exclude = ["secret_hash"]
     actions = ["revoke"]
 
-    def has_add_permission(self, request):
-        return False
+    def has_revoke_permission(self, request):
+        return request.user.has_perm("marketplace.change_apikey")
 
-    @admin.action(description="Revoke selected keys")
+    @admin.action(description="Revoke selected keys", permissions=["revoke"])
     def revoke(self, request, queryset):
         count = api_keys_revoke_as_operator(keys=queryset, actor=request.user.email)
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
 
 
-class OfferTermDiscountInline(admin.TabularInline):
+class OfferTermDiscountInline(ServiceInline, admin.TabularInline):
     model = OfferTermDiscount
     extra = 0
 
+    def create(self, request, parent, form):
+        data = form.cleaned_data
+        return term_discount_set(offer=parent, term_months=data["term_months"], percent_off=data["percent_off"])
+
+    def update(self, request, obj, form):
+        data = form.cleaned_data
+        if data["term_months"] != obj.term_months:
+            term_discount_remove(offer=obj.offer, term_months=obj.term_months)
+        return term_discount_set(offer=obj.offer, term_months=data["term_months"], percent_off=data["percent_off"])
+
+    def delete(self, request, obj):
+        term_discount_remove(offer=obj.offer, term_months=obj.term_months)
+
 
 @admin.register(Offer)
-class OfferAdmin(admin.ModelAdmin):
+class OfferAdmin(ServiceAdmin):
     list_display = ["__str__", "site", "accelerator_type", "shape", "gpus_per_node", "price_per_gpu_hour", "is_active"]
     list_filter = ["is_active", "shape", "site__kind", "site", "accelerator_type__vendor", "accelerator_type"]
     search_fields = ["site__name", "accelerator_type__model", "accelerator_type__slug"]
@@ -184,28 +223,64 @@ class OfferAdmin(admin.ModelAdmin):
         # Once sold, the price changes only through the price book (effective-dated, below).
         return ["price_per_gpu_hour"] if obj is not None else []
 
-    def save_formset(self, request, form, formset, change):
-        if formset.model is OfferPrice:
-            save_offer_prices(request, formset)
-        else:
-            super().save_formset(request, form, formset, change)
+    def create(self, request, form):
+        return offer_create(
+            price_per_gpu_hour=form.cleaned_data["price_per_gpu_hour"], **values(None, form, OFFER_FIELDS)
+        )
+
+    def update(self, request, obj, form):
+        return offer_update(offer=obj, **values(obj, form, OFFER_FIELDS))
+
+    def delete(self, request, obj):
+        offer_delete(offer=obj)
 
 
-class QuotaInline(admin.TabularInline):
+class QuotaInline(ServiceInline, admin.TabularInline):
     model = Quota
     extra = 0
+
+    def create(self, request, parent, form):
+        data = form.cleaned_data
+        return quota_set(organization=parent, accelerator_type=data["accelerator_type"], max_gpus=data["max_gpus"])
+
+    def update(self, request, obj, form):
+        data = form.cleaned_data
+        if data["accelerator_type"] != obj.accelerator_type:
+            quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
+        return quota_set(
+            organization=obj.organization, accelerator_type=data["accelerator_type"], max_gpus=data["max_gpus"]
+        )
+
+    def delete(self, request, obj):
+        quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
 
 
 OrganizationAdmin.inlines = [*OrganizationAdmin.inlines, QuotaInline]
 
 
 @admin.register(Quota)
-class QuotaAdmin(admin.ModelAdmin):
+class QuotaAdmin(ServiceAdmin):
     list_display = ["organization", "accelerator_type", "max_gpus"]
     list_filter = ["accelerator_type"]
     search_fields = ["organization__name", "organization__slug"]
     autocomplete_fields = ["organization"]
     list_editable = ["max_gpus"]
+    list_select_related = ["organization", "accelerator_type"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # A quota is one tenant's limit on one type; another pair is another quota.
+        return ["organization", "accelerator_type"] if obj is not None else []
+
+    def create(self, request, form):
+        return quota_set(**values(None, form, ["organization", "accelerator_type", "max_gpus"]))
+
+    def update(self, request, obj, form):
+        return quota_set(
+            organization=obj.organization, accelerator_type=obj.accelerator_type, max_gpus=form.cleaned_data["max_gpus"]
+        )
+
+    def delete(self, request, obj):
+        quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
 
 
 class AllocationInline(admin.TabularInline):
@@ -220,7 +295,10 @@ class AllocationInline(admin.TabularInline):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(admin.ModelAdmin):
+class ReservationAdmin(ReadOnlyAdmin):
+    """Tenants reserve through the portal or the API; reservations are history, their states the
+    lifecycle's. Force-release frees the nodes."""
+
     list_display = [
         "short_id",
         "organization",
@@ -247,11 +325,8 @@ class ReservationAdmin(admin.ModelAdmin):
     actions = ["force_release"]
     date_hierarchy = "created_at"
 
-    def has_add_permission(self, request):
-        return False  # tenants reserve through the portal or the API
-
-    def has_delete_permission(self, request, obj=None):
-        return False  # reservations are history; force-release frees the nodes
+    def has_force_release_permission(self, request):
+        return request.user.has_perm("marketplace.change_reservation")
 
     @admin.display(description="reservation", ordering="id")
     def short_id(self, obj):
@@ -265,7 +340,9 @@ class ReservationAdmin(admin.ModelAdmin):
     def end(self, obj):
         return obj.end
 
-    @admin.action(description="Force-release selected reservations (free their nodes now)")
+    @admin.action(
+        description="Force-release selected reservations (free their nodes now)", permissions=["force_release"]
+    )
     def force_release(self, request, queryset):
         released = 0
         for reservation in queryset:
@@ -281,15 +358,9 @@ class ReservationAdmin(admin.ModelAdmin):
 
 
 @admin.register(Allocation)
-class AllocationAdmin(admin.ModelAdmin):
+class AllocationAdmin(ReadOnlyAdmin):  # made by placement only
     list_display = ["node", "reservation", "period", "live"]
     list_filter = ["live", "node__rack__site"]
     search_fields = ["node__hostname", "reservation__id", "reservation__organization__name"]
     list_select_related = ["node", "reservation"]
     readonly_fields = ["reservation", "node", "period", "live"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -13,6 +13,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from console.kernel.admin import ReadOnlyAdmin, ServiceInline
 from console.kernel.errors import DomainError
 from marketplace.models import (
     BillingNotice,
@@ -31,19 +32,6 @@ from marketplace.selectors.billing import balance_of
 from marketplace.services.billing.credits import credits_grant, ledger_reverse
 from marketplace.services.billing.pricing import offer_price_set
 from marketplace.services.billing.spend import credit_limit_set
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows written only by services (and, for the ledger, immutable): look, never touch."""
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -74,6 +62,8 @@ class OrganizationBillingMixin:
 
     @admin.display(description="balance")
     def balance_display(self, obj):
+        if obj is None or obj.pk is None:  # the add page: no balance before there is a tenant
+            return "-"
         balance = balance_of(organization_id=obj.pk)
         url = reverse("admin:marketplace_organization_grant_credits", args=[obj.pk])
         return format_html(
@@ -164,8 +154,9 @@ class OfferPriceForm(forms.ModelForm):
         return moment
 
 
-class OfferPriceAddInline(admin.TabularInline):
-    """A new price from a moment on (now or later), scheduled through the pricing service."""
+class OfferPriceAddInline(ServiceInline, admin.TabularInline):
+    """A new price from a moment on (now or later), scheduled through the pricing service; a refusal
+    (e.g. a price from that very moment already exists) saves nothing of the page."""
 
     model = OfferPrice
     form = OfferPriceForm
@@ -178,25 +169,15 @@ class OfferPriceAddInline(admin.TabularInline):
     def get_queryset(self, request):
         return super().get_queryset(request).none()
 
-
-def save_offer_prices(request, formset) -> None:
-    """OfferAdmin.save_formset for the price book: schedule each new row through the service."""
-    formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []  # the admin's log reads these
-    for form in formset.forms:
-        if form.instance.pk or not form.has_changed():
-            continue
+    def create(self, request, parent, form):
         data = form.cleaned_data
-        try:
-            row = offer_price_set(
-                offer=formset.instance,
-                price_per_gpu_hour=data["price_per_gpu_hour"],
-                effective_from=data["effective_from"],
-                note=data.get("note") or "",
-                by=request.user,
-            )
-            formset.new_objects.append(row)
-        except DomainError as error:  # e.g. a price from that very moment already exists
-            messages.error(request, f"Price not scheduled: {error.message}")
+        return offer_price_set(
+            offer=parent,
+            price_per_gpu_hour=data["price_per_gpu_hour"],
+            effective_from=data["effective_from"],
+            note=data.get("note") or "",
+            by=request.user,
+        )
 
 
 # --- Ledger, usage, invoices: read-only --------------------------------------------------------

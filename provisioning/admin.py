@@ -1,20 +1,39 @@
-"""Operators' view of the fleet. Lifecycle moves go through provisioning.services.fleet."""
+"""Operators' view of the fleet. Every write goes through provisioning.services (fleet, agents): a
+node's state changes only by a lifecycle move (node_transition), from its page or an action."""
 
 from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 from django.template.response import TemplateResponse
 
+from console.kernel.admin import ReadOnlyAdmin, ServiceAdmin, ServiceInline, values
 from console.kernel.admin_columns import annotated_column
 from console.kernel.errors import DomainError
 from provisioning.choices import NodeState
 from provisioning.models import AcceleratorType, Gpu, Node, NodeCommand, NodeStateChange, Rack, Site
-from provisioning.services.agents import bootstrap_token_create, node_secret_revoke, node_secret_rotate
-from provisioning.services.fleet import node_transition
+from provisioning.services.agents import bootstrap_token_create, node_delete, node_secret_revoke, node_secret_rotate
+from provisioning.services.fleet import (
+    accelerator_type_create,
+    accelerator_type_delete,
+    accelerator_type_update,
+    node_enrol,
+    node_transition,
+    node_update,
+    rack_create,
+    rack_delete,
+    rack_update,
+    site_create,
+    site_delete,
+    site_update,
+)
+
+ACCELERATOR_FIELDS = ["slug", "vendor", "model", "memory_gib", "tdp_watts", "interconnect", "purpose", "device_name"]
+SITE_FIELDS = ["slug", "name", "region", "kind", "location", "power_capacity_mw"]
+RACK_FIELDS = ["site", "name", "power_budget_kw", "nvlink_domain_size"]
 
 
 @admin.register(AcceleratorType)
-class AcceleratorTypeAdmin(admin.ModelAdmin):
+class AcceleratorTypeAdmin(ServiceAdmin):
     list_display = ["slug", "vendor", "model", "memory_gib", "tdp_watts", "interconnect", "purpose", "gpu_total"]
     list_filter = ["vendor", "purpose"]
     search_fields = ["slug", "model", "device_name"]
@@ -24,16 +43,34 @@ class AcceleratorTypeAdmin(admin.ModelAdmin):
 
     gpu_total = annotated_column("gpu_total", "GPUs")
 
+    def create(self, request, form):
+        return accelerator_type_create(**values(None, form, ACCELERATOR_FIELDS))
 
-class RackInline(admin.TabularInline):
+    def update(self, request, obj, form):
+        return accelerator_type_update(accelerator_type=obj, **values(obj, form, ACCELERATOR_FIELDS))
+
+    def delete(self, request, obj):
+        accelerator_type_delete(accelerator_type=obj)
+
+
+class RackInline(ServiceInline, admin.TabularInline):
     model = Rack
     extra = 0
     fields = ["name", "nvlink_domain_size", "power_budget_kw"]
     show_change_link = True
 
+    def create(self, request, parent, form):
+        return rack_create(site=parent, **values(None, form, RACK_FIELDS[1:]))
+
+    def update(self, request, obj, form):
+        return rack_update(rack=obj, **values(obj, form, RACK_FIELDS))
+
+    def delete(self, request, obj):
+        rack_delete(rack=obj)
+
 
 @admin.register(Site)
-class SiteAdmin(admin.ModelAdmin):
+class SiteAdmin(ServiceAdmin):
     list_display = [
         "name",
         "slug",
@@ -65,17 +102,35 @@ class SiteAdmin(admin.ModelAdmin):
     node_total = annotated_column("node_total", "nodes")
     available_total = annotated_column("available_total", "available")
 
+    def create(self, request, form):
+        return site_create(**values(None, form, SITE_FIELDS))
 
-class NodeInline(admin.TabularInline):
+    def update(self, request, obj, form):
+        return site_update(site=obj, **values(obj, form, SITE_FIELDS))
+
+    def delete(self, request, obj):
+        site_delete(site=obj)
+
+
+class NodeInline(ServiceInline, admin.TabularInline):
     model = Node
     extra = 0
     fields = ["hostname", "state", "accelerator_type", "gpu_count"]
     readonly_fields = ["state", "accelerator_type", "gpu_count"]
     show_change_link = True
 
+    def create(self, request, parent, form):
+        return node_enrol(rack=parent, hostname=form.cleaned_data["hostname"])
+
+    def update(self, request, obj, form):
+        return node_update(node=obj, rack=obj.rack, hostname=form.cleaned_data["hostname"])
+
+    def delete(self, request, obj):
+        node_delete(node=obj, actor=request.user.email)
+
 
 @admin.register(Rack)
-class RackAdmin(admin.ModelAdmin):
+class RackAdmin(ServiceAdmin):
     list_display = ["__str__", "site", "nvlink_domain_size", "power_budget_kw", "node_total"]
     list_filter = ["site__kind", "site"]
     search_fields = ["name", "site__name", "site__slug"]
@@ -86,6 +141,15 @@ class RackAdmin(admin.ModelAdmin):
         return super().get_queryset(request).annotate(node_total=Count("nodes"))
 
     node_total = annotated_column("node_total", "nodes")
+
+    def create(self, request, form):
+        return rack_create(**values(None, form, RACK_FIELDS))
+
+    def update(self, request, obj, form):
+        return rack_update(rack=obj, **values(obj, form, RACK_FIELDS))
+
+    def delete(self, request, obj):
+        rack_delete(rack=obj)
 
 
 class GpuInline(admin.TabularInline):
@@ -138,7 +202,7 @@ class NodeCommandInline(admin.TabularInline):
 
 
 @admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
+class NodeAdmin(ServiceAdmin):
     list_display = [
         "hostname",
         "state",
@@ -154,7 +218,6 @@ class NodeAdmin(admin.ModelAdmin):
     search_fields = ["hostname", "rack__name", "rack__site__name", "gpus__uuid"]
     list_select_related = ["rack__site", "accelerator_type"]
     readonly_fields = [
-        "state",
         "state_changed_at",
         "accelerator_type",
         "gpu_count",
@@ -163,7 +226,7 @@ class NodeAdmin(admin.ModelAdmin):
         "agent_version",
         "driver_version",
     ]
-    fields = ["hostname", "rack", *readonly_fields]
+    fields = ["hostname", "rack", "state", *readonly_fields]
     inlines = [GpuInline, NodeStateChangeInline, NodeCommandInline]
     actions = [
         _move(NodeState.AVAILABLE, "mark available / recover"),
@@ -177,6 +240,26 @@ class NodeAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("credential")
+
+    def get_readonly_fields(self, request, obj=None):
+        # A new node is enrolling; a node's later states are lifecycle moves, chosen on its page.
+        return ["state", *self.readonly_fields] if obj is None else self.readonly_fields
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        help_texts = {"state": "A change is a lifecycle move, recorded below; moves the lifecycle forbids are refused."}
+        return super().get_form(request, obj, change, help_texts=help_texts, **kwargs)
+
+    def create(self, request, form):
+        return node_enrol(rack=form.cleaned_data["rack"], hostname=form.cleaned_data["hostname"])
+
+    def update(self, request, obj, form):
+        target = form.cleaned_data.get("state", obj.state)
+        if target != obj.state:
+            node_transition(node=obj, target=target, actor=request.user.email, reason="admin: node page")
+        return node_update(node=obj, rack=form.cleaned_data["rack"], hostname=form.cleaned_data["hostname"])
+
+    def delete(self, request, obj):
+        node_delete(node=obj, actor=request.user.email)
 
     @admin.display(description="agent")
     def agent(self, obj):
@@ -223,15 +306,12 @@ class NodeAdmin(admin.ModelAdmin):
 
 
 @admin.register(Gpu)
-class GpuAdmin(admin.ModelAdmin):
+class GpuAdmin(ReadOnlyAdmin):
     list_display = ["__str__", "uuid", "accelerator_type", "memory_mib", "node_state"]
     list_filter = ["accelerator_type", "node__rack__site", "node__state"]
     search_fields = ["uuid", "node__hostname"]
     list_select_related = ["node", "accelerator_type"]
-    readonly_fields = ["node", "index", "uuid", "accelerator_type", "memory_mib"]
-
-    def has_add_permission(self, request):
-        return False
+    readonly_fields = ["node", "index", "uuid", "accelerator_type", "memory_mib"]  # from inventory reports
 
     @admin.display(description="node state", ordering="node__state")
     def node_state(self, obj):
@@ -239,15 +319,9 @@ class GpuAdmin(admin.ModelAdmin):
 
 
 @admin.register(NodeCommand)
-class NodeCommandAdmin(admin.ModelAdmin):
+class NodeCommandAdmin(ReadOnlyAdmin):  # commands are made by provisioning, not by hand
     list_display = ["id", "node", "kind", "state", "progress_percent", "created_at", "deadline", "send_count"]
     list_filter = ["state", "kind", "node__rack__site"]
     search_fields = ["id", "node__hostname", "correlation_id"]
     list_select_related = ["node"]
     readonly_fields = [f.name for f in NodeCommand._meta.fields]
-
-    def has_add_permission(self, request):
-        return False  # commands are made by provisioning, not by hand
-
-    def has_delete_permission(self, request, obj=None):
-        return False

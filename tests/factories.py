@@ -1,4 +1,6 @@
-"""Factories for test data. Fleet and catalog rows are plain data; tenancy goes through services."""
+"""Factories for test data. Every row is built through the service that owns it (fleet, catalog,
+tenancy, credits), as the portal, the API and the admin build them: a factory's fields are the
+service's arguments."""
 
 import itertools
 import uuid
@@ -7,13 +9,23 @@ from decimal import Decimal
 import factory
 
 from marketplace.choices import OfferShape, Role
-from marketplace.models import Offer, OfferTermDiscount, Reservation
+from marketplace.models import Offer, Organization, Quota, Reservation
 from marketplace.services.billing.credits import credits_grant
-from marketplace.services.tenancy.members import membership_set, organization_create, user_create
+from marketplace.services.catalog.offers import offer_create
+from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin
+from marketplace.services.tenancy.members import membership_set, organization_create, quota_set, user_create
 from marketplace.tenant_context import TenantContext
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
 from provisioning.models import AcceleratorType, Node, Rack, Site
-from provisioning.services.fleet import GpuSpec, node_set_inventory, node_transition
+from provisioning.services.fleet import (
+    GpuSpec,
+    accelerator_type_create,
+    node_enrol,
+    node_set_inventory,
+    node_transition,
+    rack_create,
+    site_create,
+)
 
 PASSWORD = "a-test-password-2026"
 _n = itertools.count(1)
@@ -22,7 +34,6 @@ _n = itertools.count(1)
 class AcceleratorTypeFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = AcceleratorType
-        django_get_or_create = ["slug"]
 
     slug = "h100-sxm-80gb"
     vendor = Vendor.NVIDIA
@@ -32,6 +43,11 @@ class AcceleratorTypeFactory(factory.django.DjangoModelFactory):
     interconnect = "NVLink 4 (900 GB/s)"
     purpose = Purpose.BOTH
     device_name = "NVIDIA H100 80GB HBM3"
+
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        existing = AcceleratorType.objects.filter(slug=kwargs["slug"]).first()  # one type per slug, shared
+        return existing or accelerator_type_create(**kwargs)
 
 
 class SiteFactory(factory.django.DjangoModelFactory):
@@ -44,6 +60,10 @@ class SiteFactory(factory.django.DjangoModelFactory):
     kind = SiteKind.HALL
     location = "Frankfurt, DE"
 
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        return site_create(**kwargs)
+
 
 class RackFactory(factory.django.DjangoModelFactory):
     class Meta:
@@ -52,6 +72,10 @@ class RackFactory(factory.django.DjangoModelFactory):
     site = factory.SubFactory(SiteFactory)
     name = factory.Sequence(lambda n: f"r{n:02d}")
     power_budget_kw = Decimal("44")
+
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        return rack_create(**kwargs)
 
 
 def make_node(
@@ -64,7 +88,7 @@ def make_node(
     """A node with GPU inventory, brought to ``state`` through the lifecycle service."""
     rack = rack or RackFactory()
     accelerator = accelerator or AcceleratorTypeFactory()
-    node = Node.objects.create(rack=rack, hostname=f"node-{next(_n)}-{uuid.uuid4().hex[:6]}")
+    node = node_enrol(rack=rack, hostname=f"node-{next(_n)}-{uuid.uuid4().hex[:6]}")
     node = node_set_inventory(
         node=node,
         gpus=[
@@ -99,6 +123,10 @@ class OfferFactory(factory.django.DjangoModelFactory):
     gpus_per_node = 8
     price_per_gpu_hour = Decimal("2.49")
 
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        return offer_create(**kwargs)
+
 
 def make_user(email: str | None = None, **extra):
     return user_create(email=email or f"user{next(_n)}@example.com", password=PASSWORD, **extra)
@@ -130,20 +158,21 @@ def make_offer_with_nodes(
 ) -> Offer:
     """A node offer at ``price`` per GPU-hour with ``nodes`` free 8-GPU nodes of its type at its site,
     and reserved-term discounts (months: percent off); ``fields`` set other fields of the offer."""
-    offer = OfferFactory(price_per_gpu_hour=Decimal(price), **fields)
-    for months, percent in (term_discounts or {}).items():
-        OfferTermDiscount.objects.create(offer=offer, term_months=months, percent_off=Decimal(percent))
+    offer = OfferFactory(price_per_gpu_hour=Decimal(price), term_discounts=term_discounts, **fields)
     rack = RackFactory(site=offer.site)
     for _ in range(nodes):
         make_node(rack=rack, accelerator=offer.accelerator_type)
     return offer
 
 
+def make_quota(*, organization: Organization, accelerator_type: AcceleratorType, max_gpus: int) -> Quota:
+    """A tenant's quota for one accelerator type, set as operators set it."""
+    return quota_set(organization=organization, accelerator_type=accelerator_type, max_gpus=max_gpus)
+
+
 def activate(reservation: Reservation, *, since=None) -> Reservation:
     """Begin and activate it through the lifecycle. ``since`` moves the recorded activation back in
     time: tests cannot wait hours for usage to accrue."""
-    from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin
-
     assert reservation_begin(reservation_id=reservation.pk)
     assert reservation_activate(reservation_id=reservation.pk)
     if since is not None:

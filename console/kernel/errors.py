@@ -11,7 +11,14 @@ import uuid
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent, TooManyFilesSent
+from django.core.exceptions import (
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+    ValidationError,
+)
+from django.db.models import ProtectedError
 from django.http import Http404, HttpResponsePermanentRedirect, JsonResponse
 from django.shortcuts import render
 from django.urls import Resolver404, resolve
@@ -51,6 +58,28 @@ class Forbidden(DomainError):
 class Conflict(DomainError):
     status_code = status.HTTP_409_CONFLICT
     code = "conflict"
+
+
+def clean_or_refuse(instance) -> None:
+    """A model's own validation (``full_clean``: field bounds, choices, uniqueness) for a service about to
+    save it, refusing in the domain's terms: a DomainError naming the fields, never Django's exception."""
+    try:
+        instance.full_clean()
+    except ValidationError as error:
+        fields = {name: [str(problem) for problem in problems] for name, problems in error.message_dict.items()}
+        name, problems = next(iter(fields.items()))
+        message = problems[0] if name == "__all__" else f"{name}: {problems[0]}"
+        raise DomainError(message, code="validation_error", fields=fields) from None
+
+
+def delete_or_refuse(instance, *, noun: str) -> None:
+    """Delete a row for a service, refusing in the domain's terms (409 ``in_use``) while rows that must
+    outlive it (``on_delete=PROTECT``) still name it."""
+    try:
+        instance.delete()
+    except ProtectedError as error:
+        held = sorted({str(type(row)._meta.verbose_name_plural) for row in error.protected_objects})
+        raise Conflict(f"The {noun} {instance} is still referred to ({', '.join(held)}).", code="in_use") from None
 
 
 def error_body(code: str, message: str, *, fields: dict | None = None, **details) -> dict:

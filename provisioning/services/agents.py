@@ -10,7 +10,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from console.kernel.errors import DomainError, Forbidden, NotFound
+from console.kernel.errors import DomainError, Forbidden, NotFound, delete_or_refuse
 from console.kernel.events import publish, publish_on_commit
 from console.kernel.lifecycle import IllegalTransition, transition
 from console.kernel.tokens import matches, new_token, parse
@@ -148,6 +148,14 @@ def node_secret_revoke(*, node: Node, actor: str) -> None:
     NodeCredential.objects.filter(node=node, revoked_at__isnull=True).update(revoked_at=timezone.now())
     logger.info("Secret of %s revoked by %s", node.hostname, actor)
     publish_on_commit(agent_group(node.pk), "agent.disconnect", {"code": 4401})
+
+
+@transaction.atomic
+def node_delete(*, node: Node, actor: str) -> None:
+    """Retire a host that never served (rows that must outlive a node, its commands and allocations,
+    refuse it): its agent is disconnected first, and its credential goes with it."""
+    node_secret_revoke(node=node, actor=actor)
+    delete_or_refuse(node, noun="node")
 
 
 def node_secret_rotate(*, node: Node, actor: str) -> bool:

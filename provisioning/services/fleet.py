@@ -1,4 +1,5 @@
-"""Writes to the fleet inventory: enrolment, GPU inventory, and every node lifecycle move."""
+"""Writes to the fleet inventory: accelerator types, sites, racks, enrolment, GPU inventory, and every
+node lifecycle move."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -6,10 +7,10 @@ from decimal import Decimal
 
 from django.db import transaction
 
-from console.kernel.errors import DomainError
+from console.kernel.errors import DomainError, clean_or_refuse, delete_or_refuse
 from console.kernel.events import FLEET_GROUP, publish_on_commit
 from console.kernel.lifecycle import transition
-from provisioning.choices import NodeState
+from provisioning.choices import NodeState, Purpose
 from provisioning.models import NODE_TRANSITIONS, AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
 
 
@@ -23,28 +24,110 @@ class GpuSpec:
     memory_mib: int
 
 
+def _saved(instance, *, update_fields: Sequence[str] | None = None):
+    clean_or_refuse(instance)
+    instance.save(update_fields=update_fields)
+    return instance
+
+
+def accelerator_type_create(
+    *,
+    slug: str,
+    vendor: str,
+    model: str,
+    memory_gib: int,
+    tdp_watts: int,
+    interconnect: str,
+    purpose: str = Purpose.BOTH,
+    device_name: str = "",
+) -> AcceleratorType:
+    return _saved(
+        AcceleratorType(
+            slug=slug,
+            vendor=vendor,
+            model=model,
+            memory_gib=memory_gib,
+            tdp_watts=tdp_watts,
+            interconnect=interconnect,
+            purpose=purpose,
+            device_name=device_name,
+        )
+    )
+
+
+def accelerator_type_update(
+    *,
+    accelerator_type: AcceleratorType,
+    slug: str,
+    vendor: str,
+    model: str,
+    memory_gib: int,
+    tdp_watts: int,
+    interconnect: str,
+    purpose: str,
+    device_name: str,
+) -> AcceleratorType:
+    accelerator_type.slug, accelerator_type.vendor, accelerator_type.model = slug, vendor, model
+    accelerator_type.memory_gib, accelerator_type.tdp_watts = memory_gib, tdp_watts
+    accelerator_type.interconnect, accelerator_type.purpose, accelerator_type.device_name = (
+        interconnect,
+        purpose,
+        device_name,
+    )
+    return _saved(accelerator_type)
+
+
+def accelerator_type_delete(*, accelerator_type: AcceleratorType) -> None:
+    """Only a type nothing names (no GPU, node or offer)."""
+    delete_or_refuse(accelerator_type, noun="accelerator type")
+
+
 def site_create(
     *, slug: str, name: str, region: str, kind: str, location: str, power_capacity_mw: Decimal | None = None
 ) -> Site:
-    site = Site(slug=slug, name=name, region=region, kind=kind, location=location, power_capacity_mw=power_capacity_mw)
-    site.full_clean()
-    site.save()
-    return site
+    return _saved(
+        Site(slug=slug, name=name, region=region, kind=kind, location=location, power_capacity_mw=power_capacity_mw)
+    )
+
+
+def site_update(
+    *, site: Site, slug: str, name: str, region: str, kind: str, location: str, power_capacity_mw: Decimal | None
+) -> Site:
+    site.slug, site.name, site.region, site.kind = slug, name, region, kind
+    site.location, site.power_capacity_mw = location, power_capacity_mw
+    return _saved(site)
+
+
+def site_delete(*, site: Site) -> None:
+    """Only a site with no racks and no offers."""
+    delete_or_refuse(site, noun="site")
 
 
 def rack_create(*, site: Site, name: str, power_budget_kw: Decimal, nvlink_domain_size: int = 8) -> Rack:
-    rack = Rack(site=site, name=name, power_budget_kw=power_budget_kw, nvlink_domain_size=nvlink_domain_size)
-    rack.full_clean()
-    rack.save()
-    return rack
+    return _saved(Rack(site=site, name=name, power_budget_kw=power_budget_kw, nvlink_domain_size=nvlink_domain_size))
+
+
+def rack_update(*, rack: Rack, site: Site, name: str, power_budget_kw: Decimal, nvlink_domain_size: int) -> Rack:
+    rack.site, rack.name = site, name
+    rack.power_budget_kw, rack.nvlink_domain_size = power_budget_kw, nvlink_domain_size
+    return _saved(rack)
+
+
+def rack_delete(*, rack: Rack) -> None:
+    """Only a rack with no nodes (and no rack reservation)."""
+    delete_or_refuse(rack, noun="rack")
 
 
 def node_enrol(*, rack: Rack, hostname: str) -> Node:
     """A new host, in ``enrolling`` until its inventory is known and it is marked available."""
-    node = Node(rack=rack, hostname=hostname.lower())
-    node.full_clean()
-    node.save()
-    return node
+    return _saved(Node(rack=rack, hostname=hostname.lower()))
+
+
+def node_update(*, node: Node, rack: Rack, hostname: str) -> Node:
+    """Where a node is and what it is called. Its state moves only by node_transition, its GPUs only by
+    inventory (node_set_inventory): neither is written here, so a move made meanwhile is kept."""
+    node.rack, node.hostname = rack, hostname.lower()
+    return _saved(node, update_fields=["rack", "hostname"])
 
 
 @transaction.atomic
