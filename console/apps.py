@@ -8,6 +8,8 @@ class ConsoleConfig(AppConfig):
     verbose_name = "Neocloud Console"
 
     def ready(self):
+        # Imported here, not at the top: apps.py is loaded while the app registry is being populated, and
+        # throttling pulls in DRF's settings and views and the auth signals, which need it populated.
         from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
         from django.core import checks
 

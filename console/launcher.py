@@ -84,6 +84,8 @@ def _wait_healthy(url: str, processes: dict[str, subprocess.Popen], timeout: flo
 
 
 def _banner(base: str) -> str:
+    # Imported once django.setup() has run (_run): console.demo imports models, and the launcher itself
+    # starts before Django is configured.
     from console.demo import demo_credentials
 
     lines = [

@@ -6,7 +6,8 @@ class MarketplaceConfig(AppConfig):
     verbose_name = "Marketplace"
 
     def ready(self):
-        # Provisioning reports command outcomes through hooks; it never imports marketplace.
+        # Provisioning reports command outcomes through hooks; it never imports marketplace. Imported in
+        # ready(): the services import models, which cannot load before the app registry is populated.
         from marketplace.services.reservations import provisioning as provisioning_flow
         from provisioning import hooks
 

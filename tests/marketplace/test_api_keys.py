@@ -2,15 +2,22 @@ import hashlib
 from datetime import timedelta
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from console.kernel.errors import DomainError, Forbidden
 from marketplace.choices import Role
 from marketplace.models import ApiKey
-from marketplace.services.tenancy.api_keys import InvalidApiKey, api_key_authenticate, api_key_create, api_key_revoke
+from marketplace.services.tenancy.api_keys import (
+    InvalidApiKey,
+    api_key_authenticate,
+    api_key_create,
+    api_key_revoke,
+    api_keys_revoke_as_operator,
+)
 from marketplace.services.tenancy.members import membership_set
-from tests.factories import make_tenant, make_user
+from tests.factories import PASSWORD, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -213,7 +220,6 @@ class TestKeysMadeWithKeys:
         assert ApiKey.objects.get(pk=grandchild["id"]).status == "revoked"
 
     def test_an_operator_revoking_a_leaked_key_revokes_its_descendants(self, tenant):
-        from marketplace.services.tenancy.api_keys import api_keys_revoke_as_operator
 
         parent, plaintext = api_key_create(tenant=tenant, name="leaked")
         child = self.made_with(bearer(plaintext))
@@ -229,9 +235,6 @@ class TestKeysMadeWithKeys:
         assert child["role"] == "viewer"
 
     def test_a_key_made_by_a_signed_in_person_has_no_parent(self, tenant):
-        from django.test import Client
-
-        from tests.factories import PASSWORD
 
         client = Client()
         assert client.login(username=tenant.user.email, password=PASSWORD)

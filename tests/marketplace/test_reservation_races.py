@@ -3,6 +3,7 @@
 import random
 import threading
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.db import connection
@@ -10,6 +11,9 @@ from django.utils import timezone
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Allocation, Reservation
+from marketplace.selectors.billing import balance_of
+from marketplace.services.billing.credits import credits_grant
+from marketplace.services.billing.ledger import InsufficientBalance
 from marketplace.services.reservations.lifecycle import reservation_create
 from marketplace.services.reservations.placement import CapacityUnavailable
 from tests.factories import OfferFactory, RackFactory, SiteFactory, make_node, make_tenant
@@ -165,11 +169,6 @@ def test_the_database_refuses_an_overlap_even_if_placement_were_wrong():
 def test_concurrent_spenders_cannot_hold_more_than_the_balance():
     """Eight reservations at once from one tenant whose credit covers three of them: exactly three are
     made, the rest refused with 402, and the holds never exceed the credit (the organization lock)."""
-    from decimal import Decimal
-
-    from marketplace.selectors.billing import balance_of
-    from marketplace.services.billing.credits import credits_grant
-    from marketplace.services.billing.ledger import InsufficientBalance
 
     tenant = make_tenant(role=Role.MEMBER, credit=None)
     rack = RackFactory()

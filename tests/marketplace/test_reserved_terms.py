@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from django.db.models import Sum
+from django.test import Client
 from django.utils import timezone
 
 from marketplace.models import Reservation, UsageRecord
@@ -23,7 +24,8 @@ from marketplace.services.reservations.lifecycle import (
     reservation_create,
     reservation_release,
 )
-from tests.factories import make_tenant
+from tests.conftest import key_client
+from tests.factories import PASSWORD, make_tenant
 
 pytestmark = [pytest.mark.django_db, pytest.mark.offer(price="2.00", nodes=1, term_discounts={1: "25"})]
 
@@ -141,10 +143,6 @@ def test_the_invoice_line_says_the_rest_of_the_term_is_committed(tenant, offer):
 
 
 def test_the_reserve_form_and_the_api_state_the_commitment(tenant, offer):
-    from django.test import Client
-
-    from tests.conftest import key_client
-    from tests.factories import PASSWORD
 
     client = Client()
     assert client.login(username=tenant.user.email, password=PASSWORD)
