@@ -21,7 +21,7 @@ from marketplace.selectors.capacity import availability_by_hour, availability_wi
 from marketplace.selectors.catalog import offer_get, offer_list, price_in_force
 from marketplace.services.idempotency import idempotent
 from marketplace.services.reservations.lifecycle import (
-    reservation_check,
+    quote_check,
     reservation_create,
     reservation_quote,
 )
@@ -86,17 +86,17 @@ def reserve(request, offer_id):
         hours = None if term else data["duration_hours"]
         try:
             if "confirm" not in request.POST:
-                asked = {
-                    "offer": offer,
-                    "quantity": data["quantity"],
-                    "start": start,
-                    "end": None,
-                    "duration_hours": hours,
-                    "term_months": term,
-                }
-                quote = reservation_quote(**asked)  # shown even when refused below: what it would cost
+                # Shown even when refused below: what it would cost.
+                quote = reservation_quote(
+                    offer=offer,
+                    quantity=data["quantity"],
+                    start=start,
+                    end=None,
+                    duration_hours=hours,
+                    term_months=term,
+                )
                 # Refused here as the confirm step would refuse it (role, quota, capacity, hold).
-                quote = reservation_check(tenant=request.tenant, **asked)
+                quote = quote_check(tenant=request.tenant, quote=quote)
             else:
                 key = data["idempotency_key"] or uuid.uuid4().hex
 

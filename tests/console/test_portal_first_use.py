@@ -14,7 +14,7 @@ from marketplace.choices import Role
 from marketplace.models import Quota, Reservation
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.reservations import lifecycle
-from marketplace.services.reservations.lifecycle import reservation_create
+from marketplace.services.reservations.lifecycle import reservation_check, reservation_create
 from tests.conftest import key_client
 from tests.factories import PASSWORD, activate, make_tenant, make_user
 
@@ -80,8 +80,6 @@ def test_a_member_with_room_gets_the_confirm_button_and_the_check_writes_nothing
     member = make_tenant(role=Role.MEMBER)
     page = browser_for(member.user).post(f"/offers/{offer.id}/reserve/", {"quantity": 2, "duration_hours": "1"})
     assert page.status_code == 200 and 'name="confirm"' in page.content.decode()
-    from marketplace.services.reservations.lifecycle import reservation_check  # noqa: PLC0415 - new in this change
-
     quote = reservation_check(
         tenant=member, offer=offer, quantity=3, start=None, end=timezone.now() + timedelta(hours=1)
     )

@@ -31,7 +31,13 @@ from marketplace.selectors.capacity import MAX_ADVANCE, WHOLE_RACKS, earliest_fi
 from marketplace.selectors.catalog import price_in_force
 from marketplace.selectors.reservations import reservations_due_to_begin, reservations_due_to_end
 from marketplace.services.billing.ledger import hold_check, hold_place
-from marketplace.services.reservations.placement import CapacityUnavailable, nodes_lock, placement_check, placement_pick
+from marketplace.services.reservations.placement import (
+    CapacityUnavailable,
+    Placement,
+    nodes_lock,
+    placement_check,
+    placement_pick,
+)
 from marketplace.services.tenancy.members import organization_lock
 from marketplace.tenant_context import TenantContext
 from provisioning.models import Node
@@ -261,22 +267,40 @@ def reservation_check(
     quote = reservation_quote(
         offer=offer, quantity=quantity, start=start, end=end, duration_hours=duration_hours, term_months=term_months
     )
-    if offer.shape == OfferShape.NODE:
-        _check_quota(
-            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
-        )
-    try:
-        node_count = placement_check(offer=offer, quantity=quantity, start=quote.start, end=quote.end)
-    except CapacityUnavailable as error:
-        raise _capacity_refusal(error, quote) from None
-    if node_count != quote.node_count:  # the rack that would be placed, not the largest
-        quote = replace(quote, node_count=node_count, gpu_count=node_count * offer.gpus_per_node)
-    if offer.shape == OfferShape.RACK:
-        _check_quota(
-            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
-        )
+    return quote_check(tenant=tenant, quote=quote)
+
+
+def quote_check(*, tenant: TenantContext, quote: Quote) -> Quote:
+    """reservation_check for a quote already made (the portal shows it even when it is refused)."""
+    tenant.require(Role.MEMBER, "reserving capacity")
+    quote, _placement = _placed_within_quota(tenant=tenant, quote=quote, pick=False)
     hold_check(organization_id=tenant.organization.pk, amount=quote.expected_cost)
     return quote
+
+
+def _placed_within_quota(*, tenant: TenantContext, quote: Quote, pick: bool) -> tuple[Quote, Placement | None]:
+    """The checks the price step and reservation_create both make, in one order and in one set of words:
+    a node offer's quota, the capacity (refused with the earliest window that fits), a rack offer's quota
+    for the rack placed. ``pick``: place it for real (the caller holds the locks) rather than only look.
+    Returns the quote for what would be placed (a rack's real size), and the placement when picked."""
+    offer = quote.offer
+
+    def within_quota(gpus: int) -> None:
+        _check_quota(organization=tenant.organization, offer=offer, gpus=gpus, start=quote.start, end=quote.end)
+
+    if offer.shape == OfferShape.NODE:
+        within_quota(quote.gpu_count)
+    window = {"offer": offer, "quantity": quote.quantity, "start": quote.start, "end": quote.end}
+    try:
+        placement = placement_pick(**window) if pick else None
+        node_count = len(placement.node_ids) if placement else placement_check(**window)
+    except CapacityUnavailable as error:
+        raise _capacity_refusal(error, quote) from None
+    if node_count != quote.node_count:  # the rack placed, not the largest one quoted
+        quote = replace(quote, node_count=node_count, gpu_count=node_count * offer.gpus_per_node)
+    if offer.shape == OfferShape.RACK:
+        within_quota(quote.gpu_count)
+    return quote, placement
 
 
 def _event(reservation: Reservation, event: str, **extra) -> None:
@@ -315,23 +339,8 @@ def reservation_create(
         now=now,
     )
     organization_lock(tenant.organization.pk)
-    if offer.shape == OfferShape.NODE:
-        _check_quota(
-            organization=tenant.organization, offer=offer, gpus=quote.gpu_count, start=quote.start, end=quote.end
-        )
-    try:
-        placement = placement_pick(offer=offer, quantity=quantity, start=quote.start, end=quote.end)
-    except CapacityUnavailable as error:
-        raise _capacity_refusal(error, quote) from None
-    node_count = len(placement.node_ids)
-    if offer.shape == OfferShape.RACK:
-        _check_quota(
-            organization=tenant.organization,
-            offer=offer,
-            gpus=node_count * offer.gpus_per_node,
-            start=quote.start,
-            end=quote.end,
-        )
+    quote, placement = _placed_within_quota(tenant=tenant, quote=quote, pick=True)
+    node_count = quote.node_count
     period = DateTimeTZRange(quote.start, quote.end, "[)")
     try:
         with transaction.atomic():
@@ -357,8 +366,6 @@ def reservation_create(
             logger.error("Exclusion constraint refused a placement for %s", offer)
             raise CapacityUnavailable("That capacity was just taken; try again.") from None
         raise
-    if node_count != quote.node_count:  # a rack of another size than quoted: hold for what was placed
-        quote = replace(quote, node_count=node_count, gpu_count=reservation.gpu_count)
     hold_place(reservation=reservation, amount=quote.expected_cost, memo=f"Hold for reservation {reservation.pk}")
     _event(reservation, "reservation.created")
     if quote.start <= timezone.now():  # starts now: do not wait for the next beat tick
