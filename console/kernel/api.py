@@ -4,7 +4,10 @@ boundary is the marketplace's (``marketplace.api.boundary``); the schema generat
 
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
+from rest_framework.decorators import action
 from rest_framework.pagination import PageNumberPagination
+
+from console.kernel.throttling import expensive_read_throttles
 
 
 class Pagination(PageNumberPagination):
@@ -68,3 +71,16 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
 def idempotency_key_parameter() -> OpenApiParameter:
     """The optional ``Idempotency-Key`` header of POST endpoints (ARCHITECTURE invariant 7), for their schema."""
     return OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)
+
+
+def expensive_read_action(*, detail: bool = True):
+    """A GET action that reads much more than a row (telemetry, availability, a month's invoice, a
+    CSV): one document, so neither paginated nor filtered, and counted against the expensive-read
+    budget on top of the read budget."""
+    return action(
+        detail=detail,
+        methods=["get"],
+        filterset_class=None,
+        pagination_class=None,
+        throttle_classes=expensive_read_throttles(),
+    )

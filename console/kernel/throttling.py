@@ -10,9 +10,9 @@ that waits it is served.
 
 API budgets (REST_FRAMEWORK's DEFAULT_THROTTLE_RATES, read at each request): ``api_read`` for GET,
 HEAD and OPTIONS, ``api_write`` for the rest, and ``api_expensive`` in addition for the reads that
-cost the database most (views list ``throttle_classes=expensive_read_throttles()``). A caller is its
-API key when it sent one (each key has its own budgets), else its user (the browser's session),
-else its client address.
+cost the database most (``console.kernel.api.expensive_read_action``, or
+``throttle_classes=expensive_read_throttles()`` on a plain view). A caller is its API key when it sent
+one (each key has its own budgets), else its user (the browser's session), else its client address.
 
 The client address is REMOTE_ADDR, unless TRUSTED_PROXY_COUNT says how many proxies of ours stand
 in front: then it is the address the outermost of them saw, read from X-Forwarded-For counting

@@ -7,11 +7,10 @@ from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
-from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from console.kernel.api import error_responses, idempotency_key_parameter
+from console.kernel.api import error_responses, expensive_read_action, idempotency_key_parameter
 from console.kernel.throttling import expensive_read_throttles
 from marketplace.api.boundary import TenantRowsMixin, TenantScopedMixin
 from marketplace.api.idempotency import idempotent_response
@@ -102,7 +101,7 @@ class InvoiceViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveMode
         description="Rated usage of this calendar month (UTC) so far; finalized after the month ends.",
         responses={200: InvoicePreviewSerializer, **error_responses(403)},
     )
-    @action(detail=False, methods=["get"], pagination_class=None, throttle_classes=expensive_read_throttles())
+    @expensive_read_action(detail=False)
     def current(self, request):
         now = timezone.now()
         preview = invoice_preview(tenant=self.tenant, now=now)
@@ -119,11 +118,9 @@ class InvoiceViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveMode
             **error_responses(403, 404),
         },
     )
-    @action(detail=True, methods=["get"], pagination_class=None, throttle_classes=expensive_read_throttles())
+    @expensive_read_action()
     def csv(self, request, pk=None):
-        invoice = self.get_object()
-        response = invoice_csv_response(invoice)
-        return response
+        return invoice_csv_response(self.get_object())
 
 
 @extend_schema_view(

@@ -2,11 +2,9 @@
 
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import viewsets
-from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from console.kernel.api import error_responses
-from console.kernel.throttling import expensive_read_throttles
+from console.kernel.api import error_responses, expensive_read_action
 from marketplace.api.filters import OfferFilter
 from marketplace.api.serializers.catalog import (
     AvailabilityQuerySerializer,
@@ -36,13 +34,7 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
         parameters=[AvailabilityQuerySerializer],
         responses={200: OfferAvailabilitySerializer, **error_responses(400, 404)},
     )
-    @action(
-        detail=True,
-        methods=["get"],
-        filterset_class=None,
-        pagination_class=None,
-        throttle_classes=expensive_read_throttles(),
-    )
+    @expensive_read_action()
     def availability(self, request, pk=None):
         query = AvailabilityQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)

@@ -6,8 +6,7 @@ from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from console.kernel.api import error_responses, idempotency_key_parameter
-from console.kernel.throttling import expensive_read_throttles
+from console.kernel.api import error_responses, expensive_read_action, idempotency_key_parameter
 from marketplace.api.boundary import TenantRowsMixin
 from marketplace.api.filters import ReservationFilter
 from marketplace.api.idempotency import idempotency_key, idempotent_response
@@ -82,13 +81,7 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
         parameters=[TelemetryQuerySerializer],
         responses={200: ReservationTelemetrySerializer, **error_responses(400, 403, 404)},
     )
-    @action(
-        detail=True,
-        methods=["get"],
-        filterset_class=None,
-        pagination_class=None,
-        throttle_classes=expensive_read_throttles(),
-    )
+    @expensive_read_action()
     def telemetry(self, request, pk=None):
         query = TelemetryQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
