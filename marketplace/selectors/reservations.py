@@ -105,7 +105,8 @@ def reservation_progress(*, reservation: Reservation) -> list[dict]:
 
 
 def _node_ids(reservation: Reservation) -> list[int]:
-    return list(reservation.allocations.values_list("node_id", flat=True))
+    # .all(): reservation_get prefetched its allocations, so the telemetry reads ask no more queries.
+    return [allocation.node_id for allocation in reservation.allocations.all()]
 
 
 def reservation_holdings(*, reservation: Reservation) -> list[Holding]:
