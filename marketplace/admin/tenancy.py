@@ -1,5 +1,5 @@
-"""Operators' view of tenants and the catalog. Every write goes through marketplace.services, as the
-portal's and the API's do (console.kernel.admin.ServiceAdmin)."""
+"""Operators' view of tenants: people, organizations, memberships, API keys and quotas. Every write
+goes through marketplace.services.tenancy (console.kernel.admin.ServiceAdmin)."""
 
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
@@ -7,26 +7,14 @@ from django.db.models import Count, Q
 
 from console.kernel.admin import ReadOnlyAdmin, ServiceAdmin, ServiceInline, values
 from console.kernel.admin_columns import annotated_column
-from marketplace.billing_admin import OfferPriceAddInline, OfferPriceHistoryInline, OrganizationBillingMixin
+from marketplace.admin.billing import OrganizationBillingMixin
 from marketplace.models import (
-    Allocation,
     ApiKey,
     Membership,
-    Offer,
-    OfferTermDiscount,
     Organization,
     Quota,
-    Reservation,
     User,
 )
-from marketplace.services.catalog.offers import (
-    offer_create,
-    offer_delete,
-    offer_update,
-    term_discount_remove,
-    term_discount_set,
-)
-from marketplace.services.reservations.provisioning import reservation_force_release
 from marketplace.services.tenancy.api_keys import api_keys_revoke_as_operator
 from marketplace.services.tenancy.members import (
     membership_remove,
@@ -37,8 +25,6 @@ from marketplace.services.tenancy.members import (
     quota_remove,
     quota_set,
 )
-
-OFFER_FIELDS = ["site", "accelerator_type", "shape", "gpus_per_node", "max_duration_hours", "is_active"]
 
 
 class MembershipInline(ServiceInline, admin.TabularInline):
@@ -94,13 +80,33 @@ class UserAdmin(DjangoUserAdmin):
     organization_total = annotated_column("organization_total", "organizations")
 
 
+class QuotaInline(ServiceInline, admin.TabularInline):
+    model = Quota
+    extra = 0
+
+    def create(self, request, parent, form):
+        data = form.cleaned_data
+        return quota_set(organization=parent, accelerator_type=data["accelerator_type"], max_gpus=data["max_gpus"])
+
+    def update(self, request, obj, form):
+        data = form.cleaned_data
+        if data["accelerator_type"] != obj.accelerator_type:
+            quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
+        return quota_set(
+            organization=obj.organization, accelerator_type=data["accelerator_type"], max_gpus=data["max_gpus"]
+        )
+
+    def delete(self, request, obj):
+        quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
+
+
 @admin.register(Organization)
 class OrganizationAdmin(OrganizationBillingMixin, ServiceAdmin):
     list_display = ["name", "slug", "member_total", "active_key_total", "created_at"]
     search_fields = ["name", "slug", "memberships__user__email"]
     prepopulated_fields = {"slug": ["name"]}
     readonly_fields = ["id", "created_at", "balance_display"]
-    inlines = [MembershipInline, ApiKeyInline]
+    inlines = [MembershipInline, ApiKeyInline, QuotaInline]
 
     def get_queryset(self, request):
         return (
@@ -192,72 +198,6 @@ class ApiKeyAdmin(ReadOnlyAdmin):
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
 
 
-class OfferTermDiscountInline(ServiceInline, admin.TabularInline):
-    model = OfferTermDiscount
-    extra = 0
-
-    def create(self, request, parent, form):
-        data = form.cleaned_data
-        return term_discount_set(offer=parent, term_months=data["term_months"], percent_off=data["percent_off"])
-
-    def update(self, request, obj, form):
-        data = form.cleaned_data
-        if data["term_months"] != obj.term_months:
-            term_discount_remove(offer=obj.offer, term_months=obj.term_months)
-        return term_discount_set(offer=obj.offer, term_months=data["term_months"], percent_off=data["percent_off"])
-
-    def delete(self, request, obj):
-        term_discount_remove(offer=obj.offer, term_months=obj.term_months)
-
-
-@admin.register(Offer)
-class OfferAdmin(ServiceAdmin):
-    list_display = ["__str__", "site", "accelerator_type", "shape", "gpus_per_node", "price_per_gpu_hour", "is_active"]
-    list_filter = ["is_active", "shape", "site__kind", "site", "accelerator_type__vendor", "accelerator_type"]
-    search_fields = ["site__name", "accelerator_type__model", "accelerator_type__slug"]
-    list_editable = ["is_active"]
-    list_select_related = ["site", "accelerator_type"]
-    inlines = [OfferPriceHistoryInline, OfferPriceAddInline, OfferTermDiscountInline]
-
-    def get_readonly_fields(self, request, obj=None):
-        # Once sold, the price changes only through the price book (effective-dated, below).
-        return ["price_per_gpu_hour"] if obj is not None else []
-
-    def create(self, request, form):
-        return offer_create(
-            price_per_gpu_hour=form.cleaned_data["price_per_gpu_hour"], **values(None, form, OFFER_FIELDS)
-        )
-
-    def update(self, request, obj, form):
-        return offer_update(offer=obj, **values(obj, form, OFFER_FIELDS))
-
-    def delete(self, request, obj):
-        offer_delete(offer=obj)
-
-
-class QuotaInline(ServiceInline, admin.TabularInline):
-    model = Quota
-    extra = 0
-
-    def create(self, request, parent, form):
-        data = form.cleaned_data
-        return quota_set(organization=parent, accelerator_type=data["accelerator_type"], max_gpus=data["max_gpus"])
-
-    def update(self, request, obj, form):
-        data = form.cleaned_data
-        if data["accelerator_type"] != obj.accelerator_type:
-            quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
-        return quota_set(
-            organization=obj.organization, accelerator_type=data["accelerator_type"], max_gpus=data["max_gpus"]
-        )
-
-    def delete(self, request, obj):
-        quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
-
-
-OrganizationAdmin.inlines = [*OrganizationAdmin.inlines, QuotaInline]
-
-
 @admin.register(Quota)
 class QuotaAdmin(ServiceAdmin):
     list_display = ["organization", "accelerator_type", "max_gpus"]
@@ -281,86 +221,3 @@ class QuotaAdmin(ServiceAdmin):
 
     def delete(self, request, obj):
         quota_remove(organization=obj.organization, accelerator_type=obj.accelerator_type)
-
-
-class AllocationInline(admin.TabularInline):
-    model = Allocation
-    extra = 0
-    fields = ["node", "period", "live"]
-    readonly_fields = fields
-    can_delete = False
-
-    def has_add_permission(self, request, obj=None):
-        return False  # allocations are made by placement only
-
-
-@admin.register(Reservation)
-class ReservationAdmin(ReadOnlyAdmin):
-    """Tenants reserve through the portal or the API; reservations are history, their states the
-    lifecycle's. Force-release frees the nodes."""
-
-    list_display = [
-        "short_id",
-        "organization",
-        "offer",
-        "state",
-        "node_count",
-        "gpu_count",
-        "start",
-        "end",
-        "price_per_gpu_hour",
-        "created_at",
-    ]
-    list_filter = ["state", "shape", "offer__site", "offer__accelerator_type"]
-    search_fields = [
-        "id",
-        "organization__name",
-        "organization__slug",
-        "created_by__email",
-        "allocations__node__hostname",
-    ]
-    list_select_related = ["organization", "offer__site", "offer__accelerator_type"]
-    readonly_fields = [f.name for f in Reservation._meta.fields]
-    inlines = [AllocationInline]
-    actions = ["force_release"]
-    date_hierarchy = "created_at"
-
-    def has_force_release_permission(self, request):
-        return request.user.has_perm("marketplace.change_reservation")
-
-    @admin.display(description="reservation", ordering="id")
-    def short_id(self, obj):
-        return obj.id.hex[:8]
-
-    @admin.display(ordering="period")
-    def start(self, obj):
-        return obj.start
-
-    @admin.display()
-    def end(self, obj):
-        return obj.end
-
-    @admin.action(
-        description="Force-release selected reservations (free their nodes now)", permissions=["force_release"]
-    )
-    def force_release(self, request, queryset):
-        released = 0
-        for reservation in queryset:
-            if reservation.state in ("completed", "cancelled", "failed"):
-                self.message_user(
-                    request, f"{reservation.id.hex[:8]} is already {reservation.state}.", messages.WARNING
-                )
-                continue
-            reservation_force_release(reservation=reservation, actor=request.user.email)
-            released += 1
-        if released:
-            self.message_user(request, f"Released {released} reservation(s); their nodes are free.", messages.SUCCESS)
-
-
-@admin.register(Allocation)
-class AllocationAdmin(ReadOnlyAdmin):  # made by placement only
-    list_display = ["node", "reservation", "period", "live"]
-    list_filter = ["live", "node__rack__site"]
-    search_fields = ["node__hostname", "reservation__id", "reservation__organization__name"]
-    list_select_related = ["node", "reservation"]
-    readonly_fields = ["reservation", "node", "period", "live"]
