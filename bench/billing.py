@@ -399,6 +399,8 @@ def energy_seed(
     telemetry rollups over the month, so the invoice's energy join (allocations -> GPUs -> rollups)
     has rows to sum. One rollup row per GPU per hour, carrying the hour's energy (the real rollups
     are per minute: 60 times the rows); the other reservations have no allocation and no energy."""
+    from django.db.backends.postgresql.psycopg_any import NumericRange
+
     from marketplace.choices import ReservationState
     from marketplace.models import Allocation
     from marketplace.money import month_bounds
@@ -428,7 +430,9 @@ def energy_seed(
             )
             nodes.append(node)
             live = r.state != ReservationState.COMPLETED
-            allocations.append(Allocation(reservation=r, node=node, period=r.period, live=live))
+            allocations.append(
+                Allocation(reservation=r, node=node, gpus=NumericRange(0, node.gpu_count), period=r.period, live=live)
+            )
     Node.objects.bulk_create(nodes, batch_size=2000)
     Allocation.objects.bulk_create(allocations, batch_size=2000)
     Gpu.objects.bulk_create(

@@ -145,7 +145,7 @@ def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
     and a rack offer for H100 at each site. Racks: a quarter fully busy, a quarter free, half with 4
     busy nodes; a busy node holds back-to-back allocations (gaps of up to 8 h) over the next 35 days,
     so a window in the next weeks overlaps allocations on about half the nodes."""
-    from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+    from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
 
     from marketplace.choices import OfferShape, ReservationState
     from marketplace.models import Allocation, Offer, Reservation
@@ -235,7 +235,11 @@ def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
                 price_per_gpu_hour=offer.price_per_gpu_hour,
             )
             reservations.append(reservation)
-            allocations.append(Allocation(reservation=reservation, node_id=node.pk, period=period))
+            allocations.append(
+                Allocation(
+                    reservation=reservation, node_id=node.pk, gpus=NumericRange(0, node.gpu_count), period=period
+                )
+            )
             t = end + timedelta(hours=rng.uniform(0, 8))
     progress = Progress("background reservations and allocations", len(reservations) * 2)
     batch = 5000

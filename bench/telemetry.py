@@ -218,7 +218,7 @@ def fixture_build(*, nodes: int, watch: int) -> Fixture:
     backend reports, a stored secret per node (digest only, as enrolment leaves it), every other rack
     held by one tenant's active rack reservation, and browser sessions for a staff user and the tenant."""
     from django.conf import settings
-    from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+    from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
     from django.test import Client
     from django.utils import timezone
 
@@ -315,7 +315,12 @@ def fixture_build(*, nodes: int, watch: int) -> Fixture:
             activated_at=now - timedelta(hours=1),
         )
         reservations.append(reservation)
-        allocations += [Allocation(reservation=reservation, node_id=fleet[i].pk, period=period) for i in members]
+        allocations += [
+            Allocation(
+                reservation=reservation, node_id=fleet[i].pk, gpus=NumericRange(0, fleet[i].gpu_count), period=period
+            )
+            for i in members
+        ]
         reserved.update(members)
         if len(watched) < watch:
             watched.append(str(reservation.pk))

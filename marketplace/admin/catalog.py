@@ -17,7 +17,15 @@ from marketplace.services.catalog.offers import (
     term_discount_set,
 )
 
-OFFER_FIELDS = ["site", "accelerator_type", "shape", "gpus_per_node", "max_duration_hours", "is_active"]
+OFFER_FIELDS = [
+    "site",
+    "accelerator_type",
+    "shape",
+    "gpus_per_node",
+    "gpus_per_instance",
+    "max_duration_hours",
+    "is_active",
+]
 
 
 class OfferTermDiscountInline(ServiceInline, admin.TabularInline):
@@ -40,8 +48,25 @@ class OfferTermDiscountInline(ServiceInline, admin.TabularInline):
 
 @admin.register(Offer)
 class OfferAdmin(ServiceAdmin):
-    list_display = ["__str__", "site", "accelerator_type", "shape", "gpus_per_node", "price_per_gpu_hour", "is_active"]
-    list_filter = ["is_active", "shape", "site__kind", "site", "accelerator_type__vendor", "accelerator_type"]
+    list_display = [
+        "__str__",
+        "site",
+        "accelerator_type",
+        "shape",
+        "gpus_per_instance",
+        "gpus_per_node",
+        "price_per_gpu_hour",
+        "is_active",
+    ]
+    list_filter = [
+        "is_active",
+        "shape",
+        "gpus_per_instance",
+        "site__kind",
+        "site",
+        "accelerator_type__vendor",
+        "accelerator_type",
+    ]
     search_fields = ["site__name", "accelerator_type__model", "accelerator_type__slug"]
     list_editable = ["is_active"]
     list_select_related = ["site", "accelerator_type"]

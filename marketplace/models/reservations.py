@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.postgres.constraints import ExclusionConstraint
-from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
+from django.contrib.postgres.fields import DateTimeRangeField, IntegerRangeField, RangeOperators
 from django.contrib.postgres.indexes import GistIndex
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
@@ -216,11 +216,14 @@ class Reservation(models.Model):
 
 
 class Allocation(models.Model):
-    """One node held by a reservation for a half-open period. PostgreSQL refuses two live allocations
-    of one node whose periods overlap, whatever the code above it does (ARCHITECTURE invariant 1)."""
+    """GPUs of one node held by a reservation for a half-open period: the contiguous range ``gpus`` of
+    the node's GPU indices, [first, last + 1) -- all of them for a whole node or a rack. PostgreSQL
+    refuses two live allocations of one node whose GPU ranges and periods both overlap, whatever the
+    code above it does (ARCHITECTURE invariant 1)."""
 
     reservation = models.ForeignKey(Reservation, on_delete=models.CASCADE, related_name="allocations")
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="allocations")
+    gpus = IntegerRangeField(help_text="The node's GPU indices held, half-open [first, last + 1).")
     period = DateTimeRangeField()
     live = models.BooleanField(default=True, help_text="False once the reservation no longer holds the node.")
 
@@ -229,14 +232,31 @@ class Allocation(models.Model):
         constraints = [
             ExclusionConstraint(
                 name="allocation_no_overlap",
-                expressions=[("node", RangeOperators.EQUAL), ("period", RangeOperators.OVERLAPS)],
+                expressions=[
+                    ("node", RangeOperators.EQUAL),
+                    ("gpus", RangeOperators.OVERLAPS),
+                    ("period", RangeOperators.OVERLAPS),
+                ],
                 condition=models.Q(live=True),
+            ),
+            models.CheckConstraint(
+                condition=models.Q(gpus__isempty=False, gpus__startswith__gte=0), name="allocation_gpus_valid"
             ),
             models.UniqueConstraint(fields=["reservation", "node"], name="allocation_unique_node_per_reservation"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.node} for {self.reservation_id}"
+        return f"{self.node} {self.gpu_label} for {self.reservation_id}"
+
+    @property
+    def gpu_indices(self) -> range:
+        return range(self.gpus.lower, self.gpus.upper)
+
+    @property
+    def gpu_label(self) -> str:
+        """``GPU 3`` or ``GPUs 4–7``."""
+        first, last = self.gpus.lower, self.gpus.upper - 1
+        return f"GPU {first}" if first == last else f"GPUs {first}–{last}"
 
 
 class Quota(models.Model):

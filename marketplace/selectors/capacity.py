@@ -1,8 +1,11 @@
 """What capacity an offer has free over time, computed in PostgreSQL.
 
-A node can take an offer's work when it is at the offer's site, of its accelerator type, with at least
-``gpus_per_node`` GPUs, ``available`` (not draining, in maintenance or offline), and holds no live
-allocation overlapping the period. A rack can take a rack offer when every node in it can.
+A node can take an offer's work when it is at the offer's site, of its accelerator type, with exactly
+``gpus_per_node`` GPUs, and ``available`` (not draining, in maintenance or offline). An instance of
+``gpus_per_instance`` GPUs fits in an aligned *slot* of such a node -- GPUs [s, s + size) with s a
+multiple of the size, so a 2-GPU slice starts at an even index and a 4-GPU one at 0 or 4, inside one
+NVLink/PCIe switch island -- that no live allocation overlapping the period holds a GPU of. A whole
+node is the one slot [0, gpus); a rack can take a rack offer when every node in it is wholly free.
 
 Each function is one SQL statement; none loops over the fleet in Python (bench/placement measures
 them on 10,000 nodes)."""
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import connection
+from django.db.models import IntegerField
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from console.kernel.errors import DomainError
@@ -25,7 +30,7 @@ ALLOCATION = Allocation._meta.db_table
 # Nodes of the offer's kind at its site that can take work. Parameters: site, type, gpus.
 MATCHING_NODES = f"""
     SELECT n.id, n.rack_id FROM {NODE} n JOIN {RACK} r ON r.id = n.rack_id
-    WHERE r.site_id = %(site)s AND n.accelerator_type_id = %(type)s AND n.gpu_count >= %(gpus)s
+    WHERE r.site_id = %(site)s AND n.accelerator_type_id = %(type)s AND n.gpu_count = %(gpus)s
       AND n.state = '{NodeState.AVAILABLE}'
 """
 # Racks at the offer's site made only of such nodes (at least one).
@@ -35,21 +40,44 @@ WHOLE_RACKS = f"""
       AND EXISTS (SELECT 1 FROM {NODE} n WHERE n.rack_id = r.id)
       AND NOT EXISTS (
           SELECT 1 FROM {NODE} n WHERE n.rack_id = r.id
-            AND (n.accelerator_type_id IS DISTINCT FROM %(type)s OR n.gpu_count < %(gpus)s
+            AND (n.accelerator_type_id IS DISTINCT FROM %(type)s OR n.gpu_count <> %(gpus)s
                  OR n.state <> '{NodeState.AVAILABLE}'))
 """
 
 
-def _busy(node: str, lower: str, upper: str) -> str:
-    """SQL: the node holds a live allocation overlapping [lower, upper)."""
+# The aligned slots of the offer's instance size on each matching node. Parameters: as MATCHING_NODES,
+# and size.
+SLOTS = f"""
+    SELECT m.id AS node_id, m.rack_id, s AS first FROM ({MATCHING_NODES}) m,
+           generate_series(0, %(gpus)s - %(size)s, %(size)s) s
+"""
+# SQL: a live allocation's GPUs as a bitmask (bit i: GPU i held). Sliced nodes have at most
+# MAX_SLICED_NODE_GPUS GPUs, so the mask fits a bigint.
+MASK = "((1::bigint << upper(a.gpus)) - (1::bigint << lower(a.gpus)))"
+
+
+def _busy(node: str, lower: str, upper: str, gpus: str | None = None) -> str:
+    """SQL: the node holds a live allocation overlapping [lower, upper) -- of any of its GPUs, or, with
+    ``gpus`` (an int4range expression), of one of those."""
+    of_gpus = f" AND a.gpus && {gpus}" if gpus else ""
     return (
         f"EXISTS (SELECT 1 FROM {ALLOCATION} a WHERE a.node_id = {node} AND a.live "
-        f"AND a.period && tstzrange({lower}, {upper}, '[)'))"
+        f"AND a.period && tstzrange({lower}, {upper}, '[)'){of_gpus})"
     )
 
 
+def _slot_range(first: str) -> str:
+    return f"int4range({first}, {first} + %(size)s)"
+
+
 def _params(offer: Offer, **extra) -> dict:
-    return {"site": offer.site_id, "type": offer.accelerator_type_id, "gpus": offer.gpus_per_node, **extra}
+    return {
+        "site": offer.site_id,
+        "type": offer.accelerator_type_id,
+        "gpus": offer.gpus_per_node,
+        "size": offer.gpus_per_instance,
+        **extra,
+    }
 
 
 def _rows(sql: str, params: dict) -> list[tuple]:
@@ -88,14 +116,39 @@ def free_racks(*, offer: Offer, start: datetime, end: datetime, limit: int | Non
     return [row[0] for row in _rows(sql, _params(offer, start=start, end=end, limit=limit))]
 
 
+def held_masks(*, offer: Offer, start: datetime, end: datetime, limit: int, nodes: list[int] | None = None):
+    """(node id, held mask) of matching nodes with a free slot of the offer's size for the whole of
+    [start, end), fullest first (then in id order): the candidates of a slice placement. The mask has
+    bit i set when GPU i is held by a live allocation overlapping the period. ``nodes``: only these
+    (the re-check after locking them), whether or not a slot is free."""
+    slot_free = """EXISTS (SELECT 1 FROM generate_series(0, %(gpus)s - %(size)s, %(size)s) s
+                           WHERE coalesce(b.mask, 0) & (((1::bigint << %(size)s) - 1) << s) = 0)"""
+    where = "m.id = ANY(%(nodes)s)" if nodes is not None else slot_free
+    sql = f"""
+        WITH m AS ({MATCHING_NODES}),
+        b AS (
+            SELECT a.node_id, bit_or({MASK}) AS mask FROM {ALLOCATION} a JOIN m ON m.id = a.node_id
+            WHERE a.live AND a.period && tstzrange(%(start)s, %(end)s, '[)')
+            GROUP BY a.node_id
+        )
+        SELECT m.id, coalesce(b.mask, 0) FROM m LEFT JOIN b ON b.node_id = m.id
+        WHERE {where}
+        ORDER BY bit_count(coalesce(b.mask, 0)::bit(64)) DESC, m.id
+        LIMIT %(limit)s
+    """
+    return _rows(sql, _params(offer, start=start, end=end, limit=limit, nodes=nodes))
+
+
 def earliest_fit(*, offer: Offer, quantity: int, start: datetime, duration: timedelta) -> datetime | None:
-    """The earliest start at or after ``start`` when ``quantity`` nodes (or one whole rack) are free for
-    ``duration``; None when the offer does not have that much capacity at all.
+    """The earliest start at or after ``start`` when ``quantity`` instances (or one whole rack) are free
+    for ``duration``; None when the offer does not have that much capacity at all.
 
     One sweep, not a probe per candidate time (bench/placement measured 12 s for that at 10,000 nodes):
-    each free gap [lo, hi) of a node lets a window start anywhere in [lo, hi - duration]; those ranges
-    become +1/-1 events, and a running sum (per rack, for a rack offer) finds the first moment enough
-    nodes can start together. Cost grows with the live allocations of the offer's nodes after ``start``."""
+    each free gap [lo, hi) of a slot (a whole node is one slot) lets a window start anywhere in
+    [lo, hi - duration]; those ranges become +1/-1 events, and a running sum (per rack, for a rack offer)
+    finds the first moment enough slots can start together. A slot's holdings may overlap in time (two
+    slices inside one 2-GPU slot), so a gap begins after the latest end so far, not the previous one.
+    Cost grows with the live allocations of the offer's nodes after ``start``."""
     if offer.shape == "rack":
         nodes = f"SELECT n.id, n.rack_id FROM {NODE} n WHERE n.rack_id IN ({WHOLE_RACKS})"
         partition = "PARTITION BY e.rack_id"
@@ -107,18 +160,27 @@ def earliest_fit(*, offer: Offer, quantity: int, start: datetime, duration: time
         answer = "SELECT min(t) FROM running WHERE free >= %(quantity)s"
     sql = f"""
         WITH nodes AS ({nodes}),
-        held AS (
-            SELECT a.node_id, lower(a.period) AS lo, upper(a.period) AS hi
-            FROM {ALLOCATION} a JOIN nodes ON nodes.id = a.node_id
-            WHERE a.live AND upper(a.period) > %(start)s
+        slots AS (
+            SELECT nodes.id AS node_id, nodes.rack_id, s AS first
+            FROM nodes, generate_series(0, %(gpus)s - %(size)s, %(size)s) s
         ),
-        gaps AS (  -- free [lo, hi) per node: before each holding, and after the last one
-            SELECT node_id, greatest(coalesce(lag(hi) OVER (PARTITION BY node_id ORDER BY lo), %(start)s),
-                                     %(start)s) AS lo, lo AS hi
+        held AS (
+            SELECT sl.node_id, sl.first, lower(a.period) AS lo, upper(a.period) AS hi
+            FROM {ALLOCATION} a JOIN slots sl ON sl.node_id = a.node_id
+            WHERE a.live AND upper(a.period) > %(start)s AND a.gpus && {_slot_range("sl.first")}
+        ),
+        gaps AS (  -- free [lo, hi) per slot: before each holding, and after the last one
+            SELECT node_id, first,
+                   greatest(coalesce(max(hi) OVER (PARTITION BY node_id, first ORDER BY lo
+                                                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                                     %(start)s), %(start)s) AS lo,
+                   lo AS hi
             FROM held
             UNION ALL
-            SELECT nodes.id, greatest(coalesce(max(held.hi), %(start)s), %(start)s), 'infinity'::timestamptz
-            FROM nodes LEFT JOIN held ON held.node_id = nodes.id GROUP BY nodes.id
+            SELECT sl.node_id, sl.first, greatest(coalesce(max(held.hi), %(start)s), %(start)s),
+                   'infinity'::timestamptz
+            FROM slots sl LEFT JOIN held ON held.node_id = sl.node_id AND held.first = sl.first
+            GROUP BY sl.node_id, sl.first
         ),
         starts AS (  -- when a window of the duration can start in each gap
             SELECT g.node_id, g.lo AS first, g.hi - %(duration)s AS last FROM gaps g WHERE g.hi - %(duration)s >= g.lo
@@ -139,15 +201,34 @@ def earliest_fit(*, offer: Offer, quantity: int, start: datetime, duration: time
     return rows[0][0] if rows and rows[0][0] is not None else None
 
 
+def instance_counts() -> tuple[RawSQL, RawSQL]:
+    """Correlated to an outer query of offers (the catalog): its instances on nodes that can take work,
+    and those whose GPUs no live allocation holds now."""
+    offer = Offer._meta.db_table
+    slots = f"""
+        FROM {NODE} n JOIN {RACK} r ON r.id = n.rack_id,
+             generate_series(0, n.gpu_count - {offer}.gpus_per_instance, {offer}.gpus_per_instance) s
+        WHERE r.site_id = {offer}.site_id AND n.accelerator_type_id = {offer}.accelerator_type_id
+          AND n.gpu_count = {offer}.gpus_per_node AND n.state = '{NodeState.AVAILABLE}'
+    """
+    free = f"""
+        AND NOT EXISTS (SELECT 1 FROM {ALLOCATION} a WHERE a.node_id = n.id AND a.live AND a.period @> now()
+                        AND a.gpus && int4range(s, s + {offer}.gpus_per_instance))
+    """
+    total = RawSQL(f"(SELECT count(*) {slots})", [], output_field=IntegerField())
+    available = RawSQL(f"(SELECT count(*) {slots} {free})", [], output_field=IntegerField())
+    return total, available
+
+
 @dataclass(frozen=True)
 class HourlyAvailability:
     hour: datetime
-    free: int  # nodes for a node offer, racks for a rack offer
+    free: int  # instances (a whole node is one) for a node offer, racks for a rack offer
     total: int
 
 
 def availability_by_hour(*, offer: Offer, start: datetime, end: datetime) -> list[HourlyAvailability]:
-    """Free nodes (or racks) of an offer for each hour of [start, end); ``start`` is floored to the hour."""
+    """Free instances (or racks) of an offer for each hour of [start, end); ``start`` is floored to the hour."""
     if offer.shape == "rack":
         sql = f"""
             WITH hours AS (SELECT h FROM generate_series(date_trunc('hour', %(start)s::timestamptz),
@@ -162,15 +243,14 @@ def availability_by_hour(*, offer: Offer, start: datetime, end: datetime) -> lis
             FROM hours LEFT JOIN racks w ON true GROUP BY hours.h ORDER BY hours.h
         """
     else:
+        held = _busy("sl.node_id", "hours.h", "hours.h + interval '1 hour'", _slot_range("sl.first"))
         sql = f"""
             WITH hours AS (SELECT h FROM generate_series(date_trunc('hour', %(start)s::timestamptz),
                                                          %(end)s::timestamptz - interval '1 microsecond',
                                                          interval '1 hour') h),
-            nodes AS ({MATCHING_NODES})
-            SELECT hours.h,
-                   count(m.id) FILTER (WHERE NOT {_busy("m.id", "hours.h", "hours.h + interval '1 hour'")}),
-                   count(m.id)
-            FROM hours LEFT JOIN nodes m ON true GROUP BY hours.h ORDER BY hours.h
+            slots AS ({SLOTS})
+            SELECT hours.h, count(sl.node_id) FILTER (WHERE NOT {held}), count(sl.node_id)
+            FROM hours LEFT JOIN slots sl ON true GROUP BY hours.h ORDER BY hours.h
         """
     return [HourlyAvailability(*row) for row in _rows(sql, _params(offer, start=start, end=end))]
 

@@ -1,8 +1,9 @@
 """Reads of the catalog: offers with their availability derived from the fleet.
 
 Availability is computed in SQL (correlated counts per offer), so a page of offers is one query
-whatever the fleet size. It counts nodes that can take work and that no reservation holds at this
-moment; the hour-by-hour calendar is marketplace.selectors.capacity.availability_by_hour."""
+whatever the fleet size. It counts instances (aligned slots of the offer's size; a whole node is one)
+of nodes that can take work whose GPUs no reservation holds at this moment, and nodes and racks wholly
+free; the hour-by-hour calendar is marketplace.selectors.capacity.availability_by_hour."""
 
 from django.db.models import Exists, F, Func, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce, Now
@@ -10,6 +11,7 @@ from django.utils import timezone
 
 from console.kernel.errors import DomainError, NotFound
 from marketplace.models import Allocation, Offer, OfferPrice
+from marketplace.selectors.capacity import instance_counts
 from provisioning.choices import NodeState
 from provisioning.models import Node, Rack
 
@@ -25,7 +27,7 @@ def _matching_nodes(rack_field: str = "rack__site") -> QuerySet[Node]:
     return Node.objects.filter(
         **{rack_field: OuterRef("site")},
         accelerator_type=OuterRef("accelerator_type"),
-        gpu_count__gte=OuterRef("gpus_per_node"),
+        gpu_count=OuterRef("gpus_per_node"),
     )
 
 
@@ -39,10 +41,10 @@ def _rack_counts() -> tuple[Coalesce, Coalesce]:
     """Racks at the offer's site made only of matching nodes; and those whose nodes are all free now."""
     nodes_here = Node.objects.filter(rack=OuterRef("pk"))
     matching = nodes_here.filter(
-        accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count__gte=OuterRef(OuterRef("gpus_per_node"))
+        accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count=OuterRef(OuterRef("gpus_per_node"))
     )
     foreign = nodes_here.exclude(
-        accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count__gte=OuterRef(OuterRef("gpus_per_node"))
+        accelerator_type=OuterRef(OuterRef("accelerator_type")), gpu_count=OuterRef(OuterRef("gpus_per_node"))
     )
     racks = Rack.objects.filter(site=OuterRef("site")).filter(Exists(matching), ~Exists(foreign))
     free = racks.filter(~Exists(nodes_here.exclude(_free_now())))
@@ -50,12 +52,17 @@ def _rack_counts() -> tuple[Coalesce, Coalesce]:
 
 
 def offer_list(*, include_inactive: bool = False) -> QuerySet[Offer]:
-    """Offers with ``total_nodes``, ``available_nodes``, ``total_racks`` and ``available_racks``."""
+    """Offers with ``total_instances`` and ``available_instances`` (of nodes that can take work; a whole
+    node is one instance), ``total_nodes`` and ``available_nodes`` (wholly free), ``total_racks`` and
+    ``available_racks``."""
     offers = Offer.objects.select_related("site", "accelerator_type").prefetch_related("term_discounts")
     if not include_inactive:
         offers = offers.filter(is_active=True)
     total_racks, available_racks = _rack_counts()
+    total_instances, available_instances = instance_counts()
     return offers.annotate(
+        total_instances=total_instances,
+        available_instances=available_instances,
         total_nodes=_count(_matching_nodes()),
         available_nodes=_count(_matching_nodes().filter(_free_now())),
         total_racks=total_racks,
@@ -86,7 +93,7 @@ def offer_get(*, offer_id) -> Offer:
 
 def offer_filter(offers: QuerySet[Offer], *, available_only: bool = False) -> QuerySet[Offer]:
     if available_only:
-        offers = offers.filter(Q(shape="node", available_nodes__gt=0) | Q(shape="rack", available_racks__gt=0))
+        offers = offers.filter(Q(shape="node", available_instances__gt=0) | Q(shape="rack", available_racks__gt=0))
     return offers
 
 

@@ -60,7 +60,7 @@ def test_availability_is_derived_from_the_fleet(tenant, client_for, catalog):
         "available_racks": 1,
     }
     assert offers[catalog["l40s"].id]["availability"]["available_nodes"] == 1
-    assert offers[catalog["h100_node"].id]["price_per_node_hour"] == "19.9200"
+    assert offers[catalog["h100_node"].id]["price_per_instance_hour"] == "19.9200"
     assert catalog["hidden"].id not in offers
 
 

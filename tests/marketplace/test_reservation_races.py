@@ -52,7 +52,8 @@ def overlapping_live_allocations() -> int:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FROM marketplace_allocation a JOIN marketplace_allocation b "
-            "ON a.node_id = b.node_id AND a.id < b.id AND a.live AND b.live AND a.period && b.period"
+            "ON a.node_id = b.node_id AND a.id < b.id AND a.live AND b.live AND a.period && b.period "
+            "AND a.gpus && b.gpus"
         )
         return cursor.fetchone()[0]
 
@@ -140,7 +141,7 @@ def test_a_rack_is_allocated_whole_or_not_at_all_under_contention():
 
 def test_the_database_refuses_an_overlap_even_if_placement_were_wrong():
     from django.db import IntegrityError
-    from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+    from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
 
     tenant = make_tenant(role=Role.MEMBER)
     node = make_node()
@@ -162,6 +163,7 @@ def test_the_database_refuses_an_overlap_even_if_placement_were_wrong():
         Allocation.objects.create(
             reservation=intruder,
             node=node,
+            gpus=NumericRange(0, 8),
             period=DateTimeTZRange(start + timedelta(hours=1), start + timedelta(hours=3), "[)"),
         )
 

@@ -577,7 +577,7 @@ class TestEarliestFit:
     def test_the_sweep_agrees_with_brute_force(self, seed, fleet):
         import random
 
-        from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+        from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
 
         from marketplace.selectors.capacity import earliest_fit
 
@@ -602,7 +602,10 @@ class TestEarliestFit:
                     price_per_gpu_hour=1,
                 )
                 Allocation.objects.create(
-                    reservation=reservation, node=node, period=DateTimeTZRange(cursor, cursor + length, "[)")
+                    reservation=reservation,
+                    node=node,
+                    gpus=NumericRange(0, 8),
+                    period=DateTimeTZRange(cursor, cursor + length, "[)"),
                 )
                 busy[node.pk].append((cursor, cursor + length))
                 cursor += length + timedelta(hours=rng.randint(0, 3))

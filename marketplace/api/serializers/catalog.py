@@ -26,7 +26,7 @@ class OfferSerializer(serializers.ModelSerializer):
     name = serializers.CharField(source="__str__", read_only=True)
     site = SiteSummarySerializer(read_only=True)
     accelerator_type = AcceleratorTypeSerializer(read_only=True)
-    price_per_node_hour = serializers.DecimalField(max_digits=12, decimal_places=4, read_only=True)
+    price_per_instance_hour = serializers.DecimalField(max_digits=12, decimal_places=4, read_only=True)
     term_discounts = TermDiscountSerializer(many=True, read_only=True)
     availability = serializers.SerializerMethodField()
 
@@ -40,7 +40,7 @@ class OfferSerializer(serializers.ModelSerializer):
             "accelerator_type",
             "gpus_per_node",
             "price_per_gpu_hour",
-            "price_per_node_hour",
+            "price_per_instance_hour",
             "term_discounts",
             "max_duration_hours",
             "availability",

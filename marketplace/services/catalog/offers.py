@@ -29,16 +29,20 @@ def offer_create(
     price_per_gpu_hour: Decimal,
     shape: str = OfferShape.NODE,
     gpus_per_node: int = 8,
+    gpus_per_instance: int | None = None,
     max_duration_hours: int = 24 * 90,
     is_active: bool = True,
     term_discounts: Mapping[int, Decimal | str] | None = None,
 ) -> Offer:
+    """An offer of instances of ``gpus_per_instance`` GPUs (default: the whole node) of nodes of
+    ``gpus_per_node``, or of whole racks of them."""
     _check_max_duration(max_duration_hours)
     offer = Offer(
         site=site,
         accelerator_type=accelerator_type,
         shape=shape,
         gpus_per_node=gpus_per_node,
+        gpus_per_instance=gpus_per_node if gpus_per_instance is None else gpus_per_instance,
         price_per_gpu_hour=Decimal(price_per_gpu_hour),
         max_duration_hours=max_duration_hours,
         is_active=is_active,
@@ -59,14 +63,17 @@ def offer_update(
     gpus_per_node: int,
     max_duration_hours: int,
     is_active: bool,
+    gpus_per_instance: int | None = None,
 ) -> Offer:
     """Everything but the price, which changes through the price book (services.pricing), effective-dated.
     Reservations already made keep what they were made with."""
     _check_max_duration(max_duration_hours)
     offer.site, offer.accelerator_type, offer.shape, offer.gpus_per_node = site, accelerator_type, shape, gpus_per_node
+    offer.gpus_per_instance = gpus_per_node if gpus_per_instance is None else gpus_per_instance
     offer.max_duration_hours, offer.is_active = max_duration_hours, is_active
     clean_or_refuse(offer)
-    fields = ["site", "accelerator_type", "shape", "gpus_per_node", "max_duration_hours", "is_active"]
+    fields = ["site", "accelerator_type", "shape", "gpus_per_node", "gpus_per_instance", "max_duration_hours"]
+    fields.append("is_active")
     offer.save(update_fields=fields)  # not the price: beat mirrors the book onto it meanwhile
     return offer
 

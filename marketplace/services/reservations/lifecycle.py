@@ -8,8 +8,8 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
-from django.db.models import Sum
+from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from console.kernel.errors import Conflict, DomainError
@@ -140,6 +140,12 @@ def reservation_quote(
             "A rack offer rents one whole rack per reservation; use quantity 1.",
             fields={"quantity": ["Must be 1 for a rack offer."]},
         )
+    if offer.is_slice and quantity != 1:
+        raise DomainError(
+            f"A {offer.gpus_per_instance}-GPU instance is rented one per reservation; use quantity 1 (for more "
+            "GPUs together, choose a larger instance or whole nodes).",
+            fields={"quantity": ["Must be 1 for a slice of a node."]},
+        )
     start = now if start is None else start  # up to CLOCK_SKEW in the past is accepted as it is
     if start < now - CLOCK_SKEW:
         raise _window_error("The start is in the past.", "start")
@@ -171,17 +177,14 @@ def reservation_quote(
         raise _window_error("A reservation lasts at least a minute.", "end")
     if term_months is None and end - start > timedelta(hours=_most_hours(offer)):
         raise _too_long(offer, "end")
-    if offer.shape == OfferShape.RACK:
-        nodes = _typical_rack_size(offer)
-    else:
-        nodes = quantity
+    nodes = _typical_rack_size(offer) if offer.shape == OfferShape.RACK else quantity
     return Quote(
         offer=offer,
         quantity=quantity,
         start=start,
         end=end,
         node_count=nodes,
-        gpu_count=nodes * offer.gpus_per_node,
+        gpu_count=nodes * offer.gpus_per_instance,
         price_per_gpu_hour=price,
         term_months=term_months,
     )
@@ -297,7 +300,7 @@ def _placed_within_quota(*, tenant: TenantContext, quote: Quote, pick: bool) -> 
     except CapacityUnavailable as error:
         raise _capacity_refusal(error, quote) from None
     if node_count != quote.node_count:  # the rack placed, not the largest one quoted
-        quote = replace(quote, node_count=node_count, gpu_count=node_count * offer.gpus_per_node)
+        quote = replace(quote, node_count=node_count, gpu_count=node_count * offer.gpus_per_instance)
     if offer.shape == OfferShape.RACK:
         within_quota(quote.gpu_count)
     return quote, placement
@@ -324,10 +327,10 @@ def reservation_create(
     idempotency_key: str | None = None,
     now: datetime | None = None,
 ) -> Reservation:
-    """Hold nodes (or one whole rack) of ``offer`` for [start, end) (or ``duration_hours`` from start,
-    or a term), and the expected cost from the tenant's balance (402 when it cannot cover it). All or
-    nothing. ``now`` is the clock the window is judged by: the real one, except where history is
-    written on purpose (the demo's past month)."""
+    """Hold whole nodes, one whole rack or a slice of a node of ``offer`` for [start, end) (or
+    ``duration_hours`` from start, or a term), and the expected cost from the tenant's balance (402 when
+    it cannot cover it). All or nothing. ``now`` is the clock the window is judged by: the real one,
+    except where history is written on purpose (the demo's past month)."""
     tenant.require(Role.MEMBER, "reserving capacity")
     quote = reservation_quote(
         offer=offer,
@@ -352,14 +355,19 @@ def reservation_create(
                 quantity=quantity,
                 rack_id=placement.rack_id,
                 node_count=node_count,
-                gpu_count=node_count * offer.gpus_per_node,
+                gpu_count=quote.gpu_count,
                 period=period,
                 price_per_gpu_hour=quote.price_per_gpu_hour,
                 term_months=quote.term_months,
                 idempotency_key=idempotency_key,
             )
             Allocation.objects.bulk_create(
-                [Allocation(reservation=reservation, node_id=node, period=period) for node in placement.node_ids]
+                [
+                    Allocation(
+                        reservation=reservation, node_id=node, gpus=NumericRange(*placement.gpus[node]), period=period
+                    )
+                    for node in placement.node_ids
+                ]
             )
     except IntegrityError as error:
         if _constraint(error) == "allocation_no_overlap":  # placement is wrong if this happens; the database is not
@@ -429,7 +437,7 @@ def reservation_extend(
     end: datetime | None = None,
     duration_hours: Decimal | int | None = None,
 ) -> Reservation:
-    """Move the end later, to ``end`` or by ``duration_hours``, if every node it holds stays free until
+    """Move the end later, to ``end`` or by ``duration_hours``, if every GPU it holds stays free until
     then. The duration is bounded before the new end is computed from it."""
     tenant.require(Role.MEMBER, "extending a reservation")
     if (end is None) == (duration_hours is None):
@@ -462,19 +470,25 @@ def reservation_extend(
         end=end,
         excluding=reservation,
     )
-    node_ids = list(reservation.allocations.filter(live=True).values_list("node_id", flat=True))
-    nodes_lock(node_ids)
+    held = list(reservation.allocations.filter(live=True))
+    nodes_lock([allocation.node_id for allocation in held])
+    later = DateTimeTZRange(old_end, end, "[)")
+    clashes = Q()
+    for allocation in held:
+        clashes |= Q(node_id=allocation.node_id, gpus__overlap=allocation.gpus)
     clash = (
-        Allocation.objects.filter(node_id__in=node_ids, live=True, period__overlap=DateTimeTZRange(old_end, end, "[)"))
+        Allocation.objects.filter(clashes, live=True, period__overlap=later)
         .exclude(reservation=reservation)
         .select_related("node")
         .order_by("period")
         .first()
+        if held
+        else None
     )
     if clash is not None:
         raise CapacityUnavailable(
-            f"Node {clash.node.hostname} is reserved by someone else from {clash.period.lower.isoformat()}; "
-            f"the latest end possible is {clash.period.lower.isoformat()}.",
+            f"{clash.gpu_label} of node {clash.node.hostname} are reserved by someone else from "
+            f"{clash.period.lower.isoformat()}; the latest end possible is {clash.period.lower.isoformat()}.",
             latest_end=clash.period.lower.isoformat(),
         )
     period = DateTimeTZRange(reservation.start, end, "[)")

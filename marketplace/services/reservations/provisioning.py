@@ -39,20 +39,34 @@ def _commands(reservation: Reservation, kind: str):
 @transaction.atomic
 def reservation_provision_start(*, reservation_id) -> int:
     """Issue the provision commands a provisioning reservation still lacks; returns how many."""
-    reservation = Reservation.objects.select_related("offer").filter(pk=reservation_id, state=S.PROVISIONING).first()
+    reservation = (
+        Reservation.objects.select_related("offer__accelerator_type")
+        .filter(pk=reservation_id, state=S.PROVISIONING)
+        .first()
+    )
     if reservation is None:
         return 0
     issued = set(_commands(reservation, CommandKind.PROVISION).values_list("node_id", flat=True))
-    missing = [a.node_id for a in reservation.allocations.filter(live=True) if a.node_id not in issued]
-    for node_id in missing:
+    missing = [a for a in reservation.allocations.filter(live=True) if a.node_id not in issued]
+    for allocation in missing:
         node_command_issue(
-            node_id=node_id,
+            node_id=allocation.node_id,
             kind=CommandKind.PROVISION,
             correlation_id=reservation.pk,
-            params={"reservation": str(reservation.pk), "gpus": reservation.offer.gpus_per_node},
+            params=provision_params(reservation, allocation),
             timeout_seconds=settings.PROVISION_TIMEOUT_SECONDS,
         )
     return len(missing)
+
+
+def provision_params(reservation: Reservation, allocation) -> dict:
+    """What the agent is told (docs/agent-protocol.md): the reservation, the GPU indices of the node it
+    may use -- the workload sees only those -- and their vendor, which names the variables that say so."""
+    return {
+        "reservation": str(reservation.pk),
+        "gpus": list(allocation.gpu_indices),
+        "gpu_vendor": reservation.offer.accelerator_type.vendor,
+    }
 
 
 @transaction.atomic
