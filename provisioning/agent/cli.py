@@ -114,10 +114,12 @@ def _backend(args: argparse.Namespace, hostname: str, member: FleetMember | None
     )
 
 
-def _driver(args: argparse.Namespace, state_dir: Path, seed: str) -> HostDriver:
+def _driver(args: argparse.Namespace, state_dir: Path, seed: str, backend: GpuBackend) -> HostDriver:
+    """The host driver, told how many GPUs the backend sees so it refuses GPUs the host does not have."""
+    gpu_count = len(backend.inventory().gpus)
     if args.driver == "process":
-        return get_driver("process", state_dir=state_dir)
-    return get_driver("simulated", speed=args.speed, fail_rate=args.fail_rate, seed=seed)
+        return get_driver("process", state_dir=state_dir, gpu_count=gpu_count)
+    return get_driver("simulated", gpu_count=gpu_count, speed=args.speed, fail_rate=args.fail_rate, seed=seed)
 
 
 async def _until_signalled(work: Callable[[], Awaitable[None]]) -> None:
@@ -155,7 +157,10 @@ def _run(args: argparse.Namespace) -> int:
     backend = _backend(args, node)
     try:
         agent = NodeAgent(
-            server=args.server, state_dir=args.state_dir, backend=backend, driver=_driver(args, args.state_dir, node)
+            server=args.server,
+            state_dir=args.state_dir,
+            backend=backend,
+            driver=_driver(args, args.state_dir, node, backend),
         )
         asyncio.run(_until_signalled(agent.run))
     except AgentRefused as exc:
@@ -175,7 +180,7 @@ def _fleet(args: argparse.Namespace) -> int:
     def build_agent(member: FleetMember, state_dir: Path) -> NodeAgent:
         backend = _backend(args, member.hostname, member)
         backends.append(backend)
-        driver = _driver(args, state_dir, member.hostname)
+        driver = _driver(args, state_dir, member.hostname, backend)
         return NodeAgent(server=args.server, state_dir=state_dir, backend=backend, driver=driver)
 
     try:

@@ -136,6 +136,7 @@ class NodeAgent:
         """Stay connected until cancelled. Raises AgentRefused when the console refuses the secret."""
         with state_lock(self._state_dir):
             self._journal = Journal(self._state_dir / JOURNAL_FILENAME)
+            self._backend.set_load(self._driver.gpus_in_use())  # workloads that outlived a restart
             try:
                 await self._connect_forever()
             finally:
@@ -346,13 +347,12 @@ class NodeAgent:
         if kind not in ("provision", "release"):
             raise DriverError(f"unknown command kind {kind!r}")
         async with self._driver_lock:
-            if kind == "provision":
-                detail = await self._driver.provision(params, progress)
-                self._backend.set_load(True)
-            else:
-                detail = await self._driver.release(params, progress)
-                self._backend.set_load(False)
-        return detail
+            try:
+                if kind == "provision":
+                    return await self._driver.provision(params, progress)
+                return await self._driver.release(params, progress)
+            finally:  # busy: the GPUs of the reservations still provisioned, whatever this one's outcome
+                self._backend.set_load(self._driver.gpus_in_use())
 
     async def _abandon_applies(self) -> None:
         """On shutdown, cut off what is still applying: the journal keeps it ``applying``, and the next

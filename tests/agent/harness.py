@@ -18,12 +18,13 @@ from websockets.http11 import Request, Response
 from provisioning.agent.backends.simulated import SimulatedBackend
 from provisioning.agent.client import Backoff, NodeAgent
 from provisioning.agent.credentials import Credentials, store_credentials
-from provisioning.agent.drivers.base import Params, ProgressCallback
+from provisioning.agent.drivers.base import HostDriver, Params, ProgressCallback
 from provisioning.agent.drivers.simulated import SimulatedDriver
 
 FRAME_TIMEOUT_S = 5
 SECRET = "ncn_test_0123456789abcdef"
 NODE = "fra-hall-1-r01-n01"
+NODE_GPUS = 2  # of the simulated backend make_agent gives an agent unless told otherwise
 
 
 class FakeConsole:
@@ -108,7 +109,7 @@ class CountingDriver(SimulatedDriver):
     """The simulated driver, counting how many times a provisioning really started."""
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(**{"speed": 100.0, **options})
+        super().__init__(**{"speed": 100.0, "gpu_count": NODE_GPUS, **options})
         self.provisions = 0
 
     async def provision(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
@@ -120,13 +121,13 @@ def make_agent(
     server: str,
     state_dir: Path,
     *,
-    driver: SimulatedDriver | None = None,
+    driver: HostDriver | None = None,
     backend: SimulatedBackend | None = None,
 ) -> NodeAgent:
     return NodeAgent(
         server=server,
         state_dir=state_dir,
-        backend=backend or SimulatedBackend(hostname=NODE, gpus=2, seed=1),
+        backend=backend or SimulatedBackend(hostname=NODE, gpus=NODE_GPUS, seed=1),
         driver=driver or CountingDriver(),
         backoff=fast_backoff(),
     )

@@ -50,7 +50,7 @@ def test_idle_gpus_read_like_the_recorded_idle_card():
 def test_loaded_gpus_draw_about_700_w_with_a_throttled_clock_and_warm_towards_63_c():
     clock = Clock()
     backend = simulated(clock)
-    backend.set_load(True)
+    backend.set_load(range(8))
     ramp = run(backend, clock, 3)
     sustained = flat(run(backend, clock, 60))
 
@@ -65,7 +65,7 @@ def test_loaded_gpus_draw_about_700_w_with_a_throttled_clock_and_warm_towards_63
 def test_another_models_power_limit_scales_the_recorded_power():
     clock = Clock()
     backend = simulated(clock, power_limit_w=350)  # an L40S-class card
-    backend.set_load(True)
+    backend.set_load(range(8))
     run(backend, clock, 3)
     sustained = flat(run(backend, clock, 30))
 
@@ -76,9 +76,9 @@ def test_another_models_power_limit_scales_the_recorded_power():
 def test_released_gpus_cool_back_to_idle():
     clock = Clock()
     backend = simulated(clock)
-    backend.set_load(True)
+    backend.set_load(range(8))
     run(backend, clock, 60)
-    backend.set_load(False)
+    backend.set_load(())
     cooling = run(backend, clock, 60)
 
     first_gpu = [sample[0].temp_c for sample in cooling]
@@ -86,11 +86,51 @@ def test_released_gpus_cool_back_to_idle():
     assert all(r.power_w < 80 and r.gpu_util == 0 and r.temp_c <= 36 for r in cooling[-1])
 
 
+def test_only_the_busy_gpus_run_under_load_and_the_others_read_idle():
+    clock = Clock()
+    backend = simulated(clock, gpus=4)
+    backend.set_load({1, 2})
+    run(backend, clock, 30)
+    sustained = run(backend, clock, 30)
+    backend.set_load({2})  # the reservation on GPU 1 was released, the one on GPU 2 goes on
+    run(backend, clock, 60)
+    after_release = run(backend, clock, 10)
+
+    def by_gpu(samples: list[list[GpuReading]], index: int) -> list[GpuReading]:
+        return [sample[index] for sample in samples]
+
+    for index in (1, 2):
+        assert 650 <= statistics.mean(r.power_w for r in by_gpu(sustained, index)) <= 710
+        assert all(r.gpu_util >= 99 for r in by_gpu(sustained, index))
+    for index in (0, 3):
+        assert all(72 <= r.power_w <= 76 and r.gpu_util == 0 and r.sm_mhz == 345 for r in by_gpu(sustained, index))
+    assert all(r.power_w < 80 and r.gpu_util == 0 for r in by_gpu(after_release, 1))
+    assert all(r.gpu_util >= 99 for r in by_gpu(after_release, 2)), "its neighbour's release left it loaded"
+    assert statistics.mean(r.power_w for r in by_gpu(after_release, 2)) > 600
+
+
+def test_a_gpu_already_busy_does_not_ramp_up_again_when_another_becomes_busy():
+    clock = Clock()
+    backend = simulated(clock, gpus=2)
+    backend.set_load({0})
+    run(backend, clock, 30)
+    backend.set_load({0, 1})
+    first = run(backend, clock, 3)
+
+    assert all(sample[0].power_w > 600 for sample in first)
+    assert first[0][1].power_w < 300, "the newly busy GPU ramps up"
+
+
+def test_a_busy_gpu_the_host_does_not_have_is_refused():
+    with pytest.raises(ValueError, match="no simulated GPU 8"):
+        simulated(Clock()).set_load({7, 8})
+
+
 def test_the_energy_counter_is_monotonic_and_integrates_the_reported_power():
     clock = Clock()
     backend = simulated(clock)
     samples = run(backend, clock, 5, step=0.1)
-    backend.set_load(True)
+    backend.set_load(range(8))
     samples += run(backend, clock, 20, step=0.1)
 
     for gpu in range(8):
@@ -114,7 +154,7 @@ def test_the_energy_counter_is_read_at_most_once_per_interval():
 def test_gpus_do_not_move_in_lockstep():
     clock = Clock()
     backend = simulated(clock)
-    backend.set_load(True)
+    backend.set_load(range(8))
     samples = run(backend, clock, 20)[4:]
 
     powers = [[sample[gpu].power_w for sample in samples] for gpu in range(8)]
@@ -130,7 +170,7 @@ def test_readings_are_deterministic_given_a_seed():
         clock = Clock()
         backend = simulated(clock, seed=seed)
         samples = run(backend, clock, 2)
-        backend.set_load(True)
+        backend.set_load(range(8))
         return samples + run(backend, clock, 10)
 
     assert readings(3) == readings(3)

@@ -1,29 +1,49 @@
 """The agent against a real WebSocket server playing the console: authentication, hello, heartbeats,
-commands applied once across duplicates, reconnects and restarts, refusal, rotation, bad frames."""
+commands applied once across duplicates, reconnects and restarts, refusal, rotation, bad frames; several
+reservations on one node, each on its GPUs."""
 
 import asyncio
 import random
 import stat
+import uuid
+from pathlib import Path
 
 import pytest
 
+from provisioning.agent.backends.base import GpuReading
 from provisioning.agent.backends.simulated import SimulatedBackend
 from provisioning.agent.client import AgentRefused, Backoff, backoff_delay
 from provisioning.agent.credentials import load_credentials
+from provisioning.agent.drivers.process import ProcessDriver, group_members
 from provisioning.agent.journal import INTERRUPTED
-from tests.agent.harness import NODE, SECRET, CountingDriver, FakeConsole, make_agent, running
+from tests.agent.harness import NODE, NODE_GPUS, SECRET, CountingDriver, FakeConsole, make_agent, running
 
 RESERVATION = "5a0c2a55-8f7e-4d5c-9a51-0d6f0b0e8c11"
 
 
-def provision(command_id: str = "c0ffee00-0000-4000-8000-000000000001") -> dict:
+def provision(
+    command_id: str = "c0ffee00-0000-4000-8000-000000000001",
+    *,
+    reservation: str = RESERVATION,
+    gpus: list[int] | int | None = None,
+    **params,
+) -> dict:
     return {
         "type": "command",
         "id": command_id,
         "kind": "provision",
-        "params": {"reservation": RESERVATION, "gpus": 8},
+        "params": {
+            "reservation": reservation,
+            "gpus": list(range(NODE_GPUS)) if gpus is None else gpus,
+            "gpu_vendor": "nvidia",
+            **params,
+        },
         "deadline": "2030-01-01T00:00:00Z",
     }
+
+
+def release(command_id: str, reservation: str) -> dict:
+    return {"type": "command", "id": command_id, "kind": "release", "params": {"reservation": reservation}}
 
 
 def is_result(frame: dict) -> bool:
@@ -170,6 +190,101 @@ async def test_a_failed_provisioning_is_reported_and_leaves_the_gpus_idle(state_
 
     assert result["ok"] is False and "flash image" in result["error"]
     assert all(reading.power_w < 80 for reading in backend.sample())
+
+
+async def test_a_refused_provisioning_is_journaled_and_its_refusal_re_sent_not_applied_again(state_dir):
+    driver = CountingDriver()
+    command = provision(gpus=[1, 2])  # this node has GPUs 0 and 1
+    async with FakeConsole() as console, running(make_agent(console.url, state_dir, driver=driver)):
+        await hello(console)
+        await console.send(command)
+        refused = (await console.frames_until(is_result))[-1]
+        await console.send(command)
+        again = [(await console.next_frame())[1] for _ in range(2)]
+
+    assert refused["ok"] is False
+    assert refused["error"] == "params.gpus names GPU 2, which this node does not have (its 2 GPUs are 0 to 1)"
+    assert again == [{"type": "ack", "command": command["id"]}, refused]
+    assert driver.provisions == 1
+
+
+def gpu_power(samples: list[list[GpuReading]], index: int) -> list[float]:
+    return [sample[index].power_w for sample in samples]
+
+
+async def test_only_the_rented_gpus_run_under_load_and_a_release_idles_only_its_own(state_dir):
+    clock = [0.0]
+    backend = SimulatedBackend(hostname=NODE, gpus=4, seed=1, clock=lambda: clock[0])
+    driver = CountingDriver(gpu_count=4)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    async with FakeConsole() as console, running(make_agent(console.url, state_dir, driver=driver, backend=backend)):
+        await hello(console)
+        await console.send(provision("p1", reservation=first, gpus=[0, 1]))
+        provisioned = (await console.frames_until(is_result))[-1]
+        clock[0] += 30
+        one_tenant = [backend.sample() for _ in range(5)]
+        await console.send(provision("p2", reservation=second, gpus=[2, 3]))
+        await console.frames_until(is_result)
+        clock[0] += 30
+        two_tenants = [backend.sample() for _ in range(5)]
+        await console.send(release("r1", first))
+        await console.frames_until(is_result)
+        clock[0] += 60
+        after_release = [backend.sample() for _ in range(5)]
+
+    assert provisioned["ok"] is True and provisioned["detail"]["gpus"] == [0, 1]
+    assert [min(gpu_power(one_tenant, gpu)) > 600 for gpu in range(4)] == [True, True, False, False]
+    assert [max(gpu_power(one_tenant, gpu)) < 80 for gpu in range(4)] == [False, False, True, True]
+    assert all(min(gpu_power(two_tenants, gpu)) > 600 for gpu in range(4))
+    assert [max(gpu_power(after_release, gpu)) < 80 for gpu in range(4)] == [True, True, False, False]
+    assert all(min(gpu_power(after_release, gpu)) > 600 for gpu in (2, 3)), "the other tenant's GPUs stay loaded"
+
+
+async def no_progress(step: str, percent: int) -> None:
+    """Where the progress of a release the test makes itself goes."""
+
+
+async def written(path: Path) -> str:
+    for _ in range(250):
+        if path.exists() and path.read_text().endswith("\n"):
+            return path.read_text()
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the workload never wrote {path}")
+
+
+async def test_two_tenants_workloads_on_one_agent_run_apart_and_outlive_its_restart(state_dir):
+    clock = [0.0]
+    backend = SimulatedBackend(hostname=NODE, gpus=4, seed=1, clock=lambda: clock[0])
+    driver = ProcessDriver(state_dir=state_dir, gpu_count=4, grace_s=2)
+    workload = ["sh", "-c", "echo $CUDA_VISIBLE_DEVICES > visible; sleep 600"]
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        async with FakeConsole() as console:
+            async with running(make_agent(console.url, state_dir, driver=driver, backend=backend)):
+                await hello(console)
+                await console.send(provision("p1", reservation=first, gpus=[0, 1], command=workload))
+                one = (await console.frames_until(is_result))[-1]["detail"]
+                await console.send(provision("p2", reservation=second, gpus=[2, 3], command=workload))
+                two = (await console.frames_until(is_result))[-1]["detail"]
+                visible = [await written(state_dir / "workloads" / r / "visible") for r in (first, second)]
+                await console.send(release("r1", first))
+                released = (await console.frames_until(is_result))[-1]
+            # The agent stops (an upgrade, say) and leaves the workload running; the next one finds it.
+            driver = ProcessDriver(state_dir=state_dir, gpu_count=4, grace_s=2)
+            restarted = SimulatedBackend(hostname=NODE, gpus=4, seed=1, clock=lambda: clock[0])
+            async with running(make_agent(console.url, state_dir, driver=driver, backend=restarted)):
+                await hello(console)
+                clock[0] += 30
+                after_restart = [restarted.sample() for _ in range(5)]
+
+        assert visible == ["0,1\n", "2,3\n"]
+        assert released["ok"] is True and released["detail"]["gpus"] == [0, 1]
+        assert group_members(one["pid"]) == []
+        assert group_members(two["pid"]), "the other tenant's workload was left running"
+        assert [max(gpu_power(after_restart, gpu)) < 80 for gpu in range(4)] == [True, True, False, False]
+        assert all(min(gpu_power(after_restart, gpu)) > 600 for gpu in (2, 3)), "its GPUs are busy again"
+    finally:
+        await driver.release({"reservation": second}, no_progress)
 
 
 async def test_health_check_and_unknown_kinds_get_results(state_dir):

@@ -4,7 +4,7 @@ never an error: one missing sensor must not silence the others."""
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,9 +69,10 @@ class GpuBackend(ABC):
     def call_costs(self, calls: int) -> dict[str, float | None]:
         """Mean microseconds per call of each reading ``sample`` makes (None: not offered)."""
 
-    def set_load(self, active: bool) -> None:  # noqa: B027 - an optional hook, a no-op by default
-        """A tenant's workload started (True) or ended (False). Real GPUs see the real workload, so
-        only a simulated backend has anything to do."""
+    def set_load(self, busy: Collection[int]) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """The GPUs (indices) tenants' workloads run on from now; the others are idle. Said after every
+        provision and release, with every reservation the node still holds. Real GPUs see the real
+        workload, so only a simulated backend has anything to do."""
 
     def close(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Release what the backend holds (NVML handles, event sets)."""

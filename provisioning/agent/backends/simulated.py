@@ -8,6 +8,10 @@ and its own thermal time constants, so eight GPUs never move in lockstep. Everyt
 the clock (injectable) and the seed: the same seed and the same calls give the same readings. Readings
 are computed in closed form at any instant, never stepped, so a host can go unread for hours and a fleet
 of thousands of simulated GPUs costs nothing between samples.
+
+Only the GPUs the agent says are busy (``set_load``: those of the reservations provisioned) replay the
+loaded recording; the others replay the idle one, so a node that several tenants use, or one partly
+rented, reads as a real one would.
 """
 
 import math
@@ -15,7 +19,7 @@ import random
 import time
 import uuid
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from provisioning.agent.backends.base import (
     ENERGY_INTERVAL_S,
@@ -154,6 +158,7 @@ class _SimulatedGpu:
         scale = rng.uniform(*POWER_SCALE_RANGE) * power_factor
         self.tracks = {name: _Track(segment, rng, scale, profile.dt_s) for name, segment in profile.segments.items()}
         self.thermal = _ThermalLag(profile.thermal, rng, start)
+        self.active = False
         counter = profile.energy_counter_mj + rng.uniform(0, profile.energy_counter_mj)
         self.replay = self._replay(None, "idle", start, counter)  # already idle: no ramp to play
 
@@ -169,6 +174,9 @@ class _SimulatedGpu:
         )
 
     def set_load(self, t: float, active: bool) -> None:
+        if active == self.active:
+            return  # a GPU already under load does not ramp up again
+        self.active = active
         intro, loop = ("ramp_up", "loaded") if active else ("ramp_down", "idle")
         self.replay = self._replay(intro, loop, t, self.replay.energy_mj(t))
         self.thermal.set_load(t, active)
@@ -216,7 +224,6 @@ class SimulatedBackend(GpuBackend):
         self._gpu_name = gpu_name or self._profile.name
         self._clock = clock
         self._energy = EnergyThrottle(energy_interval_s, clock)
-        self._active = False
         start = clock()
         seed = hostname if seed is None else seed
         self._gpus = [
@@ -261,10 +268,11 @@ class SimulatedBackend(GpuBackend):
         """The recorded costs of the real card, not of this simulation (which are meaningless)."""
         return dict(self._profile.call_cost_us)
 
-    def set_load(self, active: bool) -> None:
-        if active == self._active:
-            return
-        self._active = active
+    def set_load(self, busy: Collection[int]) -> None:
+        busy = set(busy)
+        unknown = busy.difference(gpu.index for gpu in self._gpus)
+        if unknown:
+            raise ValueError(f"no simulated GPU {', '.join(map(str, sorted(unknown)))} on this host")
         t = self._clock()
         for gpu in self._gpus:
-            gpu.set_load(t, active)
+            gpu.set_load(t, gpu.index in busy)

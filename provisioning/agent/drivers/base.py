@@ -1,14 +1,22 @@
 """What a host driver does for the agent: prepare the host for a tenant (``provision``) and tear that down
 (``release``, idempotent), reporting progress through a callback and returning a detail object for the
 command's ``result``. A refusal or failure is a DriverError whose message the console shows as the
-result's ``error``."""
+result's ``error``.
+
+A node may hold several reservations at once, each on some of its GPUs (``params.gpus``); a driver
+knows how many GPUs its host has (``gpu_count``, from the backend's inventory, which numbers them from
+0) so it refuses indices the host does not have, and says which GPUs each live reservation holds
+(``holdings``) so the agent can tell the backend which GPUs are busy."""
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
+
+from provisioning.agent.drivers.visibility import DEFAULT_VENDOR, VISIBILITY
 
 ProgressCallback = Callable[[str, int], Awaitable[None]]
 Params = Mapping[str, Any]
+Gpus = tuple[int, ...]
 
 
 class DriverError(Exception):
@@ -24,9 +32,69 @@ class HostDriver(ABC):
     @abstractmethod
     async def release(self, params: Params, progress: ProgressCallback) -> dict[str, Any]: ...
 
+    @abstractmethod
+    def holdings(self) -> dict[str, Gpus]:
+        """The GPUs of each reservation provisioned here and not released (by reservation id)."""
+
+    def gpus_in_use(self) -> set[int]:
+        return {index for gpus in self.holdings().values() for index in gpus}
+
 
 def reservation_of(params: Params) -> str:
     reservation = params.get("reservation")
     if not isinstance(reservation, str) or not reservation:
         raise DriverError("params.reservation is missing")
     return reservation
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0  # True is an int to Python
+
+
+def gpus_of(params: Params, *, gpu_count: int) -> Gpus:
+    """The GPUs the reservation may use, ascending: ``params.gpus``, a non-empty list of distinct indices
+    of GPUs this host has. A bare count N (what consoles before GPU slices sent, when a reservation
+    held whole nodes; a command queued before an upgrade may still carry one) means GPUs 0..N-1."""
+    gpus = params.get("gpus")
+    if _is_index(gpus):
+        if gpus > gpu_count:
+            raise DriverError(f"params.gpus asks for {gpus} GPUs; this node has {gpu_count}")
+        gpus = list(range(gpus))
+    if not isinstance(gpus, list) or not gpus:
+        raise DriverError("params.gpus must be a non-empty list of GPU indices")
+    wrong = [value for value in gpus if not _is_index(value)]
+    if wrong:
+        raise DriverError(f"params.gpus must hold GPU indices (integers from 0), not {wrong[0]!r}")
+    if len(set(gpus)) != len(gpus):
+        raise DriverError("params.gpus names a GPU more than once")
+    missing = sorted(index for index in gpus if index >= gpu_count)
+    if missing:
+        raise DriverError(
+            f"params.gpus names GPU {', '.join(map(str, missing))}, which this node does not have "
+            f"(its {gpu_count} GPUs are 0 to {gpu_count - 1})"
+        )
+    return tuple(sorted(gpus))
+
+
+def gpu_vendor_of(params: Params) -> str:
+    """``params.gpu_vendor``, one the agent can confine a workload for (drivers.visibility); absent
+    means NVIDIA."""
+    vendor = params.get("gpu_vendor")
+    if vendor is None:
+        return DEFAULT_VENDOR
+    if not isinstance(vendor, str) or vendor not in VISIBILITY:
+        raise DriverError(
+            f"params.gpu_vendor {vendor!r} is not one the agent can confine a workload to its GPUs for "
+            f"(it knows {', '.join(sorted(VISIBILITY))})"
+        )
+    return vendor
+
+
+def ensure_free(*, reservation: str, gpus: Sequence[int], holdings: Mapping[str, Gpus]) -> None:
+    """Refuse GPUs another live reservation holds: two tenants on one GPU would see each other's memory.
+    The console's placement never does that; a release that did not happen (a workload still running)
+    would. The other reservation is not named: the error may be shown to this reservation's tenant."""
+    held_by_others = {index for other, held in holdings.items() if other != reservation for index in held}
+    taken = sorted(held_by_others.intersection(gpus))
+    if taken:
+        raise DriverError(f"GPU {', '.join(map(str, taken))} of this node is held by another reservation")

@@ -2,13 +2,25 @@
 relative durations (a few seconds in all at speed 1), so the console's progress bars and lifecycles are
 exercised as in production. ``speed`` divides every duration (tests and load runs use a large one).
 Failures can be injected at random (``fail_rate``) or on a named step (``fail_step``); they hit
-provisioning only, since that is where real failures strand a reservation."""
+provisioning only, since that is where real failures strand a reservation. It remembers which GPUs each
+provisioned reservation holds (in memory: a restarted simulated host holds nothing), so the simulated
+backend runs only those under load."""
 
 import asyncio
 import random
 from typing import Any
 
-from provisioning.agent.drivers.base import DriverError, HostDriver, Params, ProgressCallback, reservation_of
+from provisioning.agent.drivers.base import (
+    DriverError,
+    Gpus,
+    HostDriver,
+    Params,
+    ProgressCallback,
+    ensure_free,
+    gpu_vendor_of,
+    gpus_of,
+    reservation_of,
+)
 
 Steps = tuple[tuple[str, float], ...]
 PROVISION_STEPS: Steps = (
@@ -26,6 +38,7 @@ class SimulatedDriver(HostDriver):
     def __init__(
         self,
         *,
+        gpu_count: int,
         speed: float = 1.0,
         fail_rate: float = 0.0,
         fail_step: str | None = None,
@@ -38,27 +51,38 @@ class SimulatedDriver(HostDriver):
         known = {step for step, _ in PROVISION_STEPS}
         if fail_step is not None and fail_step not in known:
             raise ValueError(f"fail_step must be one of {', '.join(sorted(known))}")
+        self._gpu_count = gpu_count
         self._speed = speed
         self._fail_rate = fail_rate
         self._fail_step = fail_step
         self._rng = random.Random(seed)  # noqa: S311 - failure injection, not security
-        self._provisioned: set[str] = set()
+        self._held: dict[str, Gpus] = {}
 
     async def provision(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
         reservation = reservation_of(params)
+        gpus = gpus_of(params, gpu_count=self._gpu_count)
+        vendor = gpu_vendor_of(params)
+        ensure_free(reservation=reservation, gpus=gpus, holdings=self._held)
         failing = self._failing_step()
         await self._walk(PROVISION_STEPS, progress, failing)
-        self._provisioned.add(reservation)
-        return {"reservation": reservation, "gpus": params.get("gpus"), "steps": [step for step, _ in PROVISION_STEPS]}
+        self._held[reservation] = gpus
+        return {
+            "reservation": reservation,
+            "gpus": list(gpus),
+            "gpu_vendor": vendor,
+            "steps": [step for step, _ in PROVISION_STEPS],
+        }
 
     async def release(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
         """Walks the teardown even for a reservation it does not know: after an agent restart nothing
         is known, and tearing down twice leaves the host as tearing down once does."""
         reservation = reservation_of(params)
         await self._walk(RELEASE_STEPS, progress, failing=None)
-        was_provisioned = reservation in self._provisioned
-        self._provisioned.discard(reservation)
-        return {"reservation": reservation, "was_provisioned": was_provisioned}
+        gpus = self._held.pop(reservation, None)
+        return {"reservation": reservation, "was_provisioned": gpus is not None, "gpus": list(gpus or ())}
+
+    def holdings(self) -> dict[str, Gpus]:
+        return dict(self._held)
 
     def _failing_step(self) -> str | None:
         if self._fail_step is not None:
