@@ -133,12 +133,17 @@ class Stack:
         )
 
     def kill(self, name: str, sig: int = signal.SIGKILL):
+        """Send ``sig`` to the process's group; if it has not exited after 30 s (daphne drains its
+        connections on SIGTERM, slowly on a loaded machine), SIGKILL it, so no test leaves it running."""
         process = self.processes.pop(name)
         try:
             os.killpg(process.pid, sig)
+            process.wait(30)
         except ProcessLookupError:
             pass
-        process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
 
     def _healthy(self) -> bool:
         try:
