@@ -1,8 +1,9 @@
 """/metrics for Prometheus, behind the operators' METRICS_TOKEN (Authorization: Bearer …).
 
 GPU readings under dcgm-exporter's names with node, gpu, uuid, site and modelName labels, from each
-node's latest batch; and the control plane: reservations by state, agents connected, telemetry batches
-accepted and rejected (counters: take their rate())."""
+node's latest batch; each GPU's occupancy (rented now or not: a node can be partly rented); and the
+control plane: reservations by state, agents connected, telemetry batches accepted and rejected
+(counters: take their rate())."""
 
 import hmac
 from datetime import timedelta
@@ -16,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from console.kernel.errors import error_body
 from marketplace.models import Reservation
+from marketplace.selectors.capacity import gpus_held_now
 from provisioning.models import Node
 from provisioning.selectors import telemetry as telemetry_reads
 from provisioning.services import telemetry
@@ -38,10 +40,11 @@ class ConsoleCollector:
         nodes = {
             n.pk: n
             for n in Node.objects.select_related("rack__site", "accelerator_type").only(
-                "hostname", "state", "last_seen_at", "rack__site__slug", "accelerator_type__device_name"
+                "hostname", "state", "gpu_count", "last_seen_at", "rack__site__slug", "accelerator_type__device_name"
             )
         }
         yield from self._gpus(nodes)
+        yield from self._occupancy(nodes)
         states = GaugeMetricFamily("neocloud_reservations", "Reservations by state.", labels=["state"])
         for row in Reservation.objects.values("state").annotate(n=Count("id")):
             states.add_metric([row["state"]], row["n"])
@@ -77,6 +80,27 @@ class ConsoleCollector:
                     if gpu.get(name) is not None:
                         family.add_metric(labels, gpu[name])
         yield from families.values()
+
+    def _occupancy(self, nodes):
+        held = gpus_held_now()
+        rented = GaugeMetricFamily(
+            "neocloud_gpu_rented",
+            "1 while a reservation holds the GPU, else 0 (sum by node or site: GPUs rented).",
+            labels=["node", "gpu", "site", "modelName"],
+        )
+        totals = GaugeMetricFamily("neocloud_gpus", "GPUs of the fleet, rented or free now.", labels=["state"])
+        count = {"rented": 0, "free": 0}
+        for node_id, node in nodes.items():
+            taken = held.get(node_id, set())
+            model = node.accelerator_type.device_name if node.accelerator_type else ""
+            for index in range(node.gpu_count):
+                is_rented = index in taken
+                rented.add_metric([node.hostname, str(index), node.rack.site.slug, model], int(is_rented))
+                count["rented" if is_rented else "free"] += 1
+        for state, value in count.items():
+            totals.add_metric([state], value)
+        yield rented
+        yield totals
 
 
 def _count(values) -> dict[str, int]:

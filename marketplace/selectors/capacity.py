@@ -277,3 +277,15 @@ def availability_window(*, start: datetime | None = None, end: datetime | None =
             "The calendar covers at most 14 days at a time.", fields={"end": ["At most 14 days after start."]}
         )
     return start, end
+
+
+def gpus_held_now(*, node_ids=None) -> dict[int, set[int]]:
+    """{node id: the indices of its GPUs a live allocation holds at this moment}, for the operators'
+    occupancy views (the fleet heatmap, /metrics). Nodes holding nothing are absent."""
+    allocations = Allocation.objects.filter(live=True, period__contains=timezone.now())
+    if node_ids is not None:
+        allocations = allocations.filter(node_id__in=node_ids)
+    held: dict[int, set[int]] = {}
+    for node_id, gpus in allocations.values_list("node_id", "gpus"):
+        held.setdefault(node_id, set()).update(range(gpus.lower, gpus.upper))
+    return held
