@@ -18,11 +18,27 @@ from hypothesis import strategies as st
 
 from console.kernel.errors import DomainError
 from marketplace.choices import OfferShape
-from marketplace.models import Allocation, Reservation
+from marketplace.models import Allocation, Reservation, UsageRecord
+from marketplace.money import cents, cost, seconds_between
+from marketplace.services.billing.metering import usage_rate
 from marketplace.services.catalog.offers import offer_create
-from marketplace.services.reservations.lifecycle import reservation_cancel, reservation_create, reservation_extend
+from marketplace.services.reservations.lifecycle import (
+    QuotaExceeded,
+    reservation_cancel,
+    reservation_create,
+    reservation_extend,
+    reservation_release,
+)
 from marketplace.services.reservations.placement import CapacityUnavailable, slot_choose
-from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_node, make_quota, make_tenant
+from tests.factories import (
+    AcceleratorTypeFactory,
+    RackFactory,
+    SiteFactory,
+    activate,
+    make_node,
+    make_quota,
+    make_tenant,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -382,3 +398,34 @@ def _check_earliest(pool, kind, quantity, start, duration, before, refusal) -> N
     expected = next((t for t in candidates if _fits(pool, kind, quantity, t, t + duration, before)), None)
     named = refusal.details.get("earliest_start")
     assert named == (expected.isoformat() if expected else None), (kind, quantity, named, expected)
+
+
+# --- Quotas and billing count the slice's GPUs --------------------------------------------------------
+
+
+def test_quotas_count_the_gpus_of_slices(pool):
+    tenant = make_tenant(credit="10000")
+    make_quota(organization=tenant.organization, accelerator_type=pool["offers"][1].accelerator_type, max_gpus=3)
+    window = {"quantity": 1, "start": pool["base"], "end": pool["base"] + HOUR}
+    made = reservation_create(tenant=tenant, offer=pool["offers"][2], **window)
+    assert made.gpu_count == 2
+    with pytest.raises(QuotaExceeded, match="it holds 2 in that window and this needs 2 more"):
+        reservation_create(tenant=tenant, offer=pool["offers"][2], **window)
+    assert reservation_create(tenant=tenant, offer=pool["offers"][1], **window).gpu_count == 1
+
+
+def test_a_slice_is_billed_for_its_gpus_only(pool):
+    tenant = make_tenant(credit="1000")
+    offer = pool["offers"][2]
+    start = timezone.now()
+    reservation = activate(
+        reservation_create(tenant=tenant, offer=offer, quantity=1, start=start, end=start + 2 * HOUR),
+        since=timezone.now() - timedelta(minutes=30),
+    )
+    assert reservation_release(reservation_id=reservation.pk)
+    reservation.refresh_from_db()
+    usage_rate(now=reservation.deactivated_at + HOUR)
+    record = UsageRecord.objects.get(reservation=reservation)
+    seconds = seconds_between(reservation.activated_at, reservation.deactivated_at)
+    assert record.amount == cost(price_per_gpu_hour=offer.price_per_gpu_hour, gpus=2, seconds=seconds)
+    assert reservation.estimated_cost == cents(cost(price_per_gpu_hour=offer.price_per_gpu_hour, gpus=2, seconds=7200))
