@@ -280,6 +280,7 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
             "term_months",
             "offer__shape",
             "offer__gpus_per_node",
+            "offer__gpus_per_instance",
             "offer__accelerator_type__model",
             "offer__site__name",
             "node_count",
@@ -289,7 +290,12 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
     lines = defaultdict(list)
     for organization_id, reservation_id, seconds, amount, start, end in usage:
         r = reservations[reservation_id]
-        what = "rack" if r["offer__shape"] == "rack" else "node" if r["node_count"] == 1 else "nodes"
+        model = r["offer__accelerator_type__model"]
+        if r["offer__shape"] == "node" and r["offer__gpus_per_instance"] < r["offer__gpus_per_node"]:
+            what = f"{r['gpu_count']}× {model} instance (a slice of one node)"
+        else:
+            kind = "rack" if r["offer__shape"] == "rack" else "node" if r["node_count"] == 1 else "nodes"
+            what = f"{r['node_count']}× {r['offer__gpus_per_node']}× {model} {kind}"
         term = f", {r['term_months']}-month term" if r["term_months"] else ""
         if r["released_early_at"] is not None:
             term += f" (released {r['released_early_at']:%b %d %H:%M}; the rest of the term is committed)"
@@ -297,7 +303,6 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
             {
                 "reservation_id": reservation_id,
                 "description": (
-                    f"{r['node_count']}× {r['offer__gpus_per_node']}× {r['offer__accelerator_type__model']} "
                     f"{what} · {r['offer__site__name']}{term} · {start:%b %d %H:%M}–{end:%b %d %H:%M} UTC"
                 ),
                 "seconds": seconds,
