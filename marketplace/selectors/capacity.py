@@ -45,24 +45,16 @@ WHOLE_RACKS = f"""
 """
 
 
-# The aligned slots of the offer's instance size on each matching node. Parameters: as MATCHING_NODES,
-# and size.
-SLOTS = f"""
-    SELECT m.id AS node_id, m.rack_id, s AS first FROM ({MATCHING_NODES}) m,
-           generate_series(0, %(gpus)s - %(size)s, %(size)s) s
-"""
 # SQL: a live allocation's GPUs as a bitmask (bit i: GPU i held). Sliced nodes have at most
 # MAX_SLICED_NODE_GPUS GPUs, so the mask fits a bigint.
 MASK = "((1::bigint << upper(a.gpus)) - (1::bigint << lower(a.gpus)))"
 
 
-def _busy(node: str, lower: str, upper: str, gpus: str | None = None) -> str:
-    """SQL: the node holds a live allocation overlapping [lower, upper) -- of any of its GPUs, or, with
-    ``gpus`` (an int4range expression), of one of those."""
-    of_gpus = f" AND a.gpus && {gpus}" if gpus else ""
+def _busy(node: str, lower: str, upper: str) -> str:
+    """SQL: the node holds a live allocation of any of its GPUs overlapping [lower, upper)."""
     return (
         f"EXISTS (SELECT 1 FROM {ALLOCATION} a WHERE a.node_id = {node} AND a.live "
-        f"AND a.period && tstzrange({lower}, {upper}, '[)'){of_gpus})"
+        f"AND a.period && tstzrange({lower}, {upper}, '[)'))"
     )
 
 
@@ -243,14 +235,34 @@ def availability_by_hour(*, offer: Offer, start: datetime, end: datetime) -> lis
             FROM hours LEFT JOIN racks w ON true GROUP BY hours.h ORDER BY hours.h
         """
     else:
-        held = _busy("sl.node_id", "hours.h", "hours.h + interval '1 hour'", _slot_range("sl.first"))
+        # Free = every slot, less the slots some live allocation touches in that hour. Only the nodes
+        # holding something in the window are looked at, each allocation only in the hours it covers, so
+        # the cost follows what is booked, not slots × hours (80,000 slots of a 1-GPU offer × 336 hours).
+        if offer.is_whole_node:  # one slot per node: held when anything of it is
+            taken = "SELECT b.h, count(*) AS n FROM busy b GROUP BY b.h"
+        else:
+            taken = """SELECT b.h, count(*) AS n FROM busy b, generate_series(0, %(gpus)s - %(size)s, %(size)s) s
+                       WHERE b.mask & (((1::bigint << %(size)s) - 1) << s) <> 0 GROUP BY b.h"""
+        mask = "0::bigint" if offer.is_whole_node else f"bit_or({MASK})"
         sql = f"""
             WITH hours AS (SELECT h FROM generate_series(date_trunc('hour', %(start)s::timestamptz),
                                                          %(end)s::timestamptz - interval '1 microsecond',
                                                          interval '1 hour') h),
-            slots AS ({SLOTS})
-            SELECT hours.h, count(sl.node_id) FILTER (WHERE NOT {held}), count(sl.node_id)
-            FROM hours LEFT JOIN slots sl ON true GROUP BY hours.h ORDER BY hours.h
+            m AS ({MATCHING_NODES}),
+            covered AS (  -- each live allocation of those nodes, once per hour of the window it touches
+                SELECT a.node_id, a.gpus, h
+                FROM {ALLOCATION} a JOIN m ON m.id = a.node_id,
+                     generate_series(
+                         date_trunc('hour', greatest(lower(a.period), date_trunc('hour', %(start)s::timestamptz))),
+                         least(upper(a.period), %(end)s::timestamptz) - interval '1 microsecond',
+                         interval '1 hour') h
+                WHERE a.live AND a.period && tstzrange(date_trunc('hour', %(start)s::timestamptz), %(end)s, '[)')
+            ),
+            busy AS (SELECT a.h, a.node_id, {mask} AS mask FROM covered a GROUP BY a.h, a.node_id),
+            taken AS ({taken}),
+            total AS (SELECT count(*) * (%(gpus)s / %(size)s) AS n FROM m)
+            SELECT hours.h, total.n - coalesce(taken.n, 0), total.n
+            FROM hours CROSS JOIN total LEFT JOIN taken ON taken.h = hours.h ORDER BY hours.h
         """
     return [HourlyAvailability(*row) for row in _rows(sql, _params(offer, start=start, end=end))]
 

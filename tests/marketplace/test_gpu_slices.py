@@ -20,6 +20,7 @@ from console.kernel.errors import DomainError
 from marketplace.choices import OfferShape
 from marketplace.models import Allocation, Reservation, UsageRecord
 from marketplace.money import cents, cost, seconds_between
+from marketplace.selectors.capacity import availability_by_hour
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.catalog.offers import offer_create
 from marketplace.services.reservations.lifecycle import (
@@ -216,7 +217,7 @@ def pool(db):
     offers = {1: offer(1), 2: offer(2), 4: offer(4), 8: offer(8), "rack": offer(8, OfferShape.RACK)}
     tenant = make_tenant(credit="10000000")
     make_quota(organization=tenant.organization, accelerator_type=accelerator, max_gpus=10_000)
-    return {"offers": offers, "nodes": nodes, "racks": racks, "tenant": tenant, "base": timezone.now() + HOUR}
+    return {"offers": offers, "nodes": nodes, "racks": racks, "tenant": tenant, "base": (timezone.now() + 2 * HOUR).replace(minute=0, second=0, microsecond=0)}
 
 
 def _reserve(pool, kind, start_h=0, hours=1, quantity=1):
@@ -372,7 +373,31 @@ def test_random_bookings_never_hold_a_gpu_twice_and_every_refusal_is_right(pool,
             for i, (n, lo, hi, s, e) in enumerate(after):  # no GPU held twice at any moment
                 for n2, lo2, hi2, s2, e2 in after[i + 1 :]:
                     assert not (n == n2 and lo < hi2 and lo2 < hi and s < e2 and s2 < e)
+        _check_calendar(pool)
         transaction.set_rollback(True)
+
+
+def _check_calendar(pool) -> None:
+    """The hour-by-hour calendar of every offer counts what a brute force counts: free aligned slots of
+    its size (a whole node is one), or wholly free racks."""
+    first = pool["base"].replace(minute=0, second=0, microsecond=0)
+    live = _live(pool)
+    for kind, offer in pool["offers"].items():
+        calendar = availability_by_hour(offer=offer, start=pool["base"], end=first + 10 * HOUR)
+        for hour in calendar:
+            start, end = hour.hour, hour.hour + HOUR
+            if kind == "rack":
+                free = sum(
+                    all(_held_mask(live, n.pk, start, end) == 0 for n in pool["nodes"] if n.rack_id == rack.pk)
+                    for rack in pool["racks"]
+                )
+                total = len(pool["racks"])
+            else:
+                size = SIZES[kind]
+                masks = [_held_mask(live, n.pk, start, end) for n in pool["nodes"]]
+                free = sum(mask & held((f, f + size)) == 0 for mask in masks for f in range(0, 8, size))
+                total = len(masks) * (8 // size)
+            assert (hour.free, hour.total) == (free, total), (kind, hour)
 
 
 def _check_placed(pool, kind, reservation, start, end, before) -> None:
