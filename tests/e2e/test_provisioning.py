@@ -13,6 +13,7 @@ from marketplace.choices import Role
 from marketplace.services.tenancy.api_keys import api_key_create
 from provisioning.choices import CommandKind, CommandState
 from provisioning.models import Node, NodeCommand
+from provisioning.selectors.telemetry import latest_frames_by_node
 from provisioning.services.agents import bootstrap_token_create
 from tests.e2e.conftest import Api, purge_celery_queues, wait_for
 from tests.factories import OfferFactory, RackFactory, make_node, make_tenant
@@ -179,3 +180,55 @@ def test_flushing_redis_before_provisioning_loses_nothing(stack, tmp_path):
     purge_celery_queues()  # the begin task, and every tick so far, vanish before any worker saw them
     stack.start_worker()
     wait_for(lambda: state_of(api, body["id"]) == "active", timeout=90, what="the reservation to become active")
+
+
+def test_two_tenants_slices_of_one_node_run_side_by_side_and_one_release_leaves_the_other(stack, tmp_path):
+    """Issue 12 with real processes: two tenants rent the two 4-GPU halves of one node through the API;
+    each provision command names its GPUs, the agent loads only rented GPUs, and releasing one tenant's
+    half leaves the other active, its GPUs still under load, and the released GPUs idle."""
+    nodes, whole, tokens = fleet_of(1)
+    half = OfferFactory(site=whole.site, accelerator_type=whole.accelerator_type, gpus_per_instance=4)
+    stack.start_daphne()
+    stack.start_worker()
+    stack.start_beat(tmp_path / "beat-schedule")
+    stack.start_agents(tokens, tmp_path / "agents", "--speed", "4")
+    wait_for(lambda: connected(nodes), timeout=60, what="the agent to connect")
+
+    apis = [api_for_new_tenant(stack), api_for_new_tenant(stack)]
+    ids = []
+    for api in apis:
+        status, body = api.call("POST", "/api/v1/reservations/", {"offer": half.id, "duration_hours": 1})
+        assert status == 201, body
+        ids.append(body["id"])
+    wait_for(
+        lambda: [state_of(api, r) for api, r in zip(apis, ids, strict=True)] == ["active", "active"],
+        timeout=90,
+        what="both halves to become active",
+    )
+    status, body = apis[0].call("POST", "/api/v1/reservations/", {"offer": whole.id, "duration_hours": 1})
+    assert status == 409, body  # the node is wholly rented, in two halves
+
+    given = {}
+    for reservation in ids:
+        (provision,) = commands_of(reservation)
+        assert provision.params["gpu_vendor"] == "nvidia"
+        given[reservation] = provision.params["gpus"]
+    assert sorted(given.values()) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    kept = ids[1]
+
+    def utilization() -> dict[int, float]:
+        frame = latest_frames_by_node().get(nodes[0].pk) or {"gpus": []}
+        return {gpu["index"]: gpu.get("DCGM_FI_DEV_GPU_UTIL", 0) for gpu in frame["gpus"]}
+
+    def loaded_only(indices) -> bool:
+        util = utilization()
+        return len(util) == 8 and all((util[i] > 20) == (i in indices) for i in util)
+
+    wait_for(lambda: loaded_only(range(8)), timeout=60, what="all eight rented GPUs under load")
+
+    status, body = apis[0].call("POST", f"/api/v1/reservations/{ids[0]}/cancel/")
+    assert status == 200, body
+    wait_for(lambda: state_of(apis[0], ids[0]) == "completed", timeout=90, what="the released half to complete")
+    assert state_of(apis[1], kept) == "active"
+    assert [c.kind for c in commands_of(kept)] == [CommandKind.PROVISION]  # nothing sent to the kept half
+    wait_for(lambda: loaded_only(given[kept]), timeout=60, what="the released GPUs to go idle, the kept ones not")
