@@ -376,7 +376,8 @@ def frame_sizes(fixture: Fixture) -> dict:
         gpu_ids=dict(Gpu.objects.filter(node_id=fixture.node_ids[0]).values_list("uuid", "id")),
     )
     at, readings = telemetry_ingest.validate(json.loads(agent_frame), stream)
-    tenant_text, fleet_text = telemetry_ingest.encode(stream, at, readings)
+    encoded = telemetry_ingest.encode(stream, at, readings)  # no audience here: the whole node's text
+    tenant_text, fleet_text = encoded.node, encoded.fleet
     message = msgpack.packb({"type": "telemetry.frame", "text": tenant_text})
     return {
         "agent_batch": len(agent_frame),

@@ -245,8 +245,9 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
         usage = cursor.fetchall()
         if not usage:
             return {}
-        # Energy in whole minutes inside the rated (active) span, as provisioning.selectors.telemetry
-        # reads it for a tenant: a minute cut by the span's ends may hold another holder's draw.
+        # Energy in whole minutes inside the rated (active) span, of the GPUs its allocations hold, as
+        # provisioning.selectors.telemetry reads it for a tenant: a minute cut by the span's ends may
+        # hold another holder's draw, and the node's other GPUs may be another tenant's slice.
         # Clipped to the active interval: a term released early is billed past it, but its nodes are
         # someone else's then.
         cursor.execute(
@@ -262,7 +263,7 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
                 SELECT spans.reservation_id, sum(r.energy_mj)
                 FROM spans
                 JOIN {Allocation._meta.db_table} a ON a.reservation_id = spans.reservation_id
-                JOIN {Gpu._meta.db_table} g ON g.node_id = a.node_id
+                JOIN {Gpu._meta.db_table} g ON g.node_id = a.node_id AND a.gpus @> g.index::int
                 JOIN {GpuRollup._meta.db_table} r
                   ON r.gpu_id = g.id
                  AND r.minute >= date_trunc('minute', spans.s + interval '1 minute' - interval '1 microsecond')

@@ -104,30 +104,32 @@ def reservation_progress(*, reservation: Reservation) -> list[dict]:
     ]
 
 
-def _node_ids(reservation: Reservation) -> list[int]:
+def _gpus(reservation: Reservation) -> dict[int, range]:
+    """{node id: the GPU indices it holds there}, from its allocations (one per node)."""
     # .all(): reservation_get prefetched its allocations, so the telemetry reads ask no more queries.
-    return [allocation.node_id for allocation in reservation.allocations.all()]
+    return {allocation.node_id: allocation.gpu_indices for allocation in reservation.allocations.all()}
 
 
 def reservation_holdings(*, reservation: Reservation) -> list[Holding]:
-    """What of the fleet's telemetry this reservation may read: its nodes over its active interval
+    """What of the fleet's telemetry this reservation may read: the GPUs its allocations hold (a slice:
+    some of a node's; another tenant may hold the rest at the same time) over its active interval
     [activated_at, deactivated_at). Booked is not held -- a reservation that never went active (pending,
     cancelled, failed) reads nothing, and a finished one reads its own interval only, never who holds
-    the nodes now (ARCHITECTURE invariant 5)."""
+    the GPUs now (ARCHITECTURE invariant 5)."""
     if reservation.activated_at is None:
         return []
     return [
-        Holding(node_id=node_id, start=reservation.activated_at, end=reservation.deactivated_at)
-        for node_id in _node_ids(reservation)
+        Holding(node_id=node_id, gpus=gpus, start=reservation.activated_at, end=reservation.deactivated_at)
+        for node_id, gpus in _gpus(reservation).items()
     ]
 
 
 def reservation_telemetry(*, reservation: Reservation, minutes: int) -> dict:
     """Its GPUs, their one-minute rollups over the last ``minutes`` (inside its active interval), and
-    each node's latest batch while it is active."""
+    each node's latest batch while it is active (its GPUs' readings only)."""
     holdings = reservation_holdings(reservation=reservation)
     return {
-        "gpus": gpus_of_nodes(node_ids=_node_ids(reservation)),
+        "gpus": gpus_of_nodes(gpus=_gpus(reservation)),
         "rollups": rollups_held(holdings=holdings, since=since_minutes(minutes)),
         "latest": latest_frames_held(holdings=holdings),
     }
@@ -155,4 +157,4 @@ def reservation_gpus_now(*, reservation: Reservation) -> list[dict]:
                 "sm_clock": gpu.get(t.SM_CLOCK),
                 "at": at,
             }
-    return [{**gpu, **latest.get(gpu["uuid"], {})} for gpu in gpus_of_nodes(node_ids=_node_ids(reservation))]
+    return [{**gpu, **latest.get(gpu["uuid"], {})} for gpu in gpus_of_nodes(gpus=_gpus(reservation))]

@@ -1,8 +1,9 @@
 """Reads of telemetry: latest snapshots (Redis, refreshed every tick) and one-minute rollups (PostgreSQL).
 
 Telemetry is fleet data: a node's GPUs report whoever holds them. A read on behalf of a tenant object
-therefore names the ``Holding``s it may see -- which node, from when, until when -- and gets only what
-was measured inside them (ARCHITECTURE invariant 5, sealed in time). A one-minute rollup counts only
+therefore names the ``Holding``s it may see -- which GPUs of which node, from when, until when -- and
+gets only what was measured inside them (ARCHITECTURE invariant 5, sealed in time, and per GPU: tenants
+holding slices of one node at once each read only their own GPUs). A one-minute rollup counts only
 when its whole minute lies inside a holding: a minute cut by the holding's start or end may carry the
 previous or the next holder's readings, so it is left out rather than shared."""
 
@@ -32,9 +33,11 @@ MINUTE = timedelta(minutes=1)
 
 @dataclass(frozen=True)
 class Holding:
-    """One node's GPUs as held by a tenant object over [start, end); ``end`` None: still held."""
+    """GPUs ``gpus`` (Gpu.index) of one node as held by a tenant object over [start, end); ``end`` None:
+    still held."""
 
     node_id: int
+    gpus: range
     start: datetime
     end: datetime | None = None
 
@@ -42,11 +45,16 @@ class Holding:
         return self.start <= at and (self.end is None or at < self.end)
 
     def whole_minutes(self) -> Q:
-        """Rollups of this node whose minute lies wholly inside the holding."""
+        """Rollups of the held GPUs whose minute lies wholly inside the holding."""
         first = self.start.replace(second=0, microsecond=0)
         if first < self.start:
             first += MINUTE
-        q = Q(gpu__node_id=self.node_id, minute__gte=first)
+        q = Q(
+            gpu__node_id=self.node_id,
+            gpu__index__gte=self.gpus.start,
+            gpu__index__lt=self.gpus.stop,
+            minute__gte=first,
+        )
         if self.end is not None:
             q &= Q(minute__lte=self.end - MINUTE)
         return q
@@ -57,16 +65,20 @@ def _held(holdings: list[Holding]) -> Q | None:
 
 
 def latest_frames_held(*, holdings: list[Holding]) -> list[dict]:
-    """The latest batch of each held node, if it was measured while held (what a page shows before its
-    feed catches up)."""
+    """The latest batch of each held node, if it was measured while held, with the held GPUs' readings
+    only (what a page shows before its feed catches up). The snapshot holds every GPU of the node (by
+    the inventory's index, telemetry_ingest.validate); a batch with none of the held GPUs is left out."""
     if not holdings:
         return []
     values = _redis().hmget(LATEST_KEY, [str(h.node_id) for h in holdings])
     frames = []
     for holding, value in zip(holdings, values, strict=True):
         frame = json.loads(value) if value else None
-        if frame and holding.covers(datetime.fromtimestamp(frame["at"], UTC)):
-            frames.append(frame)
+        if not frame or not holding.covers(datetime.fromtimestamp(frame["at"], UTC)):
+            continue
+        mine = [gpu for gpu in frame["gpus"] if gpu.get("index") in holding.gpus]
+        if mine:
+            frames.append({**frame, "gpus": mine})
     return frames
 
 
@@ -84,13 +96,18 @@ def latest_summaries() -> dict[int, dict]:
     return {int(node): json.loads(text) for node, text in _redis().hgetall(SUMMARY_KEY).items()}
 
 
-def gpus_of_nodes(*, node_ids: list[int]) -> list[dict]:
-    rows = Gpu.objects.filter(node_id__in=node_ids).select_related("node").order_by("node__hostname", "index")
+def gpus_of_nodes(*, gpus: dict[int, range]) -> list[dict]:
+    """The GPUs named by ``gpus`` ({node id: its GPU indices}), by node and index: a tenant object's
+    GPUs, not all its nodes' (another tenant may hold the rest)."""
+    if not gpus:
+        return []
+    held = reduce(or_, (Q(node_id=node_id, index__gte=r.start, index__lt=r.stop) for node_id, r in gpus.items()))
+    rows = Gpu.objects.filter(held).select_related("node").order_by("node__hostname", "index")
     return [{"uuid": g.uuid, "index": g.index, "node": g.node.hostname} for g in rows]
 
 
 def rollups_held(*, holdings: list[Holding], since: datetime) -> list[dict]:
-    """One-minute rollups of the held nodes' GPUs from ``since`` on, whole minutes inside the holdings only."""
+    """One-minute rollups of the held GPUs from ``since`` on, whole minutes inside the holdings only."""
     held = _held(holdings)
     if held is None:
         return []
@@ -116,7 +133,7 @@ def _round(value: float | None) -> float | None:
 
 
 def energy_kwh_held(*, holdings: list[Holding]) -> Decimal:
-    """Energy the held nodes' GPUs drew inside the holdings, by their energy counters, in whole minutes."""
+    """Energy the held GPUs drew inside the holdings, by their energy counters, in whole minutes."""
     held = _held(holdings)
     millijoules = 0 if held is None else GpuRollup.objects.filter(held).aggregate(total=Sum("energy_mj"))["total"] or 0
     return (Decimal(millijoules) / Decimal(3_600_000_000)).quantize(Decimal("0.0001"))

@@ -4,9 +4,10 @@ counters in Redis, and the one SQL statement that merges rollups into GpuRollup.
 
 The agent consumer calls two entry points: ``stream_open`` at hello and ``ingest_batch`` per batch. The
 hot path (one batch per node per second, 1,250 nodes in bench/telemetry) does no database work:
-validation and folding are in memory, the fan-out is one pre-encoded text per audience, the snapshot
-is one Redis write. The flusher writes the rollups every ROLLUP_FLUSH_SECONDS as one INSERT … ON
-CONFLICT that merges sums, counts and maxima, so flushes from several processes add up."""
+validation and folding are in memory, the fan-out is one pre-encoded text per audience (each with only
+the GPUs that audience holds: tenants sharing a node get a text each), the snapshot is one Redis write.
+The flusher writes the rollups every ROLLUP_FLUSH_SECONDS as one INSERT … ON CONFLICT that merges sums,
+counts and maxima, so flushes from several processes add up."""
 
 import asyncio
 import logging
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 BUFFER = RollupBuffer()
 COUNTERS_KEY = "neocloud:telemetry:counters"
-LATEST_KEY = "neocloud:telemetry:latest"  # node id → the tenant frame of its latest batch
+LATEST_KEY = "neocloud:telemetry:latest"  # node id → its latest batch, every GPU (reads filter per holding)
 SUMMARY_KEY = "neocloud:telemetry:summary"  # node id → the fleet summary of its latest batch
 
 
@@ -55,15 +56,16 @@ SUMMARY_KEY = "neocloud:telemetry:summary"  # node id → the fleet summary of i
 
 
 def node_stream(*, node_id: int) -> NodeStream:
-    """The node's stream as its GPUs are now, with the groups that may see it."""
+    """The node's stream as its GPUs are now, with the groups that may see it and which GPUs each."""
     node = Node.objects.select_related("rack__site").get(pk=node_id)
-    gpu_ids = dict(Gpu.objects.filter(node_id=node_id).values_list("uuid", "id"))
+    gpus = list(Gpu.objects.filter(node_id=node_id).values_list("uuid", "id", "index"))
     return NodeStream(
         node_id=node.pk,
         hostname=node.hostname,
         site=node.rack.site.slug,
         rack=node.rack.name,
-        gpu_ids=gpu_ids,
+        gpu_ids={uuid: gpu_id for uuid, gpu_id, _index in gpus},
+        gpu_index={uuid: index for uuid, _gpu_id, index in gpus},
         audience=hooks.node_audience(node_id),
     )
 
@@ -78,8 +80,8 @@ async def stream_open(*, node_id: int) -> NodeStream:
 
 async def ingest_batch(*, stream: NodeStream | None, frame: dict, channel_layer) -> None:
     """One batch of ``stream``'s node: validated (BadTelemetry, counted as rejected, and nothing kept),
-    folded into the rollup buffer, sent once to each group that may see it and to the fleet, and kept as
-    the node's latest snapshot."""
+    folded into the rollup buffer, sent once to each group that may see some of it (only those GPUs'
+    readings) and to the fleet, and kept whole as the node's latest snapshot."""
     if stream is None:
         raise BadTelemetry("telemetry before hello: send the inventory first.")
     try:
@@ -88,11 +90,11 @@ async def ingest_batch(*, stream: NodeStream | None, frame: dict, channel_layer)
         BUFFER.rejected += 1
         raise
     BUFFER.fold(stream, at, readings)
-    tenant_text, fleet_text = encode(stream, at, readings)
-    for group in stream.audience:
-        await channel_layer.group_send(group, {"type": "telemetry.frame", "text": tenant_text})
-    await channel_layer.group_send(FLEET_GROUP, {"type": "telemetry.frame", "text": fleet_text})
-    await snapshot(stream, tenant_text, fleet_text)
+    encoded = encode(stream, at, readings)
+    for group, text in encoded.tenants:
+        await channel_layer.group_send(group, {"type": "telemetry.frame", "text": text})
+    await channel_layer.group_send(FLEET_GROUP, {"type": "telemetry.frame", "text": encoded.fleet})
+    await snapshot(stream, encoded.node, encoded.fleet)
 
 
 # --- Rollups in PostgreSQL -----------------------------------------------------------------------
@@ -181,9 +183,11 @@ def redis_client():
     return client
 
 
-async def snapshot(stream: NodeStream, tenant_text: str, fleet_text: str) -> None:
+async def snapshot(stream: NodeStream, node_text: str, fleet_text: str) -> None:
+    """The node's latest batch with every GPU's readings (a tenant's read keeps only its GPUs:
+    selectors.telemetry.latest_frames_held), and its fleet summary."""
     client = redis_client()
     pipe = client.pipeline(transaction=False)
-    pipe.hset(LATEST_KEY, str(stream.node_id), tenant_text)
+    pipe.hset(LATEST_KEY, str(stream.node_id), node_text)
     pipe.hset(SUMMARY_KEY, str(stream.node_id), fleet_text)
     await pipe.execute()

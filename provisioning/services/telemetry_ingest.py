@@ -7,7 +7,8 @@ No database, no Redis, no event loop: everything here is computed from its argum
 it batches and writes what it folds is ``provisioning.services.telemetry``.
 
 This is the hot path (one batch per node per second; 10,000 GPU samples/s in bench/telemetry): no
-allocation per sample beyond the readings themselves, records folded in place, each text encoded once."""
+allocation per sample beyond the readings themselves, records folded in place, each text encoded once
+-- once per audience, not per subscriber."""
 
 import json
 import math
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass, field, fields
 
 from console.kernel.errors import DomainError
+from provisioning.hooks import Audience
 
 UTIL = "DCGM_FI_DEV_GPU_UTIL"
 FB_USED = "DCGM_FI_DEV_FB_USED"
@@ -55,7 +57,10 @@ class NodeStream:
     site: str
     rack: str
     gpu_ids: dict[str, int]  # uuid → Gpu id: only this node's GPUs are accepted
-    audience: list[str] = field(default_factory=list)  # groups that may see this node's telemetry
+    # uuid → Gpu.index, as the inventory (hello) says: what an audience's GPUs are matched against. A
+    # GPU missing here is shown to no tenant.
+    gpu_index: dict[str, int] = field(default_factory=dict)
+    audience: list[Audience] = field(default_factory=list)  # groups that may see some of its GPUs now
     last_energy: dict[int, int] = field(default_factory=dict)  # Gpu id → its previous energy reading
 
 
@@ -80,7 +85,9 @@ def validate(frame: dict, stream: NodeStream, *, now: float | None = None) -> tu
         if uuid in seen:
             raise BadTelemetry(f"telemetry: GPU {uuid} appears twice.")
         seen.add(uuid)
-        reading = {"uuid": uuid, "index": gpu.get("index")}
+        # The index is the inventory's for that UUID (what allocations and rollups count by), not what
+        # the batch says; a stream without the inventory's indexes (benchmarks) passes the sent one on.
+        reading = {"uuid": uuid, "index": stream.gpu_index.get(uuid, gpu.get("index"))}
         for name, (low, high) in RANGES.items():
             value = gpu.get(name)
             if value is None:
@@ -108,11 +115,31 @@ def _sum(readings: list[dict], name: str) -> float | None:
     return round(sum(values), 1) if values else None
 
 
-def encode(stream: NodeStream, at: float, readings: list[dict]) -> tuple[str, str]:
-    """The batch for the tenant holding the node, and its summary for the operators' fleet view. Each is
-    encoded once here and forwarded unchanged to every subscriber (MEASURED: json.dumps per client was
-    11 % of the fan-out)."""
-    tenant = json.dumps({"type": "telemetry", "node": stream.hostname, "at": at, "gpus": readings})
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One batch as it leaves ingest: each text encoded once and forwarded unchanged to every
+    subscriber of its group (MEASURED: json.dumps per client was 11 % of the fan-out)."""
+
+    node: str  # the whole batch in the tenant frame's shape: the node's latest snapshot, read per holding
+    tenants: list[tuple[str, str]]  # (group, the frame with only that group's GPUs' readings)
+    fleet: str  # the operators' summary of the whole node
+
+
+def encode(stream: NodeStream, at: float, readings: list[dict]) -> Encoded:
+    """The batch for each audience of the node -- only the readings of the GPUs it holds, so tenants
+    sharing a node never see each other's -- its whole for the snapshot, and its summary for the fleet
+    view. An audience holding every GPU of the batch gets the snapshot's text itself (no second
+    encoding); one holding none of them gets nothing."""
+    node = json.dumps({"type": "telemetry", "node": stream.hostname, "at": at, "gpus": readings})
+    tenants = []
+    index_of = stream.gpu_index
+    for audience in stream.audience:
+        mine = [r for r in readings if index_of.get(r["uuid"], -1) in audience.gpus]
+        if len(mine) == len(readings):
+            tenants.append((audience.group, node))
+        elif mine:
+            text = json.dumps({"type": "telemetry", "node": stream.hostname, "at": at, "gpus": mine})
+            tenants.append((audience.group, text))
     utils = [r[UTIL] for r in readings if UTIL in r]
     temps = [r[TEMP] for r in readings if TEMP in r]
     fleet = json.dumps(
@@ -130,7 +157,7 @@ def encode(stream: NodeStream, at: float, readings: list[dict]) -> tuple[str, st
             "health": health(readings),
         }
     )
-    return tenant, fleet
+    return Encoded(node=node, tenants=tenants, fleet=fleet)
 
 
 # --- Folding into one-minute rollups --------------------------------------------------------------

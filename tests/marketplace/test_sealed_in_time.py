@@ -24,6 +24,7 @@ from marketplace.services.reservations.lifecycle import (
     reservation_release,
 )
 from marketplace.services.reservations.provisioning import node_audience
+from provisioning.hooks import Audience
 from provisioning.models import GpuRollup
 from provisioning.services import telemetry, telemetry_ingest
 from tests.conftest import key_client
@@ -67,8 +68,8 @@ def latest(node, *, power: float, at: float | None = None) -> None:
         "gpus": [{"uuid": g.uuid, "index": g.index, telemetry.POWER: power} for g in node.gpus.order_by("index")],
     }
     at, readings = telemetry_ingest.validate(frame, stream)
-    tenant_text, _fleet = telemetry_ingest.encode(stream, at, readings)
-    redis.Redis.from_url(settings.REDIS_URL).hset(telemetry.LATEST_KEY, str(node.pk), tenant_text)
+    node_text = telemetry_ingest.encode(stream, at, readings).node
+    redis.Redis.from_url(settings.REDIS_URL).hset(telemetry.LATEST_KEY, str(node.pk), node_text)
 
 
 def page(tenant, reservation) -> str:
@@ -179,15 +180,15 @@ def test_only_the_active_reservation_is_the_live_audience_of_a_node(node, node_o
     now = timezone.now()
     a = reserve(alice, node_offer, None, now + timedelta(minutes=30))
     b = reserve(bob, node_offer, now + timedelta(minutes=30), now + timedelta(hours=1))
-    group = f"reservation.{a.pk}"
+    whole = range(0, node.gpu_count)
     assert node_audience(node.pk) == []  # pending: booked is not held
     assert reservation_begin(reservation_id=a.pk)
     assert node_audience(node.pk) == []  # provisioning: not active yet
     assert reservation_activate(reservation_id=a.pk)
-    assert node_audience(node.pk) == [group]
+    assert node_audience(node.pk) == [Audience(f"reservation.{a.pk}", whole)]
     assert reservation_release(reservation_id=a.pk)  # releasing: its live allocation remains
     assert reservation_begin(reservation_id=b.pk, now=b.start) and reservation_activate(reservation_id=b.pk)
-    assert node_audience(node.pk) == [f"reservation.{b.pk}"]  # never both
+    assert node_audience(node.pk) == [Audience(f"reservation.{b.pk}", whole)]  # never both
 
 
 def test_invoice_energy_counts_whole_minutes_inside_the_active_interval(node, node_offer):

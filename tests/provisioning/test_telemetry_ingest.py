@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioning.hooks import Audience
 from provisioning.models import GpuRollup
 from provisioning.services import telemetry_ingest as ingest
 from provisioning.services.telemetry_ingest import (
@@ -33,9 +34,15 @@ NOW = 1_795_760_000.0
 MINUTE = int(NOW // 60) * 60
 
 
-def stream(gpus: int = 2) -> NodeStream:
+def stream(gpus: int = 2, audience: list[Audience] | None = None) -> NodeStream:
     return NodeStream(
-        node_id=7, hostname="fra-r01-n01", site="fra", rack="r01", gpu_ids={f"GPU-{i}": 100 + i for i in range(gpus)}
+        node_id=7,
+        hostname="fra-r01-n01",
+        site="fra",
+        rack="r01",
+        gpu_ids={f"GPU-{i}": 100 + i for i in range(gpus)},
+        gpu_index={f"GPU-{i}": i for i in range(gpus)},
+        audience=audience or [],
     )
 
 
@@ -149,9 +156,10 @@ def test_a_batch_is_encoded_once_for_the_tenant_and_once_summarised_for_the_flee
         node,
         now=NOW,
     )
-    tenant_text, fleet_text = ingest.encode(node, at, readings)
-    assert json.loads(tenant_text) == {"type": "telemetry", "node": "fra-r01-n01", "at": NOW, "gpus": readings}
-    assert json.loads(fleet_text) == {
+    encoded = ingest.encode(node, at, readings)
+    assert json.loads(encoded.node) == {"type": "telemetry", "node": "fra-r01-n01", "at": NOW, "gpus": readings}
+    assert encoded.tenants == []  # no audience: the snapshot and the fleet only
+    assert json.loads(encoded.fleet) == {
         "type": "node",
         "node": "fra-r01-n01",
         "site": "fra",
@@ -164,10 +172,58 @@ def test_a_batch_is_encoded_once_for_the_tenant_and_once_summarised_for_the_flee
         "fb_total": 163118,
         "health": "ok",
     }
-    _tenant, silent = ingest.encode(node, at, [{"uuid": "GPU-0", "index": 0}])
+    silent = ingest.encode(node, at, [{"uuid": "GPU-0", "index": 0}]).fleet
     assert {k: v for k, v in json.loads(silent).items() if v is None} == dict.fromkeys(
         ("util", "power", "temp", "fb_used", "fb_total")
     )
+
+
+def test_a_batch_of_a_shared_node_is_encoded_once_per_audience_with_only_its_gpus():
+    """Three tenants holding slices of one 8-GPU node: three texts, each with only its GPUs' readings; a
+    whole-node holder gets the snapshot's own text (not encoded again); one holding none of the batch's
+    GPUs gets nothing; the snapshot and the fleet summary are of the whole node."""
+    slices = [Audience("reservation.a", range(0, 2)), Audience("reservation.b", range(2, 4))]
+    rest = Audience("reservation.c", range(4, 8))
+    node = stream(8, audience=[*slices, rest])
+    at, readings = ingest.validate(frame(*(reading(i, **{POWER: 100.0 + i}) for i in range(8))), node, now=NOW)
+
+    encoded = ingest.encode(node, at, readings)
+    assert [group for group, _text in encoded.tenants] == ["reservation.a", "reservation.b", "reservation.c"]
+    sent = {group: json.loads(text) for group, text in encoded.tenants}
+    for audience in node.audience:
+        assert sent[audience.group] == {
+            "type": "telemetry",
+            "node": "fra-r01-n01",
+            "at": NOW,
+            "gpus": [r for r in readings if r["index"] in audience.gpus],
+        }
+    assert [g[POWER] for g in sent["reservation.b"]["gpus"]] == [102.0, 103.0]
+    assert json.loads(encoded.node)["gpus"] == readings  # the snapshot keeps the whole node
+    assert json.loads(encoded.fleet)["power"] == round(sum(100.0 + i for i in range(8)), 1)
+
+    node.audience = [Audience("reservation.whole", range(0, 8)), Audience("reservation.elsewhere", range(8, 9))]
+    whole = ingest.encode(node, at, readings)
+    assert whole.tenants == [("reservation.whole", whole.node)]
+    assert whole.tenants[0][1] is whole.node  # encoded once
+
+    # A batch that reports only some GPUs: an audience gets what it holds of it, or nothing at all.
+    node.audience = [*slices, rest]
+    partial = ingest.encode(node, at, [r for r in readings if r["index"] in (1, 5)])
+    assert {group: [g["index"] for g in json.loads(text)["gpus"]] for group, text in partial.tenants} == {
+        "reservation.a": [1],
+        "reservation.c": [5],
+    }
+
+
+def test_an_audience_is_matched_by_the_inventorys_index_not_the_one_a_batch_says():
+    node = stream(4, audience=[Audience("reservation.a", range(0, 2))])
+    lying = [reading(i) for i in range(4)]
+    for r in lying:
+        r["index"] = 3 - r["index"]  # GPU-3 says it is index 0, and so on
+    at, readings = ingest.validate(frame(*lying), node, now=NOW)
+    assert [r["index"] for r in readings] == [0, 1, 2, 3]  # the inventory's, per UUID
+    [(_group, text)] = ingest.encode(node, at, readings).tenants
+    assert [g["uuid"] for g in json.loads(text)["gpus"]] == ["GPU-0", "GPU-1"]
 
 
 # --- Folding into GpuMinute records ---------------------------------------------------------------
@@ -285,7 +341,8 @@ def test_the_rules_do_no_io():
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
-    assert imported == {"json", "math", "time", "dataclasses", "console.kernel.errors"}
+    # provisioning.hooks: the Audience a stream goes to (a plain tuple; the hooks' module does no I/O either)
+    assert imported == {"json", "math", "time", "dataclasses", "console.kernel.errors", "provisioning.hooks"}
 
 
 def test_the_protocols_range_table_is_the_one_the_console_applies():

@@ -15,7 +15,7 @@ from console.kernel.events import publish_on_commit, reservation_group, tenant_g
 from console.kernel.lifecycle import IllegalTransition
 from console.kernel.tasks import enqueue_on_commit
 from marketplace.choices import ReservationState
-from marketplace.models import Reservation
+from marketplace.models import Allocation, Reservation
 from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_cancel_as_operator,
@@ -24,6 +24,7 @@ from marketplace.services.reservations.lifecycle import (
     reservation_release,
 )
 from provisioning.choices import CommandKind, CommandState, NodeState
+from provisioning.hooks import Audience
 from provisioning.models import NodeCommand
 from provisioning.services.agents import node_command_issue
 from provisioning.services.fleet import node_transition
@@ -187,11 +188,12 @@ def reservation_force_release(*, reservation: Reservation, actor: str) -> Reserv
     return reservation
 
 
-def node_audience(node_id: int) -> list[str]:
-    """provisioning.hooks: who may see a node's telemetry now -- the reservation active on it, if any.
-    Only active: while one is still provisioning the node, or releasing it, another may be active on it
-    (or just have been), and each sees only its own active interval (selectors.reservations)."""
-    holding = Reservation.objects.filter(
-        state=S.ACTIVE, allocations__node_id=node_id, allocations__live=True
-    ).values_list("pk", flat=True)
-    return [reservation_group(pk) for pk in holding]
+def node_audience(node_id: int) -> list[Audience]:
+    """provisioning.hooks: who may see a node's telemetry now -- each reservation active on it, with the
+    GPUs its live allocation holds there (slices: several at once, each only its own). Only active:
+    while one is still provisioning the GPUs, or releasing them, another may be active on them (or just
+    have been), and each sees only its own active interval (selectors.reservations)."""
+    holding = Allocation.objects.filter(node_id=node_id, live=True, reservation__state=S.ACTIVE).values_list(
+        "reservation_id", "gpus"
+    )
+    return [Audience(reservation_group(pk), range(gpus.lower, gpus.upper)) for pk, gpus in holding.order_by("gpus")]
