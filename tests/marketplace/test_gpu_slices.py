@@ -217,7 +217,8 @@ def pool(db):
     offers = {1: offer(1), 2: offer(2), 4: offer(4), 8: offer(8), "rack": offer(8, OfferShape.RACK)}
     tenant = make_tenant(credit="10000000")
     make_quota(organization=tenant.organization, accelerator_type=accelerator, max_gpus=10_000)
-    return {"offers": offers, "nodes": nodes, "racks": racks, "tenant": tenant, "base": (timezone.now() + 2 * HOUR).replace(minute=0, second=0, microsecond=0)}
+    base = (timezone.now() + 2 * HOUR).replace(minute=0, second=0, microsecond=0)  # whole hours: the calendar's
+    return {"offers": offers, "nodes": nodes, "racks": racks, "tenant": tenant, "base": base}
 
 
 def _reserve(pool, kind, start_h=0, hours=1, quantity=1):
