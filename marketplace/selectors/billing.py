@@ -303,9 +303,7 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
         lines[organization_id].append(
             {
                 "reservation_id": reservation_id,
-                "description": (
-                    f"{what} · {r['offer__site__name']}{term} · {start:%b %d %H:%M}–{end:%b %d %H:%M} UTC"
-                ),
+                "description": (f"{what} · {r['offer__site__name']}{term} · {start:%b %d %H:%M}–{end:%b %d %H:%M} UTC"),
                 "seconds": seconds,
                 "gpu_count": r["gpu_count"],
                 "gpu_hours": (seconds * r["gpu_count"] / 3600).quantize(Decimal("0.0001")),
