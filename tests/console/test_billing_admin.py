@@ -79,6 +79,7 @@ def test_scheduling_a_price_from_the_offer_page(operator_client):
         "accelerator_type": offer.accelerator_type_id,
         "shape": offer.shape,
         "gpus_per_node": offer.gpus_per_node,
+        "gpus_per_instance": offer.gpus_per_instance,
         "max_duration_hours": offer.max_duration_hours,
         "is_active": "on",
         "prices-TOTAL_FORMS": "0",
