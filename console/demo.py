@@ -1,4 +1,5 @@
-"""The demo world that `make demo` seeds: a small fleet at three sites, a catalog, two tenants.
+"""The demo world that `make demo` seeds: a small fleet at three sites, a catalog of whole nodes, racks
+and 1-, 2- and 4-GPU instances, two tenants, and three instances rented on one node.
 
 Everything is created through the services, so the demo exercises the same write paths as
 production. Seeding is idempotent: a database that already has sites is left alone, and the finished
@@ -130,6 +131,17 @@ PRICES = {  # on-demand $/GPU-hour; edge sites cost a little more (close to user
 EDGE_PREMIUM = Decimal("1.15")
 TERM_DISCOUNTS = {1: Decimal("5"), 3: Decimal("12"), 6: Decimal("20"), 12: Decimal("30")}
 RACK_OFFERS = {("fra-hall-1", "h100-sxm-80gb"), ("fra-hall-1", "h200-sxm-141gb"), ("dal-hall-1", "h100-sxm-80gb")}
+# Instances of 1, 2 and 4 GPUs are offered next to whole nodes, on the same nodes; Gaudi nodes are rented
+# whole (their training jobs span the node's RoCE fabric).
+SLICE_SIZES = (1, 2, 4)
+WHOLE_ONLY = {"gaudi3-128gb"}
+# Reservations of slices held at seeding, so the demo starts with partly rented nodes (the catalog's
+# counts, a node's GPU occupancy in the admin, the reservation page's GPUs): (who, GPUs, from now, hours).
+DEMO_SLICES = [
+    ("member@acme.example", "acme", 1, timedelta(0), 72),
+    ("owner@globex.example", "globex", 2, timedelta(0), 48),
+    ("member@acme.example", "acme", 4, timedelta(days=1), 48),
+]
 # A few nodes are not available, so the catalog and admin show a fleet that lives.
 NOT_AVAILABLE = {
     "fra-hall-1-r02-n04": [NodeState.DRAINING],
@@ -204,6 +216,14 @@ def seed_demo() -> bool:
                     term_discounts=TERM_DISCOUNTS,
                     max_duration_hours=24 * 365 if shape == OfferShape.RACK else 24 * 90,
                 )
+            for size in () if accelerator_slug in WHOLE_ONLY else SLICE_SIZES:
+                offer_create(
+                    site=site,
+                    accelerator_type=types[accelerator_slug],
+                    gpus_per_instance=size,
+                    price_per_gpu_hour=cents(price),
+                    term_discounts=TERM_DISCOUNTS,
+                )
 
     user_create(
         email=OPERATOR_EMAIL, password=DEMO_PASSWORD, is_superuser=True, first_name="Fleet", last_name="Operator"
@@ -225,7 +245,33 @@ def seed_demo() -> bool:
             tenant=TenantContext(organization=acme, user=users["owner@acme.example"], role=Role.OWNER),
             threshold=threshold,
         )
+    _seed_slices()
     return True
+
+
+def _seed_slices() -> None:
+    """DEMO_SLICES, H100 instances in Frankfurt: placement puts them on one node (the fullest with room),
+    so three of its GPUs are rented now and seven tomorrow, by two tenants."""
+    now = timezone.now()
+    for email, organization, gpus, after, hours in DEMO_SLICES:
+        user = get_user_model().objects.get(email=email)
+        offer = Offer.objects.get(
+            site__slug="fra-hall-1",
+            accelerator_type__slug="h100-sxm-80gb",
+            shape=OfferShape.NODE,
+            gpus_per_instance=gpus,
+        )
+        lifecycle.reservation_create(
+            tenant=tenant_context_for_user(
+                user=user, organization_id=str(Organization.objects.get(slug=organization).pk)
+            ),
+            offer=offer,
+            quantity=1,
+            start=now + after if after else None,
+            end=None,
+            duration_hours=hours,
+            idempotency_key=f"demo-slice-{gpus}",
+        )
 
 
 PAST_MONTH_KEY = "demo-past-month"  # the idempotency key of the past month's reservation: written once
@@ -243,7 +289,9 @@ def seed_past_month(*, now: datetime | None = None) -> bool:
     if acme is None or Reservation.objects.filter(organization=acme, idempotency_key=PAST_MONTH_KEY).exists():
         return False
     member = get_user_model().objects.get(email="member@acme.example")
-    offer = Offer.objects.get(site__slug="fra-hall-1", accelerator_type__slug="h100-sxm-80gb", shape=OfferShape.NODE)
+    offer = Offer.objects.get(
+        site__slug="fra-hall-1", accelerator_type__slug="h100-sxm-80gb", shape=OfferShape.NODE, gpus_per_instance=8
+    )
     month = month_start(month_start(now) - timedelta(days=1))
     start = datetime(month.year, month.month, 10, 8, tzinfo=UTC)
     reservation = lifecycle.reservation_create(

@@ -27,6 +27,15 @@ class OfferShape(models.TextChoices):
     RACK = "rack", "Whole rack"
 
 
+class OfferKind(models.TextChoices):
+    """What one instance of an offer is, in plain words (``Offer.kind``): some GPUs of a node, a whole
+    node, or a whole rack. Derived from the shape and the sizes, never stored."""
+
+    SLICE = "slice", "Slice of a node"
+    NODE = "node", "Whole node"
+    RACK = "rack", "Whole rack"
+
+
 class TermMonths(models.IntegerChoices):
     ONE = 1, "1 month"
     THREE = 3, "3 months"

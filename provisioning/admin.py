@@ -4,13 +4,16 @@ node's state changes only by a lifecycle move (node_transition), from its page o
 from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, Q
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, reverse
 
 from console.kernel.admin import ReadOnlyAdmin, ServiceAdmin, ServiceInline, values
 from console.kernel.admin_columns import annotated_column
 from console.kernel.errors import DomainError
 from provisioning.choices import NodeState
 from provisioning.models import AcceleratorType, Gpu, Node, NodeCommand, NodeStateChange, Rack, Site
+from provisioning.selectors.fleet import node_gpu_occupancy
 from provisioning.services.agents import bootstrap_token_create, node_delete, node_secret_revoke, node_secret_rotate
 from provisioning.services.fleet import (
     accelerator_type_create,
@@ -173,6 +176,16 @@ class NodeStateChangeInline(admin.TabularInline):
     ordering = ["-at"]
 
 
+def _change_url(row) -> str:
+    """The admin page of a row of any app (a holding's reservation), or "" if it has none."""
+    if row is None or not hasattr(row, "_meta"):
+        return ""
+    try:
+        return reverse(f"admin:{row._meta.app_label}_{row._meta.model_name}_change", args=[row.pk])
+    except NoReverseMatch:
+        return ""
+
+
 def _move(target: str, verb: str):
     def action(modeladmin, request, queryset):
         moved, refused = 0, []
@@ -243,7 +256,22 @@ class NodeAdmin(ServiceAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         # A new node is enrolling; a node's later states are lifecycle moves, chosen on its page.
-        return ["state", *self.readonly_fields] if obj is None else self.readonly_fields
+        return ["state", *self.readonly_fields] if obj is None else [*self.readonly_fields, "gpu_occupancy"]
+
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = [(None, {"fields": self.fields})]
+        if obj is not None:
+            fieldsets.append(("GPU occupancy", {"fields": ["gpu_occupancy"]}))
+        return fieldsets
+
+    @admin.display(description="held GPUs")
+    def gpu_occupancy(self, obj):
+        """Who holds which of its GPUs when, two days back and two weeks ahead (node_gpu_occupancy), each
+        holding linked to its own admin page."""
+        occupancy = node_gpu_occupancy(node=obj)
+        for entry in occupancy["entries"]:
+            entry["url"] = _change_url(entry["holding"].holder)
+        return render_to_string("admin/provisioning/node_occupancy.html", {"occupancy": occupancy})
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         help_texts = {"state": "A change is a lifecycle move, recorded below; moves the lifecycle forbids are refused."}

@@ -3,6 +3,8 @@ registers callbacks here when its app is ready. Hooks run inside the transaction
 report, so what they write commits or rolls back with it."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import NamedTuple
 
 _command_finished: list[Callable] = []
@@ -52,3 +54,31 @@ def on_node_audience(callback: Callable) -> Callable:
 
 def node_audience(node_id: int) -> list[Audience]:
     return [audience for callback in _node_audience for audience in callback(node_id)]
+
+
+@dataclass(frozen=True)
+class GpuHolding:
+    """GPUs of a node held for [start, end), as the layer that rents them says (a reservation): what
+    the node's occupancy on its admin page shows. ``holder`` is that layer's row, for a link to it."""
+
+    gpus: range
+    start: datetime
+    end: datetime
+    label: str
+    state: str = ""
+    holder: object = None
+
+
+_node_occupancy: list[Callable] = []
+
+
+def on_node_occupancy(callback: Callable) -> Callable:
+    """Register ``callback(*, node_id, start, end) -> list[GpuHolding]``: who holds which GPUs of a node
+    at some time in [start, end)."""
+    if callback not in _node_occupancy:
+        _node_occupancy.append(callback)
+    return callback
+
+
+def node_occupancy(*, node_id: int, start: datetime, end: datetime) -> list[GpuHolding]:
+    return [holding for callback in _node_occupancy for holding in callback(node_id=node_id, start=start, end=end)]

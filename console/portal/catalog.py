@@ -13,12 +13,13 @@ from console.portal.access import tenant_required
 from console.portal.billing import money
 from console.portal.forms import ReserveForm, refused_field
 from marketplace.api.filters import OfferFilter
+from marketplace.choices import OfferKind
 from marketplace.money import cents, term_price
 from marketplace.selectors.billing import (
     spendable,
 )
 from marketplace.selectors.capacity import availability_by_hour, availability_window
-from marketplace.selectors.catalog import offer_get, offer_list, price_in_force
+from marketplace.selectors.catalog import instance_sizes, offer_get, offer_list, price_in_force
 from marketplace.services.idempotency import idempotent
 from marketplace.services.reservations.lifecycle import (
     quote_check,
@@ -40,15 +41,27 @@ def catalog(request):
             "offers": offers,
             "accelerator_choices": [(t.slug, str(t)) for t in accelerator_type_list()],
             "regions": site_regions(),
+            "instance_sizes": instance_sizes(),
         },
     )
+
+
+def _unit(offer) -> str:
+    """What the offer's availability counts, in the words of its page: racks, nodes, or instances (slices)."""
+    return {OfferKind.RACK: "racks", OfferKind.NODE: "nodes"}.get(offer.kind, "instances")
 
 
 def _calendar(offer, hours: int = 48) -> dict:
     start, end = availability_window(end=timezone.now() + timedelta(hours=hours))
     rows = availability_by_hour(offer=offer, start=start, end=end)
     peak = max((row.total for row in rows), default=0)
-    return {"hours": rows, "peak": peak, "unit": "racks" if offer.shape == "rack" else "nodes"}
+    return {"hours": rows, "peak": peak, "unit": _unit(offer)}
+
+
+def per_instance_hour(item):
+    """A quote's or a reservation's price per instance-hour: an instance holds its GPUs over its
+    quantity (a slice's, a node's, or the whole rack's)."""
+    return item.price_per_gpu_hour * (item.gpu_count // item.quantity)
 
 
 def _term_choices(offer) -> list[tuple]:
@@ -75,7 +88,7 @@ def reserve(request, offer_id):
     form = ReserveForm(request.POST or None, initial={"idempotency_key": uuid.uuid4().hex})
     form.fields["term_months"].choices = _term_choices(offer)
     quote, status = None, 200
-    if offer.shape == "rack":
+    if offer.kind != OfferKind.NODE:  # one slice or one whole rack per reservation (reservation_quote says so)
         form.fields["quantity"].widget = forms.HiddenInput()
         form.fields["quantity"].initial = 1
     if request.method == "POST" and form.is_valid():
@@ -135,6 +148,7 @@ def reserve(request, offer_id):
             "offer": offer,
             "form": form,
             "quote": quote,
+            "per_instance_hour": per_instance_hour(quote) if quote else None,
             "calendar": _calendar(offer),
             "has_terms": len(form.fields["term_months"].choices) > 1,
             "spendable": money(can_hold),

@@ -7,6 +7,7 @@ from django.utils import timezone
 from console.kernel.errors import DomainError
 from console.portal.access import tenant_required
 from console.portal.billing import money, running_cost, wallet_of
+from console.portal.catalog import per_instance_hour
 from console.portal.forms import ExtendForm, refused_field
 from marketplace.choices import ReservationState
 from marketplace.selectors.billing import (
@@ -109,6 +110,7 @@ def reservation_detail(request, reservation_id):
             "billed": _billed(reservation),
             "cost_so_far": money(running_cost(reservation, wallet["tick"], now=now)),
             "cost_per_hour": money(reservation.price_per_gpu_hour * reservation.gpu_count if active else 0),
+            "per_instance_hour": per_instance_hour(reservation),
             "hold_left": money(hold_remaining(reservation_ids=[reservation.pk]).get(reservation.pk, 0)),
         },
         status=status,

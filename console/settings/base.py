@@ -217,6 +217,7 @@ SPECTACULAR_SETTINGS = {
         "CommandStateEnum": "provisioning.choices.CommandState",
         "ReservationStateEnum": "marketplace.choices.ReservationState",
         "OfferShapeEnum": "marketplace.choices.OfferShape",
+        "OfferKindEnum": "marketplace.choices.OfferKind",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

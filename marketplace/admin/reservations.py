@@ -2,6 +2,7 @@
 them), with force-release through marketplace.services.reservations."""
 
 from django.contrib import admin, messages
+from django.db.models import Prefetch
 
 from console.kernel.admin import ReadOnlyAdmin
 from marketplace.choices import FINISHED_STATES
@@ -15,9 +16,13 @@ from marketplace.services.reservations.provisioning import reservation_force_rel
 class AllocationInline(admin.TabularInline):
     model = Allocation
     extra = 0
-    fields = ["node", "period", "live"]
+    fields = ["node", "gpu_range", "period", "live"]
     readonly_fields = fields
     can_delete = False
+
+    @admin.display(description="GPUs")
+    def gpu_range(self, obj):
+        return obj.gpu_label
 
     def has_add_permission(self, request, obj=None):
         return False  # allocations are made by placement only
@@ -35,6 +40,7 @@ class ReservationAdmin(ReadOnlyAdmin):
         "state",
         "node_count",
         "gpu_count",
+        "held",
         "start",
         "end",
         "price_per_gpu_hour",
@@ -53,6 +59,23 @@ class ReservationAdmin(ReadOnlyAdmin):
     inlines = [AllocationInline]
     actions = ["force_release"]
     date_hierarchy = "created_at"
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(
+                Prefetch("allocations", queryset=Allocation.objects.select_related("node").order_by("node__hostname"))
+            )
+        )
+
+    @admin.display(description="holds")
+    def held(self, obj):
+        """Which GPUs of which node (``node-12 · GPUs 4–5``); for several nodes, how many."""
+        allocations = list(obj.allocations.all())
+        if len(allocations) == 1:
+            return f"{allocations[0].node.hostname} · {allocations[0].gpu_label}"
+        return f"{len(allocations)} whole nodes" if allocations else "—"
 
     def has_force_release_permission(self, request):
         return request.user.has_perm("marketplace.change_reservation")
@@ -88,8 +111,12 @@ class ReservationAdmin(ReadOnlyAdmin):
 
 @admin.register(Allocation)
 class AllocationAdmin(ReadOnlyAdmin):  # made by placement only
-    list_display = ["node", "reservation", "period", "live"]
+    list_display = ["node", "gpu_range", "reservation", "period", "live"]
     list_filter = ["live", "node__rack__site"]
     search_fields = ["node__hostname", "reservation__id", "reservation__organization__name"]
     list_select_related = ["node", "reservation"]
-    readonly_fields = ["reservation", "node", "period", "live"]
+    readonly_fields = ["reservation", "node", "gpu_range", "period", "live"]
+
+    @admin.display(description="GPUs", ordering="gpus")
+    def gpu_range(self, obj):
+        return obj.gpu_label

@@ -4,7 +4,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
-from marketplace.choices import OfferShape, TermMonths
+from marketplace.choices import OfferKind, OfferShape, TermMonths
 from marketplace.money import term_price
 from provisioning.models import AcceleratorType, Site
 
@@ -93,6 +93,16 @@ class Offer(models.Model):
     @property
     def is_slice(self) -> bool:
         return self.shape == OfferShape.NODE and not self.is_whole_node
+
+    @property
+    def kind(self) -> str:
+        """A slice, a node or a rack (``OfferKind``): what a tenant gets for one instance."""
+        if self.shape == OfferShape.RACK:
+            return OfferKind.RACK
+        return OfferKind.NODE if self.is_whole_node else OfferKind.SLICE
+
+    def get_kind_display(self) -> str:
+        return OfferKind(self.kind).label
 
     @property
     def price_per_instance_hour(self) -> Decimal:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import connection
+from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.db.models import IntegerField
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
@@ -21,6 +22,7 @@ from django.utils import timezone
 from console.kernel.errors import DomainError
 from marketplace.models import Allocation, Offer
 from provisioning.choices import NodeState
+from provisioning.hooks import GpuHolding
 from provisioning.models import Node, Rack
 
 NODE = Node._meta.db_table
@@ -195,7 +197,8 @@ def earliest_fit(*, offer: Offer, quantity: int, start: datetime, duration: time
 
 def instance_counts() -> tuple[RawSQL, RawSQL]:
     """Correlated to an outer query of offers (the catalog): its instances on nodes that can take work,
-    and those whose GPUs no live allocation holds now."""
+    and those whose GPUs no live allocation holds now -- the statement's now, as the node counts' (Django's
+    ``Now``): a reservation made earlier in the same transaction is held, not yet to come."""
     offer = Offer._meta.db_table
     slots = f"""
         FROM {NODE} n JOIN {RACK} r ON r.id = n.rack_id,
@@ -204,7 +207,8 @@ def instance_counts() -> tuple[RawSQL, RawSQL]:
           AND n.gpu_count = {offer}.gpus_per_node AND n.state = '{NodeState.AVAILABLE}'
     """
     free = f"""
-        AND NOT EXISTS (SELECT 1 FROM {ALLOCATION} a WHERE a.node_id = n.id AND a.live AND a.period @> now()
+        AND NOT EXISTS (SELECT 1 FROM {ALLOCATION} a WHERE a.node_id = n.id AND a.live
+                        AND a.period @> statement_timestamp()
                         AND a.gpus && int4range(s, s + {offer}.gpus_per_instance))
     """
     total = RawSQL(f"(SELECT count(*) {slots})", [], output_field=IntegerField())
@@ -217,22 +221,27 @@ class HourlyAvailability:
     hour: datetime
     free: int  # instances (a whole node is one) for a node offer, racks for a rack offer
     total: int
+    free_gpus: int  # the GPUs of those: instances × GPUs per instance, or the free racks' GPUs
+    total_gpus: int
 
 
 def availability_by_hour(*, offer: Offer, start: datetime, end: datetime) -> list[HourlyAvailability]:
-    """Free instances (or racks) of an offer for each hour of [start, end); ``start`` is floored to the hour."""
+    """Free instances (or racks) of an offer, and their GPUs, for each hour of [start, end); ``start`` is
+    floored to the hour."""
     if offer.shape == "rack":
         sql = f"""
             WITH hours AS (SELECT h FROM generate_series(date_trunc('hour', %(start)s::timestamptz),
                                                          %(end)s::timestamptz - interval '1 microsecond',
                                                          interval '1 hour') h),
-            racks AS ({WHOLE_RACKS})
-            SELECT hours.h,
-                   count(w.id) FILTER (WHERE NOT EXISTS (
-                       SELECT 1 FROM {NODE} n WHERE n.rack_id = w.id
-                         AND {_busy("n.id", "hours.h", "hours.h + interval '1 hour'")})),
-                   count(w.id)
-            FROM hours LEFT JOIN racks w ON true GROUP BY hours.h ORDER BY hours.h
+            racks AS (SELECT w.id, (SELECT sum(n.gpu_count) FROM {NODE} n WHERE n.rack_id = w.id) AS gpus
+                      FROM ({WHOLE_RACKS}) w),
+            free AS (SELECT hours.h, w.id, w.gpus, NOT EXISTS (
+                         SELECT 1 FROM {NODE} n WHERE n.rack_id = w.id
+                           AND {_busy("n.id", "hours.h", "hours.h + interval '1 hour'")}) AS free
+                     FROM hours LEFT JOIN racks w ON true)
+            SELECT h, count(id) FILTER (WHERE free), count(id),
+                   coalesce(sum(gpus) FILTER (WHERE free), 0), coalesce(sum(gpus), 0)
+            FROM free GROUP BY h ORDER BY h
         """
     else:
         # Free = every slot, less the slots some live allocation touches in that hour. Only the nodes
@@ -264,7 +273,11 @@ def availability_by_hour(*, offer: Offer, start: datetime, end: datetime) -> lis
             SELECT hours.h, total.n - coalesce(taken.n, 0), total.n
             FROM hours CROSS JOIN total LEFT JOIN taken ON taken.h = hours.h ORDER BY hours.h
         """
-    return [HourlyAvailability(*row) for row in _rows(sql, _params(offer, start=start, end=end))]
+    rows = _rows(sql, _params(offer, start=start, end=end))
+    if offer.shape == "rack":
+        return [HourlyAvailability(*row) for row in rows]
+    size = offer.gpus_per_instance
+    return [HourlyAvailability(hour, free, total, free * size, total * size) for hour, free, total in rows]
 
 
 MAX_CALENDAR = timedelta(days=14)
@@ -301,3 +314,34 @@ def gpus_held_now(*, node_ids=None) -> dict[int, set[int]]:
     for node_id, gpus in allocations.values_list("node_id", "gpus"):
         held.setdefault(node_id, set()).update(range(gpus.lower, gpus.upper))
     return held
+
+
+def node_gpu_holdings(*, node_id: int, start: datetime, end: datetime) -> list[GpuHolding]:
+    """Who holds which GPUs of a node when, at some time in [start, end): the node's occupancy on its
+    admin page (registered as provisioning.hooks.node_occupancy). A live allocation holds its GPUs for
+    its period; one no longer live held them until its reservation really ended (released, cancelled,
+    failed) -- nothing, if that was before its start (cancelled while pending)."""
+    allocations = (
+        Allocation.objects.filter(node_id=node_id, period__overlap=DateTimeTZRange(start, end, "[)"))
+        .select_related("reservation__organization")
+        .order_by("period", "gpus")
+    )
+    holdings = []
+    for allocation in allocations:
+        reservation = allocation.reservation
+        held_from, held_to = allocation.period.lower, allocation.period.upper
+        if not allocation.live and reservation.ended_at is not None:
+            held_to = min(held_to, reservation.ended_at)
+        if held_to <= max(held_from, start):
+            continue
+        holdings.append(
+            GpuHolding(
+                gpus=allocation.gpu_indices,
+                start=held_from,
+                end=held_to,
+                label=f"{reservation.id.hex[:8]} · {reservation.organization.name}",
+                state=reservation.state,
+                holder=reservation,
+            )
+        )
+    return holdings

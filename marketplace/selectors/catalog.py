@@ -70,6 +70,12 @@ def offer_list(*, include_inactive: bool = False) -> QuerySet[Offer]:
     ).order_by("price_per_gpu_hour", "pk")
 
 
+def instance_sizes() -> list[int]:
+    """The GPUs per instance that active offers rent, smallest first (the catalog's size filter)."""
+    sizes = Offer.objects.filter(is_active=True).order_by("gpus_per_instance").values_list("gpus_per_instance")
+    return [size for (size,) in sizes.distinct()]
+
+
 def offer_for_reservation(*, offer_id) -> Offer:
     """The offer a reservation request names, without the availability counts (bench/placement: they
     were 28 % of a POST). Inactive offers are returned so that the refusal can say why."""

@@ -1,8 +1,12 @@
 """Reads of the fleet. The fleet is public to tenants only as the catalog shows it (sites, types);
 nodes and GPUs are for operators."""
 
-from django.db.models import Count, Q, QuerySet
+from datetime import UTC, datetime, timedelta
 
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
+
+from provisioning import hooks
 from provisioning.choices import NodeState
 from provisioning.models import AcceleratorType, Node, Rack, Site
 from provisioning.selectors.telemetry import latest_summaries
@@ -67,3 +71,42 @@ def node_hardware_hints(node) -> dict:
             gpu_power_limit_w=node.accelerator_type.tdp_watts,
         )
     return hints
+
+
+OCCUPANCY_TONES = 6  # colours the occupancy chart cycles through, one per holding
+
+
+def node_gpu_occupancy(*, node: Node, now: datetime | None = None, days_before: int = 2, days_after: int = 14) -> dict:
+    """Which GPUs of ``node`` are held by whom, when, from ``days_before`` days ago to ``days_after``
+    days ahead (whole UTC days): the chart on the node's admin page. Who holds them comes from the layer
+    that rents them (``hooks.node_occupancy``); provisioning only lays it out: a row per GPU index, each
+    holding a bar on the rows of its GPUs, placed in percent of the window (clipped to it)."""
+    now = now or timezone.now()
+    start = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days_before)
+    end = start + timedelta(days=days_before + days_after + 1)
+    span = (end - start).total_seconds()
+
+    def percent(moment: datetime) -> float:
+        return round(100 * (min(max(moment, start), end) - start).total_seconds() / span, 3)
+
+    holdings = sorted(
+        hooks.node_occupancy(node_id=node.pk, start=start, end=end), key=lambda h: (h.start, h.gpus.start)
+    )
+    entries = [{"holding": h, "tone": i % OCCUPANCY_TONES, "url": ""} for i, h in enumerate(holdings)]
+    rows = {index: [] for index in range(node.gpu_count)}
+    for entry in entries:
+        holding = entry["holding"]
+        left = percent(holding.start)
+        bar = {"entry": entry, "left": left, "width": round(percent(holding.end) - left, 3)}
+        for index in holding.gpus:
+            rows.setdefault(index, []).append(bar)
+    days = [start + timedelta(days=d) for d in range(days_before + days_after + 1)]
+    return {
+        "start": start,
+        "end": end,
+        "at": now,
+        "now": percent(now),
+        "days": [{"day": day, "left": percent(day)} for day in days],
+        "rows": [{"index": index, "bars": bars} for index, bars in sorted(rows.items())],
+        "entries": entries,
+    }

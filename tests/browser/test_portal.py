@@ -48,12 +48,14 @@ def test_a_member_browses_the_catalog_and_manages_an_api_key(page, tenant, tmp_p
 
 
 def test_a_member_reserves_from_the_catalog_seeing_the_price_first(page, tenant, tmp_path):
+    """Whole nodes, then a 1-GPU instance of the node left: the same steps, without a number to choose."""
     from marketplace.models import Reservation
 
     rack = RackFactory()
     for _ in range(3):
         make_node(rack=rack)
     offer = OfferFactory(site=rack.site)
+    one_gpu = OfferFactory(site=rack.site, gpus_per_instance=1)
     shots = os.environ.get("SCREENSHOT_DIR", str(tmp_path))
 
     sign_in(page, tenant.user.email)
@@ -69,6 +71,25 @@ def test_a_member_reserves_from_the_catalog_seeing_the_price_first(page, tenant,
     reservation = Reservation.objects.get()
     assert reservation.node_count == 2 and reservation.created_by == tenant.user
     page.screenshot(path=f"{shots}/reservation.png", full_page=True)
+
+    page.get_by_role("link", name="Catalog").click()
+    row = page.locator(f'tr[data-offer="{one_gpu.id}"]')
+    assert "Slice of a node" in row.inner_text() and "8 / 24 instances" in row.inner_text()  # one node is left
+    row.get_by_role("link", name="Reserve").click()
+    assert page.get_by_role("spinbutton", name="Nodes").count() == 0  # one instance: nothing to count
+    assert page.get_by_text("One instance: 1 GPU of one 8-GPU node.").is_visible()
+    page.get_by_label("Duration (hours)").fill("4")
+    page.get_by_role("button", name="See the price").click()
+    quote = page.locator("table.quote").inner_text()
+    assert "1 instance · 1 GPU of one 8-GPU node" in quote and "$2.49/h per instance" in quote
+    assert "$9.96" in quote  # 1 GPU x 4 h x $2.49
+    page.get_by_role("button", name="Confirm reservation").click()
+    page.wait_for_url("**/reservations/*/")
+    instance = Reservation.objects.get(offer=one_gpu)
+    allocation = instance.allocations.get()
+    assert allocation.node_id not in set(reservation.allocations.values_list("node_id", flat=True))
+    assert page.locator("[data-capacity]").inner_text().startswith(f"{allocation.node.hostname} · GPU 0")
+    page.screenshot(path=f"{shots}/reservation-instance.png", full_page=True)
 
 
 def test_choosing_a_reserved_term_hides_the_duration(page, tenant):

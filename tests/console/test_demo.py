@@ -9,9 +9,9 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 
-from console.demo import DEMO_PASSWORD, demo_agent_tokens
+from console.demo import DEMO_PASSWORD, DEMO_SLICES, demo_agent_tokens
 from console.kernel.tokens import new_token
-from marketplace.models import Invoice, LedgerEntry, Reservation
+from marketplace.models import Allocation, Invoice, LedgerEntry, Offer, Reservation
 from provisioning.agent.credentials import Credentials, has_credentials, load_credentials, store_credentials
 from provisioning.services.agents import NODE_SECRET_SCHEME, bootstrap_token_create, node_enrol
 from tests.factories import make_node
@@ -79,5 +79,31 @@ def test_the_demo_seeds_a_finished_past_month_with_its_invoice_once():
 
     entries = LedgerEntry.objects.count()
     call_command("seed_demo", stdout=io.StringIO())  # again: nothing more
-    assert Reservation.objects.count() == 1
+    assert Reservation.objects.count() == 1 + len(DEMO_SLICES)
     assert Invoice.objects.count() == 1 and LedgerEntry.objects.count() == entries
+
+
+def test_the_demo_rents_slices_of_one_node_to_two_tenants_next_to_whole_nodes():
+    call_command("seed_demo", stdout=io.StringIO())
+    h100 = Offer.objects.filter(site__slug="fra-hall-1", accelerator_type__slug="h100-sxm-80gb")
+    assert sorted(o.kind + str(o.gpus_per_instance) for o in h100) == ["node8", "rack8", "slice1", "slice2", "slice4"]
+    assert not Offer.objects.filter(accelerator_type__slug="gaudi3-128gb", gpus_per_instance__lt=8).exists()
+    slices = Reservation.objects.filter(offer__gpus_per_instance__lt=8, state="pending")
+    assert slices.count() == len(DEMO_SLICES)
+    assert {r.organization.slug for r in slices} == {"acme", "globex"}
+    allocations = Allocation.objects.filter(reservation__in=slices)
+    assert len({a.node_id for a in allocations}) == 1  # one node, partly rented
+    held = [i for a in allocations for i in a.gpu_indices]
+    assert len(held) == len(set(held)) == 7
+    node = allocations.first().node
+    owner = Client()
+    assert owner.login(username="owner@acme.example", password=DEMO_PASSWORD)
+    catalog = owner.get("/catalog/").content.decode()
+    assert "Slice of a node" in catalog and "Whole node" in catalog and "Whole rack" in catalog
+    mine = slices.get(organization__slug="acme", offer__gpus_per_instance=1)
+    page = owner.get(f"/reservations/{mine.id}/").content.decode()
+    assert f"<code>{node.hostname}</code> · GPU 0" in page
+    operator = Client()
+    assert operator.login(username="ops@neocloud.example", password=DEMO_PASSWORD)
+    occupancy = operator.get(f"/admin/provisioning/node/{node.pk}/change/").content.decode()
+    assert occupancy.count("<tr data-holding>") == len(DEMO_SLICES)

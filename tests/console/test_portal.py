@@ -6,6 +6,7 @@ from django.test import Client
 
 from marketplace.choices import Role
 from marketplace.models import ApiKey, OfferTermDiscount
+from marketplace.services.reservations.lifecycle import reservation_create
 from marketplace.services.tenancy.api_keys import api_key_authenticate
 from tests.factories import PASSWORD, AcceleratorTypeFactory, OfferFactory, RackFactory, make_node, make_tenant
 
@@ -44,6 +45,32 @@ def test_the_catalog_lists_offers_with_availability_and_filters(tenant):
     assert f'data-offer="{l40s.id}"' in filtered and f'data-offer="{h100.id}"' not in filtered
     bad = browser.get("/catalog/?max_price=lots").content.decode()
     assert "Enter a number" in bad
+
+
+def test_the_catalog_lists_instances_and_filters_by_their_size(tenant):
+    rack = RackFactory()
+    for _ in range(3):
+        make_node(rack=rack)
+    node = OfferFactory(site=rack.site)
+    one = OfferFactory(site=rack.site, gpus_per_instance=1)
+    two = OfferFactory(site=rack.site, gpus_per_instance=2)
+    reservation_create(tenant=tenant, offer=one, quantity=1, start=None, end=None, duration_hours=1)
+    browser = signed_in(tenant)
+    page = browser.get("/catalog/").content.decode()
+    row = re.search(rf'<tr data-offer="{one.id}">(.+?)</tr>', page, re.S).group(1)
+    assert "1× H100 SXM" in row and "Slice of a node" in row and "1 of the 8 GPUs of a node" in row
+    assert row.count('<td class="num">2.49</td>') == 2  # per GPU-hour and per instance-hour
+    assert "23 / 24 instances" in row  # one GPU of one node is held
+    assert "4.98" in re.search(rf'<tr data-offer="{two.id}">(.+?)</tr>', page, re.S).group(1)
+    whole = re.search(rf'<tr data-offer="{node.id}">(.+?)</tr>', page, re.S).group(1)
+    assert "8× H100 SXM" in whole and "Whole node" in whole and "19.92" in whole and "2 / 3 nodes" in whole
+    sizes = re.search(r'<select name="gpus_per_instance">(.+?)</select>', page, re.S).group(1)
+    assert re.findall(r'<option value="(\d+)"', sizes) == ["1", "2", "8"]
+    filtered = browser.get("/catalog/?gpus_per_instance=1").content.decode()
+    assert f'data-offer="{one.id}"' in filtered and f'data-offer="{two.id}"' not in filtered
+    assert f'data-offer="{node.id}"' not in filtered and '<option value="1" selected>' in filtered
+    slices = browser.get("/catalog/?kind=slice").content.decode()
+    assert f'data-offer="{two.id}"' in slices and f'data-offer="{node.id}"' not in slices
 
 
 def test_a_price_is_rounded_to_the_cent_alike_on_the_catalog_and_the_reserve_page(tenant):

@@ -8,7 +8,7 @@ from django.utils import timezone
 from marketplace.choices import Role
 from marketplace.models import OfferTermDiscount, Reservation
 from marketplace.services.reservations.lifecycle import reservation_create
-from tests.factories import PASSWORD, make_tenant
+from tests.factories import PASSWORD, OfferFactory, make_tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -130,3 +130,59 @@ def test_extend_from_the_portal_by_hours_or_refused_on_its_field(tenant, offer):
         errors = refused.context["extend_form"].errors
         assert words in errors[field][0], (form, errors)
         assert Reservation.objects.get().end == old_end + timedelta(hours=2.5)
+
+
+@pytest.fixture
+def one_gpu(offer):
+    """A 1-GPU instance of the offer's 8-GPU nodes, at its price."""
+    return OfferFactory(
+        site=offer.site, accelerator_type=offer.accelerator_type, gpus_per_instance=1, price_per_gpu_hour="2.49"
+    )
+
+
+def test_reserve_a_1_gpu_instance_as_a_node_then_see_its_node_and_gpu(tenant, offer, one_gpu):
+    browser = browser_for(tenant)
+    page = browser.get(f"/offers/{one_gpu.id}/reserve/").content.decode()
+    # No number of nodes to choose: one instance, said so; the calendar counts instances of one GPU.
+    assert 'type="hidden" name="quantity" value="1"' in page and "One instance: 1 GPU of one 8-GPU node" in page
+    assert "Free instances per hour" in page and "(1 GPU each)" in page and "24 instances, 24 GPUs" in page
+    key = re.search(r'name="idempotency_key" value="([0-9a-f]+)"', page).group(1)
+    form = {"quantity": 1, "start": "", "duration_hours": "4", "idempotency_key": key}
+    review = browser.post(f"/offers/{one_gpu.id}/reserve/", form).content.decode()
+    capacity = re.search(r"<td data-quote-capacity>(.+?)</td>", review).group(1)
+    assert capacity == "1 instance · 1 GPU of one 8-GPU node"
+    assert "$2.4900 per GPU-hour · on demand · $2.49/h per instance" in review and "$9.96" in review  # 1 GPU, 4 h
+    confirmed = browser.post(f"/offers/{one_gpu.id}/reserve/", {**form, "confirm": "1"})
+    reservation = Reservation.objects.get()
+    assert confirmed.status_code == 302 and confirmed["Location"] == f"/reservations/{reservation.id}/"
+    allocation = reservation.allocations.get()
+    assert (reservation.gpu_count, list(allocation.gpu_indices)) == (1, [allocation.gpus.lower])
+
+    detail = browser.get(confirmed["Location"]).content.decode()
+    held = f"<code>{allocation.node.hostname}</code> · GPU {allocation.gpus.lower}"
+    assert held in re.search(r"<td data-capacity>(.+?)</td>", detail, re.S).group(1)
+    assert "(1 of its 8 GPUs)" in detail and "$2.49/h per instance" in detail
+    row = re.search(rf'<tr data-allocation="{allocation.node.hostname}">(.+?)</tr>', detail, re.S).group(1)
+    assert f"GPU {allocation.gpus.lower}" in row and "of 8" in row
+    assert held in browser.get("/reservations/").content.decode()  # the list says it too
+
+
+def test_a_slice_refuses_more_than_one_instance_on_the_form(tenant, one_gpu):
+    response = browser_for(tenant).post(
+        f"/offers/{one_gpu.id}/reserve/", {"quantity": 3, "duration_hours": "1", "confirm": "1"}
+    )
+    assert response.status_code == 400
+    errors = response.context["form"].errors
+    assert list(errors) == ["quantity"] and "use quantity 1" in errors["quantity"][0]
+    page = response.content.decode()
+    assert 'type="hidden" name="quantity"' in page and "use quantity 1" in page  # shown, though the field is hidden
+    assert not Reservation.objects.exists()
+
+
+def test_a_whole_node_reservation_page_says_it_holds_all_the_gpus(tenant, offer):
+    reservation = reservation_create(tenant=tenant, offer=offer, quantity=2, start=None, end=None, duration_hours=1)
+    detail = browser_for(tenant).get(f"/reservations/{reservation.id}/").content.decode()
+    assert "2 nodes · 16 GPUs" in detail and "$19.92/h per node" in detail
+    for allocation in reservation.allocations.all():
+        row = re.search(rf'<tr data-allocation="{allocation.node.hostname}">(.+?)</tr>', detail, re.S).group(1)
+        assert "GPUs 0–7" in row and "(all)" in row

@@ -1,8 +1,11 @@
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.utils import timezone
 
 from marketplace.choices import OfferShape
+from marketplace.services.reservations.lifecycle import reservation_create
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
 from tests.factories import AcceleratorTypeFactory, OfferFactory, RackFactory, SiteFactory, make_node
 
@@ -54,6 +57,8 @@ def ids(response) -> set[int]:
 def test_availability_is_derived_from_the_fleet(tenant, client_for, catalog):
     offers = {o["id"]: o for o in client_for(tenant).get("/api/v1/offers/").json()["results"]}
     assert offers[catalog["h100_node"].id]["availability"] == {
+        "total_instances": 3,  # instances count only nodes that can take work: not the draining one
+        "available_instances": 3,
         "total_nodes": 4,
         "available_nodes": 3,
         "total_racks": 2,
@@ -84,6 +89,77 @@ def test_availability_is_derived_from_the_fleet(tenant, client_for, catalog):
 )
 def test_offer_filters(tenant, client_for, catalog, query, expected):
     assert ids(client_for(tenant).get(f"/api/v1/offers/?{query}")) == {catalog[name].id for name in expected}
+
+
+@pytest.fixture
+def h100_slices(catalog):
+    """1- and 2-GPU instances of the Frankfurt H100 nodes, sharing them with the whole-node and rack offers."""
+    node = catalog["h100_node"]
+    for size in (1, 2):
+        catalog[f"h100_{size}"] = OfferFactory(
+            site=node.site, accelerator_type=node.accelerator_type, gpus_per_instance=size, price_per_gpu_hour="2.49"
+        )
+    return catalog
+
+
+def reserve(tenant, offer, quantity=1):
+    return reservation_create(
+        tenant=tenant, offer=offer, quantity=quantity, start=None, end=timezone.now() + timedelta(hours=1)
+    )
+
+
+def test_offers_say_what_an_instance_is_and_count_instances(tenant, client_for, h100_slices):
+    catalog = h100_slices
+    reserve(tenant, catalog["h100_1"])  # one GPU of one node, now
+    offers = {o["id"]: o for o in client_for(tenant).get("/api/v1/offers/").json()["results"]}
+    one, two, node, rack = (offers[catalog[k].id] for k in ("h100_1", "h100_2", "h100_node", "h100_rack"))
+    assert (one["kind"], one["gpus_per_instance"], one["gpus_per_node"]) == ("slice", 1, 8)
+    assert (two["kind"], two["gpus_per_instance"]) == ("slice", 2)
+    assert (node["kind"], node["gpus_per_instance"]) == ("node", 8)
+    assert (rack["kind"], rack["gpus_per_instance"]) == ("rack", 8)
+    assert one["name"] == "1× H100 SXM instance · Frankfurt"
+    assert (one["price_per_gpu_hour"], one["price_per_instance_hour"]) == ("2.4900", "2.4900")
+    assert two["price_per_instance_hour"] == "4.9800"
+    # Three nodes can take work: 24 GPUs; one of them is held.
+    assert (one["availability"]["total_instances"], one["availability"]["available_instances"]) == (24, 23)
+    assert (two["availability"]["total_instances"], two["availability"]["available_instances"]) == (12, 11)
+    assert (node["availability"]["total_instances"], node["availability"]["available_instances"]) == (3, 2)
+    assert node["availability"]["available_nodes"] == 2  # that node is partly rented: not whole
+
+
+@pytest.mark.parametrize(
+    "query,expected",
+    [
+        ("gpus_per_instance=1", {"h100_1"}),
+        ("gpus_per_instance=2&site=fra", {"h100_2"}),
+        ("gpus_per_instance=8&accelerator=h100-sxm-80gb", {"h100_node", "h100_rack"}),
+        ("min_gpus=2&accelerator=h100-sxm-80gb", {"h100_2", "h100_node", "h100_rack"}),
+        ("min_gpus=4", {"h100_node", "h100_rack", "mi300x", "l40s"}),
+        ("kind=slice", {"h100_1", "h100_2"}),
+        ("kind=node", {"h100_node", "mi300x", "l40s"}),
+        ("kind=rack", {"h100_rack"}),
+        ("kind=slice&max_price=2", set()),
+    ],
+)
+def test_instance_filters(tenant, client_for, h100_slices, query, expected):
+    assert ids(client_for(tenant).get(f"/api/v1/offers/?{query}")) == {h100_slices[name].id for name in expected}
+
+
+@pytest.mark.parametrize(
+    "query,field",
+    [("gpus_per_instance=1.5", "gpus_per_instance"), ("min_gpus=0", "min_gpus"), ("kind=half", "kind")],
+)
+def test_bad_instance_filters_are_400_with_the_field(tenant, client_for, h100_slices, query, field):
+    response = client_for(tenant).get(f"/api/v1/offers/?{query}")
+    assert response.status_code == 400 and field in response.json()["error"]["fields"]
+
+
+def test_available_counts_a_slice_free_on_a_partly_rented_node(tenant, client_for, h100_slices):
+    catalog = h100_slices
+    reserve(tenant, catalog["h100_node"], quantity=2)
+    reserve(tenant, catalog["h100_1"])  # one GPU of the last free H100 node
+    available = ids(client_for(tenant).get("/api/v1/offers/?available=true&accelerator=h100-sxm-80gb"))
+    assert available == {catalog["h100_1"].id, catalog["h100_2"].id}  # no whole node, no whole rack is free
 
 
 def test_available_filter_drops_offers_with_nothing_free(tenant, client_for, catalog):

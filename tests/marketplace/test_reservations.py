@@ -65,6 +65,9 @@ class TestCreate:
         assert body["price"] == {
             "currency": "USD",
             "per_gpu_hour": "2.5000",
+            "instances": 2,
+            "gpus_per_instance": 8,
+            "per_instance_hour": "20.0000",
             "gpu_count": 16,
             "hours": "3.0000",
             "estimated_total": "120.00",
@@ -457,6 +460,120 @@ class TestReads:
         assert theirs.state == S.PENDING
 
 
+@pytest.fixture
+def slices(fleet):
+    """Offers of 1-, 2- and 4-GPU instances over the fleet's 8-GPU nodes, next to its whole nodes."""
+    node_offer = fleet["node_offer"]
+    return {
+        size: OfferFactory(
+            site=fleet["site"],
+            accelerator_type=node_offer.accelerator_type,
+            gpus_per_instance=size,
+            price_per_gpu_hour=Decimal("2.50"),
+        )
+        for size in (1, 2, 4)
+    }
+
+
+class TestSlices:
+    def test_a_slice_reservation_shows_which_gpus_of_which_node_it_holds(self, tenant, client_for, fleet, slices):
+        client = client_for(tenant)
+        pair = post(client, {"offer": slices[2].id, "duration_hours": 2})
+        single = post(client, {"offer": slices[1].id, "duration_hours": 2})
+        assert pair.status_code == single.status_code == 201, (pair.content, single.content)
+        pair, single = pair.json(), single.json()
+        assert pair["offer"]["kind"] == "slice" and pair["offer"]["gpus_per_instance"] == 2
+        assert (pair["quantity"], pair["node_count"], pair["gpu_count"]) == (1, 1, 2)
+        # Both on one node (the fullest with room), on GPUs that do not overlap, each aligned to its size.
+        [held_pair], [held_single] = pair["allocations"], single["allocations"]
+        assert held_pair["node"] == held_single["node"]
+        assert len(held_pair["gpus"]) == 2 and held_pair["gpus"][0] % 2 == 0 and len(held_single["gpus"]) == 1
+        assert not set(held_pair["gpus"]) & set(held_single["gpus"])
+        first, last = held_pair["gpus"][0], held_pair["gpus"][-1]
+        assert held_pair["gpu_label"] == f"GPUs {first}–{last}"
+        assert held_single["gpu_label"] == f"GPU {held_single['gpus'][0]}"
+        assert pair["price"] == {
+            "currency": "USD",
+            "per_gpu_hour": "2.5000",
+            "instances": 1,
+            "gpus_per_instance": 2,
+            "per_instance_hour": "5.0000",
+            "gpu_count": 2,
+            "hours": "2.0000",
+            "estimated_total": "10.00",
+        }
+        # The detail says the same as the database holds.
+        detail = client.get(f"/api/v1/reservations/{pair['id']}/").json()
+        allocation = Allocation.objects.get(reservation_id=pair["id"])
+        assert detail["allocations"][0]["node"] == allocation.node.hostname
+        assert detail["allocations"][0]["gpus"] == list(allocation.gpu_indices)
+
+    def test_a_whole_node_lists_all_its_gpus(self, tenant, client_for, fleet):
+        body = post(client_for(tenant), {"offer": fleet["node_offer"].id, "duration_hours": 1}).json()
+        assert body["allocations"][0]["gpus"] == list(range(8)) and body["allocations"][0]["gpu_label"] == "GPUs 0–7"
+
+    @pytest.mark.parametrize("quantity", [2, 5])
+    def test_more_than_one_instance_of_a_slice_is_400_on_quantity_and_writes_nothing(
+        self, tenant, client_for, slices, quantity
+    ):
+        response = post(client_for(tenant), {"offer": slices[1].id, "quantity": quantity, "duration_hours": 1})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "invalid" and "use quantity 1" in error["message"]
+        assert list(error["fields"]) == ["quantity"]
+        assert not Reservation.objects.exists()
+
+    def test_the_quote_says_instances_gpus_and_per_instance_price_and_makes_nothing(
+        self, tenant, client_for, fleet, slices
+    ):
+        client = client_for(tenant)
+        response = client.post(
+            "/api/v1/reservations/quote/", {"offer": slices[4].id, "duration_hours": 3}, format="json"
+        )
+        assert response.status_code == 200, response.content
+        body = response.json()
+        assert (body["quantity"], body["node_count"], body["gpu_count"]) == (1, 1, 4)
+        assert body["offer"] == {"id": slices[4].id, "name": str(slices[4]), "kind": "slice", "gpus_per_instance": 4}
+        assert body["price"]["per_instance_hour"] == "10.0000" and body["price"]["estimated_total"] == "30.00"
+        nodes = client.post(
+            "/api/v1/reservations/quote/",
+            {"offer": fleet["node_offer"].id, "quantity": 2, "duration_hours": 1},
+            format="json",
+        ).json()
+        assert (nodes["price"]["instances"], nodes["price"]["gpus_per_instance"], nodes["gpu_count"]) == (2, 8, 16)
+        assert not Reservation.objects.exists()
+
+    def test_the_quote_refuses_as_reserving_would(self, tenant, client_for, fleet, slices):
+        client = client_for(tenant)
+        too_many = client.post(
+            "/api/v1/reservations/quote/", {"offer": slices[2].id, "quantity": 3, "duration_hours": 1}, format="json"
+        )
+        assert too_many.status_code == 400 and "quantity" in too_many.json()["error"]["fields"]
+        reservation_create(tenant=tenant, offer=fleet["node_offer"], quantity=5, start=None, end=hours_from_now(2))
+        full = client.post("/api/v1/reservations/quote/", {"offer": slices[1].id, "duration_hours": 1}, format="json")
+        assert full.status_code == 409 and full.json()["error"]["code"] == "capacity_unavailable"
+        assert Reservation.objects.count() == 1
+
+    def test_the_calendar_counts_free_instances_and_their_gpus(self, tenant, client_for, fleet, slices):
+        start = (timezone.now() + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+        reservation_create(tenant=tenant, offer=slices[2], quantity=1, start=start, end=start + timedelta(hours=1))
+        client = client_for(tenant)
+
+        def hours(offer):
+            body = client.get(
+                f"/api/v1/offers/{offer.id}/availability/",
+                {"start": start.isoformat(), "end": (start + timedelta(hours=2)).isoformat()},
+            ).json()
+            assert body["unit"] == "instances" and body["gpus_per_instance"] == offer.gpus_per_instance
+            return [(h["free"], h["total"], h["free_gpus"], h["total_gpus"]) for h in body["hours"]]
+
+        # Five 8-GPU nodes; two of one node's GPUs held in the first hour.
+        assert hours(slices[1]) == [(38, 40, 38, 40), (40, 40, 40, 40)]
+        assert hours(slices[2]) == [(19, 20, 38, 40), (20, 20, 40, 40)]
+        assert hours(slices[4]) == [(9, 10, 36, 40), (10, 10, 40, 40)]
+        assert hours(fleet["node_offer"]) == [(4, 5, 32, 40), (5, 5, 40, 40)]  # that node is not whole
+
+
 class TestAvailabilityCalendar:
     def test_hourly_free_nodes_reflect_reservations(self, tenant, client_for, fleet):
         start = (timezone.now() + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
@@ -469,14 +586,16 @@ class TestAvailabilityCalendar:
         )
         assert response.status_code == 200, response.content
         body = response.json()
-        assert body["unit"] == "nodes"
+        assert body["unit"] == "instances" and body["gpus_per_instance"] == 8  # a whole node is one instance
         assert [(h["free"], h["total"]) for h in body["hours"]] == [(2, 5), (2, 5), (5, 5), (5, 5)]
+        assert [(h["free_gpus"], h["total_gpus"]) for h in body["hours"]] == [(16, 40), (16, 40), (40, 40), (40, 40)]
 
     def test_rack_calendar_counts_whole_racks(self, tenant, client_for, fleet):
         start = (timezone.now() + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
-        reservation_create(
+        one = reservation_create(
             tenant=tenant, offer=fleet["node_offer"], quantity=1, start=start, end=start + timedelta(hours=1)
         )
+        held_rack = one.allocations.get().node.rack
         body = (
             client_for(tenant)
             .get(
@@ -487,6 +606,9 @@ class TestAvailabilityCalendar:
         )
         assert body["unit"] == "racks"
         assert [(h["free"], h["total"]) for h in body["hours"]] == [(1, 2), (2, 2)]
+        # The other rack's GPUs stay free while a node of one rack is held.
+        free_then = 40 - 8 * held_rack.nodes.count()
+        assert [(h["free_gpus"], h["total_gpus"]) for h in body["hours"]] == [(free_then, 40), (40, 40)]
 
     @pytest.mark.parametrize(
         "query",

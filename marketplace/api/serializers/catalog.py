@@ -3,6 +3,7 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from marketplace.choices import OfferKind
 from marketplace.models import Offer, OfferTermDiscount
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 
@@ -16,6 +17,10 @@ class TermDiscountSerializer(serializers.ModelSerializer):
 
 
 class AvailabilitySerializer(serializers.Serializer):
+    total_instances = serializers.IntegerField(
+        help_text="Instances of this size on nodes that can take work (a whole node is one; a rack offer's: its nodes)."
+    )
+    available_instances = serializers.IntegerField(help_text="Those whose GPUs no reservation holds now.")
     total_nodes = serializers.IntegerField()
     available_nodes = serializers.IntegerField()
     total_racks = serializers.IntegerField()
@@ -24,9 +29,17 @@ class AvailabilitySerializer(serializers.Serializer):
 
 class OfferSerializer(serializers.ModelSerializer):
     name = serializers.CharField(source="__str__", read_only=True)
+    kind = serializers.ChoiceField(
+        choices=OfferKind.choices,
+        read_only=True,
+        help_text="What one instance is: `slice` (gpus_per_instance of one node's GPUs), `node` (a whole node) "
+        "or `rack` (every node of one rack).",
+    )
     site = SiteSummarySerializer(read_only=True)
     accelerator_type = AcceleratorTypeSerializer(read_only=True)
-    price_per_instance_hour = serializers.DecimalField(max_digits=12, decimal_places=4, read_only=True)
+    price_per_instance_hour = serializers.DecimalField(
+        max_digits=12, decimal_places=4, read_only=True, help_text="price_per_gpu_hour × gpus_per_instance."
+    )
     term_discounts = TermDiscountSerializer(many=True, read_only=True)
     availability = serializers.SerializerMethodField()
 
@@ -36,8 +49,10 @@ class OfferSerializer(serializers.ModelSerializer):
             "id",
             "name",
             "shape",
+            "kind",
             "site",
             "accelerator_type",
+            "gpus_per_instance",
             "gpus_per_node",
             "price_per_gpu_hour",
             "price_per_instance_hour",
@@ -53,13 +68,18 @@ class OfferSerializer(serializers.ModelSerializer):
 
 class HourlyAvailabilitySerializer(serializers.Serializer):
     hour = serializers.DateTimeField()
-    free = serializers.IntegerField()
+    free = serializers.IntegerField(help_text="Instances (racks, for a rack offer) free for the whole hour.")
     total = serializers.IntegerField()
+    free_gpus = serializers.IntegerField(help_text="The GPUs of those: free × gpus_per_instance (a rack's GPUs).")
+    total_gpus = serializers.IntegerField()
 
 
 class OfferAvailabilitySerializer(serializers.Serializer):
     offer = serializers.IntegerField()
-    unit = serializers.ChoiceField(choices=["nodes", "racks"])
+    unit = serializers.ChoiceField(
+        choices=["instances", "racks"], help_text="What `free` counts: instances (a whole node is one) or racks."
+    )
+    gpus_per_instance = serializers.IntegerField()
     start = serializers.DateTimeField()
     end = serializers.DateTimeField()
     hours = HourlyAvailabilitySerializer(many=True)

@@ -6,7 +6,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.api.fields import MoneyField
-from marketplace.choices import TermMonths
+from marketplace.choices import OfferKind, TermMonths
 from marketplace.models import Reservation
 from marketplace.selectors.billing import reservation_cost
 from marketplace.selectors.reservations import reservation_billed, reservation_energy_kwh, reservation_progress
@@ -15,9 +15,18 @@ from provisioning.choices import CommandKind, CommandState
 
 
 class AllocationSerializer(serializers.Serializer):
+    """The GPUs of one node a reservation holds: all of them for a whole node or a rack, a slice's
+    aligned range otherwise."""
+
     node = serializers.CharField(source="node.hostname")
     rack = serializers.CharField(source="node.rack.name")
     site = serializers.CharField(source="node.rack.site.slug")
+    gpus = serializers.ListField(
+        child=serializers.IntegerField(min_value=0),
+        source="gpu_indices",
+        help_text="The node's GPU indices held (as the node's agent numbers them), in order.",
+    )
+    gpu_label = serializers.CharField(help_text="The same for people: `GPU 3` or `GPUs 4–7`.")
     start = serializers.DateTimeField(source="period.lower")
     end = serializers.DateTimeField(source="period.upper")
     live = serializers.BooleanField()
@@ -26,7 +35,12 @@ class AllocationSerializer(serializers.Serializer):
 class PriceSerializer(serializers.Serializer):
     currency = serializers.CharField()
     per_gpu_hour = serializers.DecimalField(max_digits=10, decimal_places=4)
-    gpu_count = serializers.IntegerField()
+    instances = serializers.IntegerField(help_text="Instances held: the quantity (one whole rack for a rack offer).")
+    gpus_per_instance = serializers.IntegerField()
+    per_instance_hour = serializers.DecimalField(
+        max_digits=14, decimal_places=4, help_text="per_gpu_hour × gpus_per_instance."
+    )
+    gpu_count = serializers.IntegerField(help_text="GPUs held in all: instances × gpus_per_instance.")
     hours = serializers.DecimalField(max_digits=12, decimal_places=4)
     estimated_total = MoneyField()
 
@@ -34,6 +48,8 @@ class PriceSerializer(serializers.Serializer):
 class OfferRefSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField(source="__str__")
+    kind = serializers.ChoiceField(choices=OfferKind.choices)
+    gpus_per_instance = serializers.IntegerField()
 
 
 class ReservationSerializer(serializers.ModelSerializer):
@@ -93,14 +109,37 @@ class ReservationSerializer(serializers.ModelSerializer):
 
 
 def price_of(item) -> dict:
-    """The price block of a reservation or a quote (both have the same attributes)."""
+    """The price block of a reservation or a quote (both have the same attributes). An instance is a
+    slice, a node or (for a rack offer, quantity 1) the whole rack, so its GPUs are the GPUs held over
+    the quantity."""
+    gpus_per_instance = item.gpu_count // item.quantity
     return {
         "currency": "USD",
         "per_gpu_hour": item.price_per_gpu_hour,
+        "instances": item.quantity,
+        "gpus_per_instance": gpus_per_instance,
+        "per_instance_hour": item.price_per_gpu_hour * gpus_per_instance,
         "gpu_count": item.gpu_count,
         "hours": item.hours.quantize(Decimal("0.0001")),
         "estimated_total": item.estimated_cost,
     }
+
+
+class QuoteSerializer(serializers.Serializer):
+    """What a reservation would hold and cost (``reservation_check``), before it is made."""
+
+    offer = OfferRefSerializer()
+    quantity = serializers.IntegerField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    node_count = serializers.IntegerField()
+    gpu_count = serializers.IntegerField()
+    term_months = serializers.IntegerField(allow_null=True)
+    price = serializers.SerializerMethodField()
+
+    @extend_schema_field(PriceSerializer)
+    def get_price(self, quote) -> dict:
+        return PriceSerializer(price_of(quote)).data
 
 
 class NodeProgressSerializer(serializers.Serializer):
@@ -170,7 +209,11 @@ def hours_field(**kwargs) -> serializers.DecimalField:
 class ReservationCreateSerializer(serializers.Serializer):
     offer = serializers.IntegerField(min_value=1)
     quantity = serializers.IntegerField(
-        min_value=1, max_value=10_000, default=1, help_text="Nodes; 1 for a rack offer (one whole rack)."
+        min_value=1,
+        max_value=10_000,
+        default=1,
+        help_text="Instances: whole nodes for a node offer; 1 for a slice (its GPUs of one node) and for a rack "
+        "offer (one whole rack).",
     )
     start = serializers.DateTimeField(required=False, allow_null=True, help_text="Omit for now.")
     end = serializers.DateTimeField(required=False, help_text="Either end or duration_hours.")

@@ -30,7 +30,7 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
         return offer_list()
 
     @extend_schema(
-        summary="Free capacity of an offer, hour by hour",
+        summary="Free instances of an offer (and their GPUs), hour by hour",
         parameters=[AvailabilityQuerySerializer],
         responses={200: OfferAvailabilitySerializer, **error_responses(400, 404)},
     )
@@ -44,7 +44,8 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
             OfferAvailabilitySerializer(
                 {
                     "offer": offer.pk,
-                    "unit": "racks" if offer.shape == "rack" else "nodes",
+                    "unit": "racks" if offer.shape == "rack" else "instances",
+                    "gpus_per_instance": offer.gpus_per_instance,
                     "start": start,
                     "end": end,
                     "hours": availability_by_hour(offer=offer, start=start, end=end),

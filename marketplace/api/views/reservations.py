@@ -1,5 +1,5 @@
-"""REST endpoints of reservations: reserve, read, cancel, extend, and the telemetry of their GPUs. Thin:
-parse, call one service or selector, render."""
+"""REST endpoints of reservations: the price step, reserve, read, cancel, extend, and the telemetry of
+their GPUs. Thin: parse, call one service or selector, render."""
 
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -11,6 +11,7 @@ from marketplace.api.boundary import TenantRowsMixin
 from marketplace.api.filters import ReservationFilter
 from marketplace.api.idempotency import idempotency_key, idempotent_response
 from marketplace.api.serializers.reservations import (
+    QuoteSerializer,
     ReservationCreateSerializer,
     ReservationDetailSerializer,
     ReservationExtendSerializer,
@@ -21,7 +22,12 @@ from marketplace.api.serializers.reservations import (
 from marketplace.models import Reservation
 from marketplace.selectors.catalog import offer_for_reservation
 from marketplace.selectors.reservations import reservation_get, reservation_list, reservation_telemetry
-from marketplace.services.reservations.lifecycle import reservation_cancel, reservation_create, reservation_extend
+from marketplace.services.reservations.lifecycle import (
+    reservation_cancel,
+    reservation_check,
+    reservation_create,
+    reservation_extend,
+)
 
 
 @extend_schema_view(
@@ -47,7 +53,7 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
         return reservation_get(tenant=tenant, reservation_id=pk)
 
     @extend_schema(
-        summary="Reserve nodes or a whole rack",
+        summary="Reserve instances: a slice of a node, whole nodes or a whole rack",
         description="Send `Idempotency-Key` to make retries safe: a repeat returns the first response; "
         "the same key with another body is refused with 422.",
         request=ReservationCreateSerializer,
@@ -75,6 +81,31 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
             ).data
 
         return idempotent_response(request, tenant=self.tenant, perform=perform)
+
+    @extend_schema(
+        summary="The price step: what a reservation would hold and cost, without making it",
+        description="Takes the body a reservation takes and makes nothing: the instances and GPUs it would "
+        "hold, and the price per GPU-hour and per instance-hour. Refused as reserving would be refused now "
+        "(the role 403, the window 400, the quota and the capacity 409 with the earliest window that fits, "
+        "the hold 402); reserving checks again, and decides.",
+        request=ReservationCreateSerializer,
+        responses={200: QuoteSerializer, **error_responses(400, 402, 403, 409)},
+    )
+    @action(detail=False, methods=["post"])
+    def quote(self, request):
+        params = ReservationCreateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        quote = reservation_check(
+            tenant=self.tenant,
+            offer=offer_for_reservation(offer_id=data["offer"]),
+            quantity=data["quantity"],
+            start=data.get("start"),
+            end=data.get("end"),
+            duration_hours=data.get("duration_hours"),
+            term_months=data.get("term_months"),
+        )
+        return Response(QuoteSerializer(quote).data)
 
     @extend_schema(
         summary="One-minute GPU telemetry of its nodes, and their latest batch",
