@@ -10,6 +10,7 @@ class MarketplaceConfig(AppConfig):
         # hooks; it never imports marketplace. Imported in ready(): the services and selectors import
         # models, which cannot load before the app registry is populated.
         from marketplace.selectors.capacity import node_gpu_holdings
+        from marketplace.services.endpoints import replicas
         from marketplace.services.reservations import provisioning as provisioning_flow
         from provisioning import hooks
 
@@ -17,3 +18,7 @@ class MarketplaceConfig(AppConfig):
         hooks.on_command_progress(provisioning_flow.on_command_progress)
         hooks.on_node_audience(provisioning_flow.node_audience)
         hooks.on_node_occupancy(node_gpu_holdings)  # a node's GPUs over time, on its admin page
+        # Replicas of inference endpoints rent reservations: their commands carry the server to run, and
+        # a provisioned one reports its address (after the reservation's own hook has moved it).
+        provisioning_flow.on_provision_params(replicas.serve_params)
+        hooks.on_command_finished(replicas.on_command_finished)

@@ -98,3 +98,14 @@ class NoticeKind(models.TextChoices):
     BALANCE_RESTORED = "balance_restored", "Balance restored"
     RELEASED_UNPAID = "released_unpaid", "Released: balance ran out"
     CREDITS_GRANTED = "credits_granted", "Credits granted"
+
+
+class ReplicaState(models.TextChoices):
+    STARTING = "starting", "Starting"  # its slice is being placed and its server started
+    READY = "ready", "Ready"  # the agent reported its address and its health route answers
+    UNHEALTHY = "unhealthy", "Unhealthy"  # it stopped answering: being replaced
+    STOPPING = "stopping", "Stopping"  # its slice is being released
+    STOPPED = "stopped", "Stopped"
+
+
+LIVE_REPLICA_STATES = frozenset({ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY})

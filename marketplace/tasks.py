@@ -6,6 +6,8 @@ from marketplace.services.billing.invoicing import cost_tick
 from marketplace.services.billing.invoicing import invoices_close as close
 from marketplace.services.billing.metering import usage_rate as rate
 from marketplace.services.billing.pricing import prices_apply as apply
+from marketplace.services.endpoints.lifecycle import endpoint_reconcile as reconcile_endpoint
+from marketplace.services.endpoints.lifecycle import endpoints_reconcile as reconcile_endpoints
 from marketplace.services.idempotency import idempotency_records_expire as expire_records
 from marketplace.services.reservations.enforcement import balances_enforce
 from marketplace.services.reservations.lifecycle import reservation_begin, reservations_advance
@@ -75,3 +77,16 @@ def invoices_close() -> int:
 @shared_task(ignore_result=True)
 def prices_apply() -> int:
     return apply()
+
+
+# Inference endpoints (marketplace.services.endpoints).
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def endpoints_reconcile() -> int:
+    return reconcile_endpoints()
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def endpoint_reconcile(endpoint_id: str) -> dict[str, int]:
+    return reconcile_endpoint(endpoint_id=endpoint_id)

@@ -334,3 +334,17 @@ CELERY_TASK_ROUTES.update(
 )
 # The live cost push is a fan-out like telemetry's: it must not wait behind a month's rating run.
 CELERY_TASK_ROUTES["marketplace.tasks.billing_tick"] = {"queue": "telemetry"}
+
+# --- Inference endpoints (marketplace.services.endpoints) ---------------------------------------------
+# A replica's GPU slice is a reservation leased for this long and renewed while its endpoint lives (its
+# balance hold covers one lease at a time).
+REPLICA_LEASE_HOURS = env_int("REPLICA_LEASE_HOURS", 2)
+# How often beat reconciles endpoints: starts missing replicas, stops extra ones, renews leases.
+ENDPOINT_RECONCILE_SECONDS = env_int("ENDPOINT_RECONCILE_SECONDS", 5)
+# The URL OpenAI clients are given (an endpoint's base_url is this + "/v1"); by default the console's own.
+GATEWAY_URL = env_str("GATEWAY_URL", "http://127.0.0.1:8000")
+CELERY_BEAT_SCHEDULE["endpoints-reconcile"] = {
+    "task": "marketplace.tasks.endpoints_reconcile",
+    "schedule": float(ENDPOINT_RECONCILE_SECONDS),
+    "options": {"expires": float(ENDPOINT_RECONCILE_SECONDS)},
+}

@@ -12,6 +12,16 @@ from .billing import (
     UsageRecord,
 )
 from .catalog import Offer, OfferTermDiscount
+from .endpoints import (
+    ENDPOINT_TRANSITIONS,
+    SERVING_STATES,
+    Endpoint,
+    EndpointState,
+    ModelTask,
+    PlacementPreference,
+    Replica,
+    ServedModel,
+)
 from .reservations import (
     RESERVATION_ON_ENTER,
     RESERVATION_TRANSITIONS,
@@ -24,6 +34,14 @@ from .reservations import (
 from .tenancy import ApiKey, Membership, Organization, User
 
 __all__ = [
+    "ENDPOINT_TRANSITIONS",
+    "SERVING_STATES",
+    "Endpoint",
+    "EndpointState",
+    "ModelTask",
+    "PlacementPreference",
+    "Replica",
+    "ServedModel",
     "BillingNotice",
     "BillingProfile",
     "Invoice",

@@ -45,7 +45,7 @@ def reservation_billed(*, reservation: Reservation) -> Decimal | None:
 
 def reservation_list(*, tenant: TenantContext, state: str | None = None) -> QuerySet[Reservation]:
     reservations = billed_of(
-        Reservation.objects.filter(organization=tenant.organization)
+        Reservation.objects.filter(organization=tenant.organization, replica__isnull=True)  # replicas: endpoints'
         .select_related("offer__site", "offer__accelerator_type", "created_by", "rack")
         .prefetch_related(
             Prefetch(

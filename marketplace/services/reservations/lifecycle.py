@@ -414,8 +414,21 @@ def _move(reservation: Reservation, target: str, *, release_early: bool = False,
 def reservation_cancel(*, tenant: TenantContext, reservation: Reservation) -> Reservation:
     """Before it starts: cancelled, nothing held. After: released (its nodes are torn down). A reserved
     term released before its end is a commitment kept: the rest of the term is billed all the same
-    (``released_early_at``; docs/billing.md), while its nodes are freed at once."""
+    (``released_early_at``; docs/billing.md), while its nodes are freed at once. A replica of an
+    inference endpoint is ended by scaling or deleting its endpoint, not here."""
     tenant.require(Role.MEMBER, "cancelling a reservation")
+    if Reservation.objects.filter(pk=reservation.pk, replica__isnull=False).exists():
+        raise Conflict(
+            "This reservation is a replica of an inference endpoint; scale or delete the endpoint instead.",
+            code="replica_reservation",
+        )
+    return reservation_end(reservation=reservation)
+
+
+@transaction.atomic
+def reservation_end(*, reservation: Reservation) -> Reservation:
+    """reservation_cancel without the tenant's checks, for the services that own a reservation's use
+    (an endpoint stopping a replica)."""
     if reservation.state == S.PENDING:
         _move(reservation, S.CANCELLED)
     elif reservation.can_cancel:

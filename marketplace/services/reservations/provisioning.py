@@ -60,14 +60,29 @@ def reservation_provision_start(*, reservation_id) -> int:
     return len(missing)
 
 
+# What the subdomains renting reservations for their own use add to a provision command (an endpoint's
+# replica: the server to run). Registered in MarketplaceConfig.ready, so reservations import none of them.
+_param_extras: list = []
+
+
+def on_provision_params(callback) -> None:
+    """Register ``callback(reservation) -> dict | None``: more params for its provision commands."""
+    if callback not in _param_extras:
+        _param_extras.append(callback)
+
+
 def provision_params(reservation: Reservation, allocation) -> dict:
     """What the agent is told (docs/agent-protocol.md): the reservation, the GPU indices of the node it
-    may use -- the workload sees only those -- and their vendor, which names the variables that say so."""
-    return {
+    may use -- the workload sees only those -- their vendor, which names the variables that say so, and
+    what the registered extras add."""
+    params = {
         "reservation": str(reservation.pk),
         "gpus": list(allocation.gpu_indices),
         "gpu_vendor": reservation.offer.accelerator_type.vendor,
     }
+    for extra in _param_extras:
+        params.update(extra(reservation) or {})
+    return params
 
 
 @transaction.atomic

@@ -1,0 +1,160 @@
+"""Inference endpoints: a tenant's model behind an OpenAI-compatible URL, served by replicas.
+
+A replica is a rental like any other: it holds a GPU slice through a Reservation of a slice offer
+(placement, quotas, balance holds, metering, invoices and telemetry sealing all come with it), leased
+for REPLICA_LEASE and renewed while its endpoint lives. The Replica row adds what serving needs: the
+address the agent reported and whether the server is answering."""
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+from marketplace.choices import ReplicaState
+from provisioning.models import AcceleratorType, Site
+
+from .catalog import SLICE_SIZES
+from .reservations import Reservation
+from .tenancy import Organization
+
+
+class ModelTask(models.TextChoices):
+    EMBEDDINGS = "embeddings", "Embeddings"
+    CHAT = "chat", "Chat"  # when a runtime for it exists
+
+
+class ServedModel(models.Model):
+    """A model operators offer to serve, and how a replica runs it on a host."""
+
+    slug = models.SlugField(max_length=64, unique=True, help_text="What the catalog calls it, e.g. all-minilm-l6-v2.")
+    name = models.CharField(max_length=100, help_text="Display name, e.g. all-MiniLM-L6-v2.")
+    task = models.CharField(max_length=16, choices=ModelTask.choices, default=ModelTask.EMBEDDINGS)
+    description = models.CharField(max_length=300, blank=True)
+    server_program = models.JSONField(
+        help_text='The model server\'s argv on a host, e.g. ["python", "-m", "provisioning.agent.serving", ...]; '
+        "the agent adds the port, the served name comes from the endpoint."
+    )
+    weights = models.CharField(max_length=300, help_text="Where the weights are: a Python package or a host path.")
+    gpus_per_replica = models.PositiveSmallIntegerField(default=1, help_text="GPUs one replica holds (a slice).")
+    gpu_memory_gib = models.PositiveIntegerField(default=1, help_text="GPU memory one replica needs.")
+    dimensions = models.PositiveIntegerField(null=True, blank=True, help_text="Embedding size (embeddings).")
+    accelerator_types = models.ManyToManyField(AcceleratorType, related_name="served_models")
+    is_active = models.BooleanField(default=True, help_text="Inactive models take no new endpoints.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(gpus_per_replica__in=SLICE_SIZES), name="served_model_replica_is_a_slice_size"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class EndpointState(models.TextChoices):
+    DEPLOYING = "deploying", "Deploying"  # no replica ready yet
+    READY = "ready", "Ready"  # at least min_replicas ready
+    DEGRADED = "degraded", "Degraded"  # some ready, fewer than min_replicas
+    SCALING = "scaling", "Scaling"  # replicas being added or removed
+    DELETING = "deleting", "Deleting"  # replicas being stopped
+    DELETED = "deleted", "Deleted"
+
+
+E = EndpointState
+# The endpoint lifecycle. Every move goes through marketplace.services.endpoints, which checks this table.
+_UP = (E.DEPLOYING, E.READY, E.DEGRADED, E.SCALING)  # derived from the replicas: any of these to another
+ENDPOINT_TRANSITIONS: dict[str, frozenset[str]] = {
+    **{state: frozenset({*_UP, E.DELETING} - {state}) for state in _UP},
+    E.DELETING: frozenset({E.DELETED}),
+    E.DELETED: frozenset(),
+}
+SERVING_STATES = frozenset({E.READY, E.DEGRADED, E.SCALING})  # the gateway forwards to their ready replicas
+
+
+class PlacementPreference(models.TextChoices):
+    NEAREST = "nearest", "Nearest site first"
+    EDGE_FIRST = "edge_first", "Edge sites first"
+    PINNED = "pinned", "Only the sites named"
+
+
+MAX_REPLICAS = 16
+
+
+class Endpoint(models.Model):
+    """A tenant's model behind ``<gateway>/v1``: clients send the endpoint's name as ``model``."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="endpoints")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="endpoints"
+    )
+    name = models.SlugField(max_length=64, help_text="What clients send as `model`; unique in the organization.")
+    model = models.ForeignKey(ServedModel, on_delete=models.PROTECT, related_name="endpoints")
+    accelerator_types = models.ManyToManyField(
+        AcceleratorType, blank=True, related_name="endpoints", help_text="Allowed types; none: any the model runs on."
+    )
+    region = models.CharField(max_length=32, help_text="Where the endpoint's users are, e.g. eu-central.")
+    placement = models.CharField(
+        max_length=16, choices=PlacementPreference.choices, default=PlacementPreference.NEAREST
+    )
+    pinned_sites = models.ManyToManyField(Site, blank=True, related_name="pinned_endpoints")
+    min_replicas = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
+    max_replicas = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(MAX_REPLICAS)]
+    )
+    target_concurrency = models.PositiveSmallIntegerField(
+        default=8,
+        validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        help_text="Requests in flight per replica.",
+    )
+    state = models.CharField(max_length=16, choices=EndpointState.choices, default=E.DEPLOYING)
+    state_changed_at = models.DateTimeField(auto_now_add=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "name"], condition=~Q(state=E.DELETED), name="endpoint_name_unique_live"
+            ),
+            models.CheckConstraint(condition=Q(state__in=EndpointState.values), name="endpoint_state_valid"),
+            models.CheckConstraint(
+                condition=Q(
+                    min_replicas__gte=1, min_replicas__lte=models.F("max_replicas"), max_replicas__lte=MAX_REPLICAS
+                ),
+                name="endpoint_replica_bounds",
+            ),
+        ]
+        indexes = [models.Index(fields=["organization", "state"], name="endpoint_org_state_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.model})"
+
+
+class Replica(models.Model):
+    """One model-server process of an endpoint, on the GPU slice its reservation holds."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="replicas")
+    reservation = models.OneToOneField(Reservation, on_delete=models.PROTECT, related_name="replica")
+    state = models.CharField(max_length=16, choices=ReplicaState.choices, default=ReplicaState.STARTING)
+    address = models.CharField(max_length=100, blank=True, help_text="host:port the agent reported.")
+    ready_at = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(state__in=ReplicaState.values), name="replica_state_valid"),
+        ]
+        indexes = [models.Index(fields=["endpoint", "state"], name="replica_endpoint_state_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint.name} replica {self.id.hex[:8]}"

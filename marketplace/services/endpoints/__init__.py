@@ -1,0 +1,1 @@
+"""Inference endpoints: the models operators serve, the endpoints tenants own, and their replicas."""

@@ -1,0 +1,153 @@
+"""Replicas: an endpoint's model servers, each on a GPU slice its reservation holds. The only writer of
+Replica rows.
+
+A replica is started by reserving a slice of the best offer its endpoint's preference allows
+(``candidate_offers``: the users' region first, edge sites first, or only pinned sites), leased for
+REPLICA_LEASE_HOURS and renewed while the endpoint lives; the reservation's provision command carries
+``serve`` (docs/agent-protocol.md) so the node's agent starts the server on those GPUs and reports its
+address. Everything after that -- replacing a replica whose reservation ended or failed, topping up to
+``min_replicas``, renewing leases -- is ``lifecycle.endpoint_reconcile``, run by beat."""
+
+import hashlib
+import hmac
+import logging
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, IntegerField, QuerySet, Value, When
+from django.utils import timezone
+
+from console.kernel.errors import Conflict
+from console.kernel.tasks import enqueue_on_commit
+from marketplace.choices import LIVE_REPLICA_STATES, OfferShape, ReplicaState, Role
+from marketplace.models import Endpoint, Offer, PlacementPreference, Replica, Reservation
+from marketplace.services.reservations.lifecycle import reservation_create, reservation_end
+from marketplace.services.reservations.placement import CapacityUnavailable
+from marketplace.tenant_context import TenantContext
+from provisioning.choices import CommandKind, CommandState, SiteKind
+
+logger = logging.getLogger(__name__)
+R = ReplicaState
+
+
+class NoCapacityForReplica(Conflict):
+    code = "capacity_unavailable"
+
+
+def live_replicas(endpoint: Endpoint) -> QuerySet[Replica]:
+    return endpoint.replicas.filter(state__in=LIVE_REPLICA_STATES).select_related("reservation")
+
+
+def replica_secret(replica_id) -> str:
+    """The secret the gateway presents to a replica and the replica checks (X-Neocloud-Replica-Secret):
+    derived from the console's key, so it is stored nowhere in the console."""
+    key = settings.SECRET_KEY.encode()
+    return hmac.new(key, f"neocloud-replica:{replica_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def candidate_offers(endpoint: Endpoint) -> QuerySet[Offer]:
+    """Slice offers a replica of ``endpoint`` may take, best first by its placement preference: the
+    model's slice size on an accelerator type it runs on (and the endpoint allows); then the users'
+    region first (nearest), or edge sites first, or only the pinned sites; then the cheapest."""
+    model = endpoint.model
+    allowed = list(endpoint.accelerator_types.values_list("pk", flat=True)) or list(
+        model.accelerator_types.values_list("pk", flat=True)
+    )
+    offers = Offer.objects.filter(
+        is_active=True, shape=OfferShape.NODE, gpus_per_instance=model.gpus_per_replica, accelerator_type__in=allowed
+    ).select_related("site", "accelerator_type")
+    in_region = Case(When(site__region=endpoint.region, then=Value(0)), default=Value(1), output_field=IntegerField())
+    at_edge = Case(When(site__kind=SiteKind.EDGE, then=Value(0)), default=Value(1), output_field=IntegerField())
+    if endpoint.placement == PlacementPreference.PINNED:
+        offers = offers.filter(site__in=endpoint.pinned_sites.all())
+        order = [in_region]
+    elif endpoint.placement == PlacementPreference.EDGE_FIRST:
+        order = [at_edge, in_region]
+    else:
+        order = [in_region, at_edge]
+    return offers.annotate(*[], **{f"rank{i}": rank for i, rank in enumerate(order)}).order_by(
+        *[f"rank{i}" for i in range(len(order))], "price_per_gpu_hour", "pk"
+    )
+
+
+def acting_for(endpoint: Endpoint, tenant: TenantContext | None) -> TenantContext:
+    """Who a replica's reservation is made by: the caller, or (beat) the endpoint's organization acting
+    for its creator as a member -- the endpoint's own standing, never more."""
+    if tenant is not None:
+        return tenant
+    return TenantContext(organization=endpoint.organization, user=endpoint.created_by, role=Role.MEMBER)
+
+
+@transaction.atomic
+def replica_start(*, endpoint: Endpoint, tenant: TenantContext | None = None) -> Replica:
+    """Place one more replica: a slice of the first candidate offer with room, leased for
+    REPLICA_LEASE_HOURS. Quota and balance refusals are the tenant's (raised as they are); no room at
+    any candidate is NoCapacityForReplica (409)."""
+    acting = acting_for(endpoint, tenant)
+    tried = []
+    for offer in candidate_offers(endpoint):
+        try:
+            with transaction.atomic():
+                reservation = reservation_create(
+                    tenant=acting,
+                    offer=offer,
+                    quantity=1,
+                    start=None,
+                    end=None,
+                    duration_hours=settings.REPLICA_LEASE_HOURS,
+                )
+                return Replica.objects.create(endpoint=endpoint, reservation=reservation)
+        except CapacityUnavailable:
+            tried.append(offer.site.name)
+    where = ", ".join(dict.fromkeys(tried)) or "no site offers it"
+    raise NoCapacityForReplica(
+        f"No room for a {endpoint.model.gpus_per_replica}-GPU replica of {endpoint.model} where this endpoint may "
+        f"run ({where}).",
+        sites_tried=list(dict.fromkeys(tried)),
+    )
+
+
+@transaction.atomic
+def replica_stop(*, replica: Replica, reason: str = "") -> Replica:
+    """Release its slice (the agent stops the server); ``stopped`` once the reservation has ended."""
+    replica = Replica.objects.select_for_update().select_related("reservation").get(pk=replica.pk)
+    if replica.state in (R.STOPPING, R.STOPPED):
+        return replica
+    if not replica.reservation.is_finished:
+        reservation_end(reservation=replica.reservation)
+    Replica.objects.filter(pk=replica.pk).update(state=R.STOPPING, failure_reason=reason[:500])
+    replica.state = R.STOPPING
+    return replica
+
+
+def serve_params(reservation: Reservation) -> dict | None:
+    """services.reservations.provisioning (on_provision_params): what the agent needs to run a replica's
+    server -- provision params ``serve`` -- or None when the reservation is no replica."""
+    replica = Replica.objects.select_related("endpoint__model").filter(reservation=reservation).first()
+    if replica is None:
+        return None
+    model = replica.endpoint.model
+    return {
+        "serve": {
+            "program": [*model.server_program, "--served-name", replica.endpoint.name],
+            "port_arg": "--port",
+            "health_path": "/healthz",
+            "secret": replica_secret(replica.pk),
+            "startup_timeout_s": 180,
+        }
+    }
+
+
+def on_command_finished(command) -> None:
+    """provisioning.hooks, after reservations' own: the agent answered the provision command of a
+    replica's slice; a success carries the server's address, and the replica is ready."""
+    if command.kind != CommandKind.PROVISION or command.correlation_id is None:
+        return
+    replica = Replica.objects.filter(reservation_id=command.correlation_id).first()
+    if replica is None or command.state != CommandState.SUCCEEDED:
+        return
+    address = (command.result or {}).get("address", "")
+    Replica.objects.filter(pk=replica.pk, state=R.STARTING).update(
+        state=R.READY, address=str(address)[:100], ready_at=timezone.now()
+    )
+    enqueue_on_commit("marketplace.tasks.endpoint_reconcile", str(replica.endpoint_id))
