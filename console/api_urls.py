@@ -6,6 +6,7 @@ from rest_framework.routers import DefaultRouter
 
 from marketplace.api.views.billing import BalanceView, BillingNoticeView, InvoiceViewSet, SpendAlertViewSet, UsageView
 from marketplace.api.views.catalog import OfferViewSet
+from marketplace.api.views.endpoints import EndpointViewSet, ServedModelViewSet
 from marketplace.api.views.reservations import ReservationViewSet
 from marketplace.api.views.tenancy import ApiKeyViewSet, MeView
 from provisioning.api.views import AcceleratorTypeViewSet, SiteViewSet
@@ -19,6 +20,8 @@ router.register("api-keys", ApiKeyViewSet, basename="api-key")
 router.register("reservations", ReservationViewSet, basename="reservation")
 router.register("invoices", InvoiceViewSet, basename="invoice")
 router.register("spend-alerts", SpendAlertViewSet, basename="spend-alert")
+router.register("models", ServedModelViewSet, basename="served-model")
+router.register("endpoints", EndpointViewSet, basename="endpoint")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -99,6 +99,20 @@ def _flatten(detail) -> dict | list | str:
     return str(detail)
 
 
+def _problems(detail, prefix: str = "") -> list[str]:
+    """One field's problems as the one shape has them, a list of strings: those of a list's items or a
+    nested object's keys named by where they are (``[1] Enter a valid slug.``, ``end: Required.``)."""
+    if isinstance(detail, dict):
+        found = []
+        for key, value in detail.items():
+            where = f"[{key}]" if str(key).isdigit() else f"{key}:"
+            found += _problems(value, f"{prefix}{where} ")
+        return found
+    if isinstance(detail, list):
+        return [problem for item in detail for problem in _problems(item, prefix)]
+    return [f"{prefix}{detail}"]
+
+
 def _first_message(fields: dict) -> str:
     for name, problems in fields.items():
         while isinstance(problems, (list, dict)) and problems:
@@ -132,9 +146,11 @@ def api_exception_handler(exc, context):
     if isinstance(exc, SuspiciousOperation):
         return Response(error_body("bad_request", "The request could not be understood."), status=400)
     if isinstance(exc, drf_exceptions.ValidationError):
-        fields = _flatten(exc.detail)
-        if not isinstance(fields, dict):
-            fields = {"non_field_errors": fields if isinstance(fields, list) else [fields]}
+        detail = _flatten(exc.detail)
+        if isinstance(detail, dict):
+            fields = {name: _problems(problems) for name, problems in detail.items()}
+        else:
+            fields = {"non_field_errors": _problems(detail)}
         return Response(error_body("validation_error", _first_message(fields), fields=fields), status=400)
     if isinstance(exc, drf_exceptions.APIException):
         headers = {}

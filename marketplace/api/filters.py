@@ -1,11 +1,11 @@
-"""Query filters of the REST API (django-filter), which the portal reuses: offers and reservations."""
+"""Query filters of the REST API (django-filter), which the portal reuses: offers, reservations, endpoints."""
 
 import django_filters
 from django import forms
 from django.db.models import F, Q
 
 from marketplace.choices import OfferKind, OfferShape, ReservationState
-from marketplace.models import Offer, Reservation
+from marketplace.models import Endpoint, EndpointState, Offer, Reservation
 from marketplace.selectors.catalog import offer_filter
 from provisioning.choices import Purpose, SiteKind, Vendor
 
@@ -107,4 +107,14 @@ class ReservationFilter(django_filters.FilterSet):
 
     class Meta:
         model = Reservation
+        fields = ["state"]
+
+
+class EndpointFilter(django_filters.FilterSet):
+    state = django_filters.ChoiceFilter(
+        choices=EndpointState.choices, help_text="Omitted: every endpoint but the deleted ones."
+    )
+
+    class Meta:
+        model = Endpoint
         fields = ["state"]

@@ -2,7 +2,7 @@
 
 Every operation of the schema is called through the real Django application (WSGI, in this process,
 on the test database) with generated requests, valid and invalid, as a tenant with an API key. The
-tenant has an offer with nodes, a reservation, a spend alert and a second key, so that paths with ids
+tenant has an offer with nodes, a reservation, a spend alert, an endpoint and a second key, so that paths with ids
 reach real rows as well as missing ones. Each response must be no server error, have a status and a
 content type the schema documents for the operation, and a body of the documented shape.
 
@@ -27,6 +27,9 @@ from schemathesis.specs.openapi.checks import (
 from console.wsgi import application
 from marketplace.choices import Role
 from marketplace.services.billing.spend import spend_alert_create
+from marketplace.services.catalog.offers import offer_create
+from marketplace.services.endpoints.lifecycle import endpoint_create
+from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.reservations.lifecycle import reservation_create
 from marketplace.services.tenancy.api_keys import api_key_create
 from tests.factories import make_offer_with_nodes, make_tenant
@@ -57,6 +60,15 @@ def tenant_rows(db):
     offer = make_offer_with_nodes(nodes=4, term_discounts={1: "10"})
     reservation = reservation_create(tenant=tenant, offer=offer, quantity=1, start=None, end=None, term_months=1)
     spend_alert = spend_alert_create(tenant=tenant, threshold="100")
+    offer_create(site=offer.site, accelerator_type=offer.accelerator_type, price_per_gpu_hour="1", gpus_per_instance=1)
+    model = served_model_create(
+        slug="embedder",
+        name="Embedder",
+        server_program=["serve"],
+        weights="w",
+        accelerator_types=[offer.accelerator_type],
+    )
+    endpoint = endpoint_create(tenant=tenant, name="embed", model=model, region=offer.site.region)
     victim, _ = api_key_create(tenant=tenant, name="to revoke")
     _key, plaintext = api_key_create(tenant=tenant, name="schemathesis", role=Role.OWNER)
     return {
@@ -71,6 +83,8 @@ def tenant_rows(db):
             "/api/v1/api-keys/{id}/": victim.pk,
             "/api/v1/api-keys/{id}/revoke/": victim.pk,
             "/api/v1/spend-alerts/{id}/": spend_alert.pk,
+            "/api/v1/endpoints/{id}/": endpoint.pk,
+            "/api/v1/models/{slug}/": model.slug,
             "/api/v1/sites/{slug}/": offer.site.slug,
             "/api/v1/accelerator-types/{slug}/": offer.accelerator_type.slug,
         },

@@ -12,7 +12,14 @@ from django.test import Client
 def test_openapi_schema_validates_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yml"))
     schema = (tmp_path / "schema.yml").read_text()
-    for path in ["/api/v1/offers/", "/api/v1/sites/", "/api/v1/accelerator-types/", "/api/v1/api-keys/{id}/revoke/"]:
+    for path in [
+        "/api/v1/offers/",
+        "/api/v1/sites/",
+        "/api/v1/accelerator-types/",
+        "/api/v1/api-keys/{id}/revoke/",
+        "/api/v1/endpoints/{id}/",
+        "/api/v1/models/",
+    ]:
         assert f"{path}:" in schema
     assert "bearer" in schema
 

@@ -1,1 +1,1 @@
-"""The REST API's serializers, one module per subdomain (tenancy, catalog, reservations, billing)."""
+"""The REST API's serializers, one module per subdomain (tenancy, catalog, reservations, billing, endpoints)."""

@@ -1,0 +1,150 @@
+"""Serializers of inference endpoints: the served models, an endpoint made, rescaled and read with its
+replicas, and what an OpenAI client needs to call it."""
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from marketplace.choices import ReplicaState
+from marketplace.models import Endpoint, EndpointState, ModelTask, PlacementPreference, Replica, ServedModel
+from marketplace.models.endpoints import MAX_REPLICAS
+from marketplace.services.endpoints.lifecycle import endpoint_base_url
+
+
+class ServedModelSerializer(serializers.ModelSerializer):
+    task = serializers.ChoiceField(choices=ModelTask.choices)
+    accelerator_types = serializers.SlugRelatedField(
+        slug_field="slug", many=True, read_only=True, help_text="Accelerator types a replica of it runs on."
+    )
+
+    class Meta:
+        model = ServedModel
+        fields = ["slug", "name", "task", "description", "dimensions", "gpus_per_replica", "accelerator_types"]
+        read_only_fields = fields
+
+
+class ServedModelRefSerializer(serializers.Serializer):
+    slug = serializers.SlugField()
+    name = serializers.CharField()
+
+
+class ReplicaSerializer(serializers.ModelSerializer):
+    """One model server of the endpoint, on the slice its reservation holds. Its address is the
+    gateway's to know, not the tenant's: clients call the endpoint's base_url."""
+
+    state = serializers.ChoiceField(choices=ReplicaState.choices)
+    reservation = serializers.UUIDField(source="reservation_id")
+    site = serializers.SerializerMethodField()
+    node = serializers.SerializerMethodField(help_text="The node's hostname.")
+    gpus = serializers.SerializerMethodField(help_text="The node's GPU indices the replica holds.")
+    gpu_label = serializers.SerializerMethodField(help_text="The same for people: `GPU 3` or `GPUs 4–7`.")
+
+    class Meta:
+        model = Replica
+        fields = ["id", "state", "site", "node", "gpus", "gpu_label", "ready_at", "reservation", "created_at"]
+        read_only_fields = fields
+
+    def _allocation(self, replica: Replica):
+        allocations = list(replica.reservation.allocations.all())  # a slice: one node's GPUs
+        return allocations[0] if allocations else None
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_site(self, replica: Replica) -> str | None:
+        allocation = self._allocation(replica)
+        return allocation.node.rack.site.slug if allocation else None
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_node(self, replica: Replica) -> str | None:
+        allocation = self._allocation(replica)
+        return allocation.node.hostname if allocation else None
+
+    @extend_schema_field(serializers.ListField(child=serializers.IntegerField(min_value=0)))
+    def get_gpus(self, replica: Replica) -> list[int]:
+        allocation = self._allocation(replica)
+        return list(allocation.gpu_indices) if allocation else []
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_gpu_label(self, replica: Replica) -> str | None:
+        allocation = self._allocation(replica)
+        return allocation.gpu_label if allocation else None
+
+
+class OpenAIUsageSerializer(serializers.Serializer):
+    base_url = serializers.URLField(help_text="What an OpenAI client takes as base_url.")
+    model = serializers.CharField(help_text="What it sends as `model`: the endpoint's name.")
+
+
+class EndpointSerializer(serializers.ModelSerializer):
+    model = ServedModelRefSerializer(read_only=True)
+    accelerator_types = serializers.SlugRelatedField(slug_field="slug", many=True, read_only=True)
+    pinned_sites = serializers.SlugRelatedField(slug_field="slug", many=True, read_only=True)
+    placement = serializers.ChoiceField(choices=PlacementPreference.choices)
+    state = serializers.ChoiceField(choices=EndpointState.choices)
+    base_url = serializers.SerializerMethodField(help_text="The gateway's OpenAI-compatible URL, ending in /v1.")
+    openai = serializers.SerializerMethodField(help_text="How an OpenAI client calls it.")
+    replica_count = serializers.IntegerField(source="live_replica_count", help_text="Replicas not stopped.")
+    ready_replica_count = serializers.IntegerField(help_text="Replicas answering.")
+    replicas = serializers.SerializerMethodField(help_text="Its replicas not stopped, oldest first.")
+
+    class Meta:
+        model = Endpoint
+        fields = [
+            "id",
+            "name",
+            "model",
+            "accelerator_types",
+            "region",
+            "placement",
+            "pinned_sites",
+            "min_replicas",
+            "max_replicas",
+            "target_concurrency",
+            "state",
+            "state_changed_at",
+            "base_url",
+            "openai",
+            "replica_count",
+            "ready_replica_count",
+            "replicas",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_base_url(self, endpoint: Endpoint) -> str:
+        return endpoint_base_url(endpoint)
+
+    @extend_schema_field(OpenAIUsageSerializer)
+    def get_openai(self, endpoint: Endpoint) -> dict:
+        return {"base_url": endpoint_base_url(endpoint), "model": endpoint.name}
+
+    @extend_schema_field(ReplicaSerializer(many=True))
+    def get_replicas(self, endpoint: Endpoint) -> list[dict]:
+        live = [replica for replica in endpoint.replicas.all() if replica.state != ReplicaState.STOPPED]
+        return ReplicaSerializer(live, many=True).data
+
+
+def _slugs(help_text: str) -> serializers.ListField:
+    return serializers.ListField(
+        child=serializers.SlugField(max_length=64), required=False, max_length=32, help_text=help_text
+    )
+
+
+class EndpointCreateSerializer(serializers.Serializer):
+    name = serializers.SlugField(max_length=64, help_text="What clients send as `model`; unique in the organization.")
+    model = serializers.SlugField(max_length=64, help_text="A served model's slug (GET /api/v1/models/).")
+    region = serializers.CharField(max_length=32, help_text="Where the endpoint's users are, e.g. eu-central.")
+    placement = serializers.ChoiceField(choices=PlacementPreference.choices, default=PlacementPreference.NEAREST)
+    accelerator_types = _slugs("Allowed accelerator types (slugs); none: any the model runs on.")
+    pinned_sites = _slugs("Site slugs, for pinned placement only.")
+    min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, default=1)
+    max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, default=1)
+    target_concurrency = serializers.IntegerField(
+        min_value=1, max_value=1000, default=8, help_text="Requests in flight per replica."
+    )
+
+
+class EndpointScaleSerializer(serializers.Serializer):
+    """New scaling bounds; what is omitted stays."""
+
+    min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
+    max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
+    target_concurrency = serializers.IntegerField(min_value=1, max_value=1000, required=False)

@@ -1,0 +1,73 @@
+"""Tenant-scoped reads of inference endpoints and their replicas, and the catalog of served models."""
+
+from django.core.exceptions import ValidationError
+from django.db.models import Count, Prefetch, Q, QuerySet
+
+from console.kernel.errors import DomainError, NotFound
+from marketplace.choices import LIVE_REPLICA_STATES, ReplicaState
+from marketplace.models import Allocation, Endpoint, EndpointState, Replica, ServedModel
+from marketplace.tenant_context import TenantContext
+from provisioning.models import AcceleratorType, Site
+
+
+def served_model_list() -> QuerySet[ServedModel]:
+    """Models that take new endpoints, with the accelerator types they run on."""
+    return ServedModel.objects.filter(is_active=True).prefetch_related("accelerator_types").order_by("name")
+
+
+def served_model_for_endpoint(*, slug: str) -> ServedModel:
+    """The model a request names; an inactive one is returned so that the refusal can say why."""
+    model = ServedModel.objects.filter(slug=slug).first()
+    if model is None:
+        message = f"No served model {slug!r}."
+        raise DomainError(message, code="unknown_model", fields={"model": [message]})
+    return model
+
+
+def _by_slugs(queryset, slugs: list[str], *, field: str, noun: str) -> list:
+    found = {row.slug: row for row in queryset.filter(slug__in=slugs)}
+    missing = [slug for slug in slugs if slug not in found]
+    if missing:
+        message = f"No {noun} {', '.join(missing)}."
+        raise DomainError(message, code=f"unknown_{noun.replace(' ', '_')}", fields={field: [message]})
+    return [found[slug] for slug in dict.fromkeys(slugs)]
+
+
+def accelerator_types_by_slug(*, slugs: list[str]) -> list[AcceleratorType]:
+    return _by_slugs(AcceleratorType.objects.all(), slugs, field="accelerator_types", noun="accelerator type")
+
+
+def sites_by_slug(*, slugs: list[str]) -> list[Site]:
+    return _by_slugs(Site.objects.all(), slugs, field="pinned_sites", noun="site")
+
+
+def _endpoints(tenant: TenantContext) -> QuerySet[Endpoint]:
+    replicas = Replica.objects.select_related("reservation").prefetch_related(
+        Prefetch("reservation__allocations", queryset=Allocation.objects.select_related("node__rack__site"))
+    )
+    return (
+        Endpoint.objects.filter(organization=tenant.organization)
+        .select_related("model")
+        .prefetch_related("accelerator_types", "pinned_sites", Prefetch("replicas", queryset=replicas))
+        .annotate(
+            live_replica_count=Count("replicas", filter=Q(replicas__state__in=LIVE_REPLICA_STATES)),
+            ready_replica_count=Count("replicas", filter=Q(replicas__state=ReplicaState.READY)),
+        )
+    )
+
+
+def endpoint_list(*, tenant: TenantContext, state: str | None = None) -> QuerySet[Endpoint]:
+    """The organization's endpoints, newest first; deleted ones only when ``state`` asks for them.
+    Each carries its replicas (with their slice's allocation), ``live_replica_count`` and
+    ``ready_replica_count``."""
+    endpoints = _endpoints(tenant)
+    endpoints = endpoints.filter(state=state) if state else endpoints.exclude(state=EndpointState.DELETED)
+    return endpoints.order_by("-created_at")
+
+
+def endpoint_get(*, tenant: TenantContext, endpoint_id) -> Endpoint:
+    """One of the organization's endpoints, a deleted one included; another tenant's id is not found."""
+    try:
+        return _endpoints(tenant).get(pk=endpoint_id)
+    except (Endpoint.DoesNotExist, ValidationError, ValueError):
+        raise NotFound("No such endpoint in this organization.") from None
