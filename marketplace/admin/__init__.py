@@ -2,4 +2,4 @@
 (docs/conventions.md, "Where a subdomain's code lives"). Every write goes through a service
 (console.kernel.admin.ServiceAdmin); importing the modules registers their admins."""
 
-from marketplace.admin import billing, catalog, reservations, tenancy  # noqa: F401  (registers)
+from marketplace.admin import billing, catalog, endpoints, reservations, tenancy  # noqa: F401  (registers)

@@ -18,8 +18,22 @@ from django.utils import timezone
 from console.kernel.admin import ReadOnlyAdmin, ServiceAdmin
 from console.kernel.errors import DomainError
 from console.kernel.events import FLEET_GROUP
-from marketplace.models import ApiKey, Membership, Offer, OfferPrice, OfferTermDiscount, Organization, Quota, User
+from marketplace.models import (
+    ApiKey,
+    Membership,
+    Offer,
+    OfferPrice,
+    OfferTermDiscount,
+    Organization,
+    Quota,
+    Replica,
+    ServedModel,
+    User,
+)
 from marketplace.services.billing.pricing import offer_price_set
+from marketplace.services.catalog.offers import offer_create
+from marketplace.services.endpoints.lifecycle import endpoint_create
+from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.reservations.lifecycle import MAX_DURATION_HOURS, QuotaExceeded, reservation_create
 from marketplace.services.tenancy.api_keys import api_key_create
 from marketplace.services.tenancy.members import organization_delete
@@ -359,3 +373,57 @@ def test_a_tenant_with_history_is_not_deleted_from_the_admin():
         organization_delete(organization=tenant.organization)
     assert refused.value.code == "in_use"
     assert Organization.objects.filter(pk=tenant.organization.pk).exists()
+
+
+# --- Served models (inference endpoints) --------------------------------------------------------
+
+
+def test_a_served_model_added_in_the_admin_is_made_by_the_endpoint_models_service(operator_client):
+    accelerator = AcceleratorTypeFactory()
+    url = reverse("admin:marketplace_servedmodel_add")
+    data = form_of(operator_client, url, slug="all-minilm-l6-v2", name="all-MiniLM-L6-v2", weights="gt_minilm")
+    data.update({"server_program": '["python", "-m", "provisioning.agent.serving"]', "dimensions": "384"})
+    data["accelerator_types"] = [accelerator.pk]
+    refused = operator_client.post(url, {**data, "gpus_per_replica": "3"})  # not a slice size
+    assert refused.status_code == 200 and not ServedModel.objects.exists()
+    assert operator_client.post(url, {**data, "gpus_per_replica": "2"}).status_code == 302
+    model = ServedModel.objects.get()
+    assert (model.slug, model.gpus_per_replica, model.dimensions) == ("all-minilm-l6-v2", 2, 384)
+    assert model.server_program == ["python", "-m", "provisioning.agent.serving"]
+    assert list(model.accelerator_types.all()) == [accelerator]
+
+    other = AcceleratorTypeFactory()
+    edited = form_of(operator_client, change_url(model), name="MiniLM")
+    edited["accelerator_types"] = [other.pk]
+    assert operator_client.post(change_url(model), edited).status_code == 302
+    model.refresh_from_db()
+    assert model.name == "MiniLM" and list(model.accelerator_types.all()) == [other]
+
+
+def test_a_served_model_with_endpoints_is_not_deleted_and_its_endpoint_pages_are_read_only(operator_client, tenant):
+    node = make_node()
+    offer_create(
+        site=node.rack.site, accelerator_type=node.accelerator_type, price_per_gpu_hour="1", gpus_per_instance=1
+    )
+    model = served_model_create(
+        slug="embedder",
+        name="Embedder",
+        server_program=["serve"],
+        weights="w",
+        accelerator_types=[node.accelerator_type],
+    )
+    endpoint = endpoint_create(tenant=tenant, name="embed", model=model, region=node.rack.site.region)
+    delete = reverse("admin:marketplace_servedmodel_delete", args=[model.pk])
+    page = operator_client.post(delete, {"post": "yes"}, follow=True)
+    assert ServedModel.objects.filter(pk=model.pk).exists() and b"Cannot delete" in page.content
+
+    replica = Replica.objects.get()
+    endpoint_page = operator_client.get(change_url(endpoint)).content.decode()
+    assert b'name="_save"' not in endpoint_page.encode() and replica.id.hex[:8] in endpoint_page
+    assert node.hostname in endpoint_page  # the replica's slice: site, node and GPUs
+    replica_page = operator_client.get(change_url(replica)).content.decode()
+    assert reverse("admin:marketplace_reservation_change", args=[replica.reservation_id]) in replica_page
+    listing = operator_client.get(reverse("admin:marketplace_endpoint_changelist")).content.decode()
+    assert "embed" in listing and tenant.organization.name in listing
+    for row in (endpoint, replica):
+        assert operator_client.post(change_url(row), {}).status_code == 403
