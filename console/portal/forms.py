@@ -6,7 +6,10 @@ from django import forms
 
 from console.kernel.errors import DomainError
 from marketplace.choices import Role
+from marketplace.models import PlacementPreference, ServedModel
+from marketplace.models.endpoints import MAX_REPLICAS
 from marketplace.services.reservations.lifecycle import MAX_DURATION_HOURS
+from provisioning.models import AcceleratorType, Site
 
 MIN_HOURS = Decimal("0.02")
 
@@ -102,6 +105,56 @@ class ExtendForm(forms.Form):
         if (data.get("end") is None) == (data.get("duration_hours") is None):
             self.add_error("end", "Give either a new end or the hours to add.")
         return data
+
+
+def _replicas_field(label: str, initial: int) -> forms.IntegerField:
+    return forms.IntegerField(min_value=1, max_value=MAX_REPLICAS, initial=initial, label=label)
+
+
+def _concurrency_field() -> forms.IntegerField:
+    return forms.IntegerField(
+        min_value=1, max_value=1000, initial=8, label="Target concurrency", help_text="Requests in flight per replica."
+    )
+
+
+class EndpointForm(forms.Form):
+    """Deploy a served model as an endpoint. The choices (models, regions, sites, accelerator types)
+    are set by the view from their selectors; the service checks every rule again."""
+
+    name = forms.SlugField(
+        max_length=64,
+        help_text="What clients send as model; unique in your organization.",
+        widget=forms.TextInput(attrs={"placeholder": "e.g. embed"}),
+    )
+    model = forms.ModelChoiceField(queryset=ServedModel.objects.none(), to_field_name="slug", empty_label=None)
+    region = forms.ChoiceField(choices=[], help_text="Where the endpoint's users are.")
+    placement = forms.ChoiceField(
+        choices=PlacementPreference.choices,
+        initial=PlacementPreference.NEAREST,
+        widget=forms.Select(attrs={"data-placement-select": ""}),
+    )
+    pinned_sites = forms.ModelMultipleChoiceField(
+        queryset=Site.objects.none(), to_field_name="slug", required=False, help_text="Pinned placement only."
+    )
+    accelerator_types = forms.ModelMultipleChoiceField(
+        queryset=AcceleratorType.objects.none(),
+        to_field_name="slug",
+        required=False,
+        label="Allowed accelerator types",
+        help_text="None chosen: any the model runs on.",
+    )
+    min_replicas = _replicas_field("Min replicas", 1)
+    max_replicas = _replicas_field("Max replicas", 1)
+    target_concurrency = _concurrency_field()
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
+
+
+class EndpointScaleForm(forms.Form):
+    """New scaling bounds; the service holds min to max and places or stops replicas."""
+
+    min_replicas = _replicas_field("Min replicas", 1)
+    max_replicas = _replicas_field("Max replicas", 1)
+    target_concurrency = _concurrency_field()
 
 
 def refused_field(form: forms.Form, error: DomainError) -> str | None:

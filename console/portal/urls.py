@@ -4,7 +4,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from console.kernel.throttling import signin_throttled
-from console.portal import api_keys, billing, catalog, fleet, home, reservations
+from console.portal import api_keys, billing, catalog, endpoints, fleet, home, reservations
 
 urlpatterns = [
     path("", home.home, name="home"),
@@ -22,6 +22,9 @@ urlpatterns = [
     path("offers/<int:offer_id>/reserve/", catalog.reserve, name="reserve"),
     path("reservations/", reservations.reservations, name="reservations"),
     path("reservations/<uuid:reservation_id>/", reservations.reservation_detail, name="reservation"),
+    path("endpoints/", endpoints.endpoints, name="endpoints"),
+    path("endpoints/new/", endpoints.endpoint_new, name="endpoint-new"),
+    path("endpoints/<uuid:endpoint_id>/", endpoints.endpoint_detail, name="endpoint"),
     path("billing/", billing.billing, name="billing"),
     path("billing/alerts/<int:alert_id>/remove/", billing.spend_alert_remove, name="spend-alert-remove"),
     path("billing/invoices/<uuid:invoice_id>/", billing.invoice_detail, name="invoice"),

@@ -1,11 +1,13 @@
 """Tenant-scoped reads of inference endpoints and their replicas, and the catalog of served models."""
 
+from decimal import Decimal
+
 from django.core.exceptions import ValidationError
-from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet, Sum
 
 from console.kernel.errors import DomainError, NotFound
 from marketplace.choices import LIVE_REPLICA_STATES, ReplicaState
-from marketplace.models import Allocation, Endpoint, EndpointState, Replica, ServedModel
+from marketplace.models import Allocation, Endpoint, EndpointState, Replica, ServedModel, UsageRecord
 from marketplace.tenant_context import TenantContext
 from provisioning.models import AcceleratorType, Site
 
@@ -71,3 +73,10 @@ def endpoint_get(*, tenant: TenantContext, endpoint_id) -> Endpoint:
         return _endpoints(tenant).get(pk=endpoint_id)
     except (Endpoint.DoesNotExist, ValidationError, ValueError):
         raise NotFound("No such endpoint in this organization.") from None
+
+
+def endpoint_cost(*, endpoint: Endpoint) -> Decimal:
+    """What the endpoint has cost so far: the rated usage of every reservation its replicas held (a
+    replica is a rental like any other, metered and billed as one), stopped replicas included. One sum."""
+    total = UsageRecord.objects.filter(reservation__replica__endpoint=endpoint).aggregate(total=Sum("amount"))["total"]
+    return total or Decimal("0")

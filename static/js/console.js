@@ -32,3 +32,14 @@ document.querySelectorAll("select[data-term-select]").forEach(syncTerm);
 document.addEventListener("click", (event) => {
   if (event.target.closest("[data-print]")) window.print();
 });
+// Deploy form: pinned sites apply to pinned placement only, so they are hidden (and not sent) otherwise.
+function syncPlacement(select) {
+  const sites = select.form?.elements.pinned_sites;
+  if (sites) sites.disabled = select.value !== "pinned";
+  const field = select.form?.querySelector("[data-pinned-field]");
+  if (field) field.hidden = select.value !== "pinned";
+}
+document.addEventListener("change", (event) => {
+  if (event.target.matches("select[data-placement-select]")) syncPlacement(event.target);
+});
+document.querySelectorAll("select[data-placement-select]").forEach(syncPlacement);

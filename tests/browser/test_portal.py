@@ -4,7 +4,7 @@ import pytest
 
 from marketplace.models import ApiKey
 from marketplace.services.tenancy.api_keys import api_key_authenticate
-from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node
+from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_served_model
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -108,3 +108,31 @@ def test_choosing_a_reserved_term_hides_the_duration(page, tenant):
     duration.wait_for(state="hidden")
     page.get_by_label("Pricing").select_option("")
     duration.wait_for(state="visible")
+
+
+def test_a_member_deploys_an_endpoint_and_sees_its_replicas(page, tenant, tmp_path):
+    from marketplace.models import Endpoint
+
+    make_served_model(region="eu-central")
+    sign_in(page, tenant.user.email)
+    page.get_by_role("link", name="Endpoints").click()
+    page.get_by_role("link", name="Deploy an endpoint").click()
+    page.get_by_role("textbox", name="Name").fill("embed")
+    assert not page.get_by_label("Pinned sites").is_visible()  # pinned placement only
+    page.locator("select[name=placement]").select_option("pinned")
+    assert page.get_by_label("Pinned sites").is_visible()
+    page.locator("select[name=placement]").select_option("nearest")
+    page.get_by_label("Min replicas").fill("2")
+    page.get_by_label("Max replicas").fill("2")
+    shots = os.environ.get("SCREENSHOT_DIR", str(tmp_path))
+    page.screenshot(path=f"{shots}/endpoint-new.png", full_page=True)
+    page.get_by_role("button", name="Deploy").click()
+    page.wait_for_url("**/endpoints/*/")
+    endpoint = Endpoint.objects.get()
+    assert page.locator("#endpoint-state").inner_text() == "deploying"
+    rows = page.locator("table.replicas tbody tr[data-replica]")
+    assert rows.count() == 2
+    hostname = endpoint.replicas.first().reservation.allocations.get().node.hostname
+    assert hostname in rows.first.inner_text() and "starting" in rows.first.inner_text()
+    assert 'model="embed"' in page.locator("#snippet-python").inner_text()
+    page.screenshot(path=f"{shots}/endpoint.png", full_page=True)
