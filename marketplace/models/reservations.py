@@ -219,10 +219,23 @@ class Allocation(models.Model):
     """GPUs of one node held by a reservation for a half-open period: the contiguous range ``gpus`` of
     the node's GPU indices, [first, last + 1) -- all of them for a whole node or a rack. PostgreSQL
     refuses two live allocations of one node whose GPU ranges and periods both overlap, whatever the
-    code above it does (ARCHITECTURE invariant 1)."""
+    code above it does (ARCHITECTURE invariant 1).
+
+    ``offer`` is the reservation's offer, copied by the database as the row is written (a trigger,
+    migration 0010, whatever the writer sends) so that placement can read the live allocations of one
+    site's nodes of one kind through one index -- those of the offers sharing them -- instead of every
+    allocation of the fleet or every node in turn (marketplace.selectors.capacity, docs/benchmarks.md)."""
 
     reservation = models.ForeignKey(Reservation, on_delete=models.CASCADE, related_name="allocations")
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="allocations")
+    offer = models.ForeignKey(
+        Offer,
+        on_delete=models.PROTECT,
+        related_name="+",
+        editable=False,
+        db_index=False,  # allocation_pool_period_idx leads with it
+        help_text="The reservation's offer, set by the database on insert (read by placement).",
+    )
     gpus = IntegerRangeField(help_text="The node's GPU indices held, half-open [first, last + 1).")
     period = DateTimeRangeField()
     live = models.BooleanField(default=True, help_text="False once the reservation no longer holds the node.")
@@ -243,6 +256,16 @@ class Allocation(models.Model):
                 condition=models.Q(gpus__isempty=False, gpus__startswith__gte=0), name="allocation_gpus_valid"
             ),
             models.UniqueConstraint(fields=["reservation", "node"], name="allocation_unique_node_per_reservation"),
+        ]
+        indexes = [
+            # Placement's pool scan: the live allocations of some offers overlapping a window, read
+            # from the index alone (the node and its GPUs are in it).
+            GistIndex(
+                fields=["offer", "period"],
+                include=["node", "gpus"],
+                condition=models.Q(live=True),
+                name="allocation_pool_period_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -8,7 +8,17 @@ NVLink/PCIe switch island -- that no live allocation overlapping the period hold
 node is the one slot [0, gpus); a rack can take a rack offer when every node in it is wholly free.
 
 Each function is one SQL statement; none loops over the fleet in Python (bench/placement measures
-them on 10,000 nodes)."""
+them on 10,000 nodes, docs/benchmarks.md).
+
+Placement's questions (which nodes of the offer's kind are free, or how full, over a window) read the
+live allocations of the offer's *pool* -- every offer of its site, accelerator type and node size:
+slices, whole nodes and racks share those nodes -- through ``allocation_pool_period_idx`` (offer,
+period), each allocation carrying its reservation's offer. That is a few hundred index entries at
+10,000 nodes, where asking every node in turn is one index probe per node of the site, and joining the
+window's allocations reads the allocations of the whole fleet. An allocation is found through its
+offer, so one left on a node after the node changed site, type or GPU count would be missed: the
+``exact`` form of each question asks every node itself instead, and placement re-checks the nodes it
+picked that way (and falls back to it), so a miss costs a retry, never a GPU given twice."""
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,12 +38,15 @@ from provisioning.models import Node, Rack
 NODE = Node._meta.db_table
 RACK = Rack._meta.db_table
 ALLOCATION = Allocation._meta.db_table
+OFFER = Offer._meta.db_table
 
-# Nodes of the offer's kind at its site that can take work. Parameters: site, type, gpus.
+# Nodes of the offer's kind at its site that can take work. Parameters: site, type, gpus. (The site's
+# racks as an array: PostgreSQL then reads their nodes through the rack index, not every node of the
+# type in the fleet.)
 MATCHING_NODES = f"""
-    SELECT n.id, n.rack_id FROM {NODE} n JOIN {RACK} r ON r.id = n.rack_id
-    WHERE r.site_id = %(site)s AND n.accelerator_type_id = %(type)s AND n.gpu_count = %(gpus)s
-      AND n.state = '{NodeState.AVAILABLE}'
+    SELECT n.id, n.rack_id FROM {NODE} n
+    WHERE n.rack_id = ANY(ARRAY(SELECT r.id FROM {RACK} r WHERE r.site_id = %(site)s))
+      AND n.accelerator_type_id = %(type)s AND n.gpu_count = %(gpus)s AND n.state = '{NodeState.AVAILABLE}'
 """
 # Racks at the offer's site made only of such nodes (at least one).
 WHOLE_RACKS = f"""
@@ -80,54 +93,106 @@ def _rows(sql: str, params: dict) -> list[tuple]:
         return cursor.fetchall()
 
 
-def free_nodes_per_rack(*, offer: Offer, start: datetime, end: datetime, exclude_nodes=()) -> dict[int, int]:
+# The pool's live allocations overlapping [start, end), per node: (node_id, mask), the mask of the GPUs
+# held (bit i: GPU i). Parameters: site, type, gpus, start, end.
+POOL_HELD = f"""
+    SELECT a.node_id, bit_or({MASK}) AS mask
+    FROM {OFFER} o JOIN {ALLOCATION} a ON a.offer_id = o.id
+    WHERE o.site_id = %(site)s AND o.accelerator_type_id = %(type)s AND o.gpus_per_node = %(gpus)s
+      AND a.live AND a.period && tstzrange(%(start)s, %(end)s, '[)')
+    GROUP BY a.node_id
+"""
+
+
+def _held(exact: bool) -> str:
+    """SQL, after ``FROM ... m``: ``h.mask``, the GPUs of node m held by live allocations overlapping
+    [start, end), null when none. From the pool's allocations (a CTE ``held`` of POOL_HELD, which the
+    query must define), or, ``exact``, by asking each node's own allocations (the exclusion
+    constraint's index, node =, period &&; an aggregate per node, so PostgreSQL probes it node by node
+    rather than reading the window's allocations of the whole fleet)."""
+    if not exact:
+        return "LEFT JOIN held h ON h.node_id = m.id"
+    return f"""LEFT JOIN LATERAL (
+        SELECT bit_or({MASK}) AS mask FROM {ALLOCATION} a
+        WHERE a.node_id = m.id AND a.live AND a.period && tstzrange(%(start)s, %(end)s, '[)')) h ON true"""
+
+
+def _with_held(exact: bool) -> str:
+    return "" if exact else f"WITH held AS MATERIALIZED ({POOL_HELD})"  # once per query, not per rack
+
+
+def free_nodes_per_rack(
+    *, offer: Offer, start: datetime, end: datetime, exclude_nodes=(), exact: bool = False
+) -> dict[int, int]:
     """{rack id: nodes free for the whole of [start, end)} for a node offer."""
     sql = f"""
-        SELECT m.rack_id, count(*) FROM ({MATCHING_NODES}) m
-        WHERE NOT {_busy("m.id", "%(start)s", "%(end)s")} AND m.id <> ALL(%(exclude)s)
+        {_with_held(exact)}
+        SELECT m.rack_id, count(*) FROM ({MATCHING_NODES}) m {_held(exact)}
+        WHERE h.mask IS NULL AND m.id <> ALL(%(exclude)s)
         GROUP BY m.rack_id
     """
     return dict(_rows(sql, _params(offer, start=start, end=end, exclude=list(exclude_nodes))))
 
 
 def free_nodes_in_racks(*, offer: Offer, start: datetime, end: datetime, racks: list[int]) -> list[tuple[int, int]]:
-    """(node id, rack id) of the free nodes in ``racks``, in id order."""
+    """(node id, rack id) of the free nodes in ``racks``, in id order: asked of each node (exact), as
+    the nodes picked are then locked and checked again with this."""
     sql = f"""
-        SELECT m.id, m.rack_id FROM ({MATCHING_NODES}) m
-        WHERE m.rack_id = ANY(%(racks)s) AND NOT {_busy("m.id", "%(start)s", "%(end)s")}
+        SELECT m.id, m.rack_id FROM ({MATCHING_NODES}) m {_held(exact=True)}
+        WHERE m.rack_id = ANY(%(racks)s) AND h.mask IS NULL
         ORDER BY m.id
     """
     return _rows(sql, _params(offer, start=start, end=end, racks=racks))
 
 
-def free_racks(*, offer: Offer, start: datetime, end: datetime, limit: int | None = None) -> list[int]:
-    """Racks whose every node can take the rack offer for the whole of [start, end), in id order."""
+def free_racks(
+    *,
+    offer: Offer,
+    start: datetime,
+    end: datetime,
+    limit: int | None = None,
+    racks: list[int] | None = None,
+    exact: bool = False,
+) -> list[int]:
+    """Racks whose every node can take the rack offer for the whole of [start, end), in id order. With
+    ``racks``: only those, asked of each of their nodes (exact; the re-check of the rack picked)."""
+    exact = exact or racks is not None
+    free = (
+        f"NOT EXISTS (SELECT 1 FROM {NODE} m {_held(exact=True)} WHERE m.rack_id = w.id AND h.mask IS NOT NULL)"
+        if exact
+        else f"w.id NOT IN (SELECT n.rack_id FROM held JOIN {NODE} n ON n.id = held.node_id)"  # hashed, once
+    )
+    only = "AND r.id = ANY(%(racks)s)" if racks is not None else ""  # one more condition of WHOLE_RACKS
     sql = f"""
-        SELECT w.id FROM ({WHOLE_RACKS}) w
-        WHERE NOT EXISTS (SELECT 1 FROM {NODE} n WHERE n.rack_id = w.id AND {_busy("n.id", "%(start)s", "%(end)s")})
+        {_with_held(exact)}
+        SELECT w.id FROM ({WHOLE_RACKS} {only}) w WHERE {free}
         ORDER BY w.id
     """ + (" LIMIT %(limit)s" if limit else "")
-    return [row[0] for row in _rows(sql, _params(offer, start=start, end=end, limit=limit))]
+    return [row[0] for row in _rows(sql, _params(offer, start=start, end=end, limit=limit, racks=racks))]
 
 
-def held_masks(*, offer: Offer, start: datetime, end: datetime, limit: int, nodes: list[int] | None = None):
+def held_masks(
+    *,
+    offer: Offer,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    nodes: list[int] | None = None,
+    exact: bool = False,
+):
     """(node id, held mask) of matching nodes with a free slot of the offer's size for the whole of
     [start, end), fullest first (then in id order): the candidates of a slice placement. The mask has
-    bit i set when GPU i is held by a live allocation overlapping the period. ``nodes``: only these
-    (the re-check after locking them), whether or not a slot is free."""
+    bit i set when GPU i is held by a live allocation overlapping the period. ``nodes``: only these,
+    whether or not a slot is free, asked of each node (exact; the re-check after locking them)."""
+    exact = exact or nodes is not None
     slot_free = """EXISTS (SELECT 1 FROM generate_series(0, %(gpus)s - %(size)s, %(size)s) s
-                           WHERE coalesce(b.mask, 0) & (((1::bigint << %(size)s) - 1) << s) = 0)"""
+                           WHERE coalesce(h.mask, 0) & (((1::bigint << %(size)s) - 1) << s) = 0)"""
     where = "m.id = ANY(%(nodes)s)" if nodes is not None else slot_free
     sql = f"""
-        WITH m AS ({MATCHING_NODES}),
-        b AS (
-            SELECT a.node_id, bit_or({MASK}) AS mask FROM {ALLOCATION} a JOIN m ON m.id = a.node_id
-            WHERE a.live AND a.period && tstzrange(%(start)s, %(end)s, '[)')
-            GROUP BY a.node_id
-        )
-        SELECT m.id, coalesce(b.mask, 0) FROM m LEFT JOIN b ON b.node_id = m.id
+        {_with_held(exact)}
+        SELECT m.id, coalesce(h.mask, 0) FROM ({MATCHING_NODES}) m {_held(exact)}
         WHERE {where}
-        ORDER BY bit_count(coalesce(b.mask, 0)::bit(64)) DESC, m.id
+        ORDER BY bit_count(coalesce(h.mask, 0)::bit(64)) DESC, m.id
         LIMIT %(limit)s
     """
     return _rows(sql, _params(offer, start=start, end=end, limit=limit, nodes=nodes))

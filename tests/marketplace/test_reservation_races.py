@@ -8,15 +8,26 @@ from decimal import Decimal
 import pytest
 from django.db import connection
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from marketplace.choices import OfferShape, Role
 from marketplace.models import Allocation, Reservation
 from marketplace.selectors.billing import balance_of
 from marketplace.services.billing.credits import credits_grant
 from marketplace.services.billing.ledger import InsufficientBalance
+from marketplace.services.catalog.offers import offer_create
 from marketplace.services.reservations.lifecycle import reservation_create
 from marketplace.services.reservations.placement import CapacityUnavailable
-from tests.factories import OfferFactory, RackFactory, SiteFactory, make_node, make_tenant
+from tests.conftest import key_client
+from tests.factories import (
+    AcceleratorTypeFactory,
+    OfferFactory,
+    RackFactory,
+    SiteFactory,
+    make_node,
+    make_quota,
+    make_tenant,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 THREADS = 32
@@ -193,3 +204,116 @@ def test_concurrent_spenders_cannot_hold_more_than_the_balance():
     assert len(made) == 3 and results.count(InsufficientBalance.code) == 5
     money = balance_of(organization_id=tenant.organization.pk)
     assert money["held"] == Decimal("24.00") and money["available"] == 0
+
+
+# --- Through the API: slices and whole nodes of one pool -------------------------------------------
+
+
+def free_aligned_slots(*, node_ids: list[int], size: int, start, end) -> int:
+    """Aligned slots of ``size`` GPUs on the 8-GPU ``node_ids`` that no live allocation overlapping
+    [start, end) holds a GPU of: counted here in plain SQL, not by the selectors under test."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM unnest(%(nodes)s::bigint[]) n(id), generate_series(0, 8 - %(size)s, %(size)s) s "
+            "WHERE NOT EXISTS (SELECT 1 FROM marketplace_allocation a WHERE a.node_id = n.id AND a.live "
+            "AND a.period && tstzrange(%(start)s, %(end)s, '[)') AND a.gpus && int4range(s, s + %(size)s))",
+            {"nodes": node_ids, "size": size, "start": start, "end": end},
+        )
+        return cursor.fetchone()[0]
+
+
+def live_gpus_held(node_ids: list[int]) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(sum(upper(gpus) - lower(gpus)), 0) FROM marketplace_allocation "
+            "WHERE live AND node_id = ANY(%s)",
+            [node_ids],
+        )
+        return cursor.fetchone()[0]
+
+
+# Each racer: the instance it asks for (GPUs per instance, instances), and a quota of GPUs (None: the
+# default, no obstacle). 3 nodes x 8 GPUs = 24 GPUs, asked for several times over.
+RACERS = [(1, 1, None)] * 6 + [(2, 1, None)] * 4 + [(4, 1, None)] * 4 + [(8, 1, None)] * 2 + [(8, 2, None)]
+RACERS += [(1, 1, 1)] * 2  # two tenants whose quota is one GPU: a second slice is refused on quota
+MOST_REQUESTS = 30  # per racer: a bound on the loop, far above what the pool can give one tenant
+
+
+def test_tenants_racing_through_the_api_for_slices_and_nodes_fill_the_pool_and_book_no_gpu_twice():
+    """Many tenants, each with its own API key and PostgreSQL connection, released at once by a barrier,
+    ask for 1-, 2- and 4-GPU slices and whole nodes of three shared 8-GPU nodes for one window: a slice
+    tenant again and again until it is refused, a whole-node tenant once (else the first round of whole
+    nodes would take the pool, and slices would never race each other on shared nodes). A refusal that
+    names the asked start as the earliest window ("being taken right now; try again") is retried, as a
+    client would. When they are done: no GPU is held twice, no more GPUs are held than there are, no
+    aligned slot of any size is left free, and every refusal was a 409 in the API's one error shape, for
+    capacity or for the tenant's quota."""
+    site, accelerator = SiteFactory(), AcceleratorTypeFactory()
+    racks = [RackFactory(site=site), RackFactory(site=site)]
+    nodes = [make_node(rack=racks[i % 2], accelerator=accelerator) for i in range(3)]
+    node_ids = [node.pk for node in nodes]
+    offers = {
+        size: offer_create(
+            site=site, accelerator_type=accelerator, price_per_gpu_hour=Decimal("1.00"), gpus_per_instance=size
+        )
+        for size in (1, 2, 4, 8)
+    }
+    start = timezone.now() + timedelta(hours=1)
+    end = start + timedelta(hours=2)
+    clients, limited = [], set()
+    for i, (_size, _quantity, quota) in enumerate(RACERS):
+        tenant = make_tenant(role=Role.MEMBER)
+        if quota is not None:
+            make_quota(organization=tenant.organization, accelerator_type=accelerator, max_gpus=quota)
+            limited.add(i)
+        client = key_client(tenant)
+        client.raise_request_exception = False  # a server error is a 500 to count, not an exception
+        clients.append(client)
+
+    def racer(client, size, quantity):
+        body = {"offer": offers[size].pk, "quantity": quantity, "start": start.isoformat(), "end": end.isoformat()}
+        answers = []
+        for _ in range(MOST_REQUESTS):
+            response = client.post("/api/v1/reservations/", body, format="json")
+            answers.append((response.status_code, response.json()))
+            if response.status_code == 201 and size < 8:
+                continue  # a slice: ask for another
+            if response.status_code != 409:
+                break  # a whole node placed, or a status the test refuses below
+            error = response.json().get("error", {})
+            earliest = parse_datetime(error.get("earliest_start") or "1970-01-01T00:00:00Z")
+            if error.get("code") != "capacity_unavailable" or earliest != start:
+                break  # refused for good: no room in this window, or over the quota
+        return answers
+
+    results = race(
+        [
+            lambda c=client, s=size, q=quantity: racer(c, s, q)
+            for client, (size, quantity, _quota) in zip(clients, RACERS, strict=True)
+        ]
+    )
+
+    statuses = [status for answers in results for status, _body in answers]
+    assert set(statuses) <= {201, 409}, sorted(set(statuses))  # no 5xx, no other status
+    for i, answers in enumerate(results):
+        if RACERS[i][0] < 8:
+            assert answers[-1][0] == 409, f"racer {i} stopped without being refused: {answers}"
+        for status, body in answers:
+            if status != 409:
+                continue
+            assert set(body) == {"error"} and isinstance(body["error"]["message"], str), body
+            expected = {"capacity_unavailable", "quota_exceeded"} if i in limited else {"capacity_unavailable"}
+            assert body["error"]["code"] in expected, (i, body)
+        if i in limited:
+            size, quantity, quota = RACERS[i]
+            assert size * quantity * [s for s, _b in answers].count(201) <= quota
+
+    assert overlapping_live_allocations() == 0  # zero GPUs double-booked
+    assert statuses.count(201) == Reservation.objects.count()
+    assert live_gpus_held(node_ids) <= 3 * 8
+    for size in (1, 2, 4, 8):  # the pool really got full: not even one GPU is free for the window
+        assert free_aligned_slots(node_ids=node_ids, size=size, start=start, end=end) == 0, size
+    assert live_gpus_held(node_ids) == 3 * 8
+    for allocation in Allocation.objects.filter(live=True).select_related("reservation__offer"):
+        size = allocation.reservation.offer.gpus_per_instance
+        assert allocation.gpus.upper - allocation.gpus.lower == size and allocation.gpus.lower % size == 0

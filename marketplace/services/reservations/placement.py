@@ -6,11 +6,13 @@ the node where it fits most tightly -- the fullest node with room, and on it the
 enclosing block is smallest (a buddy allocator's best fit) -- so partly used nodes fill first and big
 free holes stay whole for big requests.
 
-The pick is optimistic and then made safe: candidates come from one capacity query, their node rows are
-locked in id order (a fixed order, so two placements never wait on each other in a cycle; MEASURED.md
-saw deadlocks without it), and a fresh statement re-checks them. If a competitor took one meanwhile,
-the attempt's savepoint is rolled back (releasing its locks) and placement runs again. The exclusion
-constraint on allocations stays the last word."""
+The pick is optimistic and then made safe: candidates come from one capacity query (over the pool's
+allocations, marketplace.selectors.capacity), their node rows are locked in id order (a fixed order, so
+two placements never wait on each other in a cycle; MEASURED.md saw deadlocks without it), and a fresh
+statement asks the nodes themselves again. If a competitor took one meanwhile, the attempt's savepoint
+is rolled back (releasing its locks) and placement runs again; the last attempt asks every node itself
+from the start (``exact``), so an allocation the pool's index cannot see costs retries, not a refusal.
+The exclusion constraint on allocations stays the last word."""
 
 from dataclasses import dataclass
 from datetime import datetime
@@ -98,8 +100,8 @@ def nodes_lock(node_ids: list[int]) -> None:
         )
 
 
-def _attempt_nodes(offer: Offer, quantity: int, start: datetime, end: datetime) -> Placement:
-    per_rack = free_nodes_per_rack(offer=offer, start=start, end=end)
+def _attempt_nodes(offer: Offer, quantity: int, start: datetime, end: datetime, exact: bool) -> Placement:
+    per_rack = free_nodes_per_rack(offer=offer, start=start, end=end, exact=exact)
     plan = choose_racks(per_rack, quantity)
     if plan is None:
         raise CapacityUnavailable(
@@ -143,8 +145,8 @@ def _best_slot(offer: Offer, candidates: list[tuple[int, int]]) -> tuple[int, in
     return node, first
 
 
-def _attempt_slice(offer: Offer, start: datetime, end: datetime) -> Placement:
-    node, first = _best_slot(offer, held_masks(offer=offer, start=start, end=end, limit=CANDIDATES))
+def _attempt_slice(offer: Offer, start: datetime, end: datetime, exact: bool) -> Placement:
+    node, first = _best_slot(offer, held_masks(offer=offer, start=start, end=end, limit=CANDIDATES, exact=exact))
     nodes_lock([node])
     held = dict(held_masks(offer=offer, start=start, end=end, limit=1, nodes=[node])).get(node)
     if held is None or held & slot_mask(first, offer.gpus_per_instance):  # taken, or the node left
@@ -152,14 +154,14 @@ def _attempt_slice(offer: Offer, start: datetime, end: datetime) -> Placement:
     return Placement(node_ids=[node], rack_id=None, gpus={node: (first, first + offer.gpus_per_instance)})
 
 
-def _attempt_rack(offer: Offer, start: datetime, end: datetime) -> Placement:
-    racks = free_racks(offer=offer, start=start, end=end, limit=1)
+def _attempt_rack(offer: Offer, start: datetime, end: datetime, exact: bool) -> Placement:
+    racks = free_racks(offer=offer, start=start, end=end, limit=1, exact=exact)
     if not racks:
         raise CapacityUnavailable("No whole rack of this offer is free for that window.", available_racks=0)
     rack = racks[0]
     node_ids = list(Node.objects.filter(rack_id=rack).order_by("id").values_list("id", flat=True))
     nodes_lock(node_ids)
-    if rack not in free_racks(offer=offer, start=start, end=end):
+    if not free_racks(offer=offer, start=start, end=end, racks=[rack]):
         raise _Taken
     return Placement(node_ids=node_ids, rack_id=rack, gpus=_whole(offer, node_ids))
 
@@ -189,14 +191,15 @@ def placement_check(*, offer: Offer, quantity: int, start: datetime, end: dateti
 def placement_pick(*, offer: Offer, quantity: int, start: datetime, end: datetime) -> Placement:
     """GPUs for ``quantity`` whole nodes, one whole rack or one slice of ``offer`` over [start, end), their
     nodes locked until the caller's transaction ends. Raises CapacityUnavailable."""
-    for _attempt in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
+        exact = attempt == ATTEMPTS - 1
         try:
             with transaction.atomic():
                 if offer.shape == OfferShape.RACK:
-                    return _attempt_rack(offer, start, end)
+                    return _attempt_rack(offer, start, end, exact)
                 if offer.is_slice:
-                    return _attempt_slice(offer, start, end)
-                return _attempt_nodes(offer, quantity, start, end)
+                    return _attempt_slice(offer, start, end, exact)
+                return _attempt_nodes(offer, quantity, start, end, exact)
         except _Taken:
             continue
     raise CapacityUnavailable("The capacity you asked for is being taken by others right now; try again.")
