@@ -222,7 +222,7 @@ class Allocation(models.Model):
     code above it does (ARCHITECTURE invariant 1).
 
     ``offer`` is the reservation's offer, copied by the database as the row is written (a trigger,
-    migration 0010, whatever the writer sends) so that placement can read the live allocations of one
+    migration 0011, whatever the writer sends) so that placement can read the live allocations of one
     site's nodes of one kind through one index -- those of the offers sharing them -- instead of every
     allocation of the fleet or every node in turn (marketplace.selectors.capacity, docs/benchmarks.md)."""
 

@@ -32,7 +32,7 @@ DROP_TRIGGER = """
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("marketplace", "0009_gpu_slices"),
+        ("marketplace", "0010_endpoints"),
     ]
 
     operations = [
