@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 $(INSTALLED): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev,serving]"
 	@touch $(INSTALLED)
 
 install: $(INSTALLED)
@@ -32,12 +32,15 @@ check: $(INSTALLED)
 	$(PY) manage.py check
 	$(PY) manage.py makemigrations --check --dry-run
 
-# Re-resolve every dependency in a throwaway venv and pin the result.
+# Re-resolve every dependency in a throwaway venv and pin the result. torch is pinned without its local
+# label (2.13.0, not 2.13.0+cpu): the CPU build this machine has on disk satisfies that pin, and a pin of
+# +cpu is not on PyPI.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
-	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
-	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^neocloud-console' > requirements.lock
+	.lock-venv/bin/python -m pip install --quiet -e ".[dev,serving]"
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^neocloud-console' \
+		| sed -E 's/^(torch==[^+]+)\+.*$$/\1/' > requirements.lock
 	rm -rf .lock-venv
 
 clean:

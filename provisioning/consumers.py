@@ -20,6 +20,7 @@ from provisioning.services import agents, telemetry
 
 logger = logging.getLogger(__name__)
 CLOSE_UNAUTHORIZED = 4401
+WORKLOAD_STATES = ("healthy", "unhealthy", "exited")
 
 
 def _bearer(scope) -> str:
@@ -167,6 +168,23 @@ class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
             ok=_require(frame, "ok", bool),
             detail=detail,
             error=str(frame.get("error") or ""),
+        )
+
+    async def on_workload(self, frame):
+        """A server the agent runs (a replica of an inference endpoint) changed state. Accepted and
+        logged only, for now: acting on it (taking the replica out of the gateway) is the endpoints'
+        part. Without this handler the agent's report would be answered with ``unknown_type``."""
+        reservation, state = _require(frame, "reservation", str), _require(frame, "state", str)
+        if state not in WORKLOAD_STATES:
+            raise FrameError(f"workload: 'state' must be one of {', '.join(WORKLOAD_STATES)}.")
+        level = logging.INFO if state == "healthy" else logging.WARNING
+        logger.log(
+            level,
+            "Node %s: workload %s is %s: %s",
+            self.node_id,
+            reservation,
+            state,
+            str(frame.get("detail", ""))[:500],
         )
 
     async def on_secret_rotated(self, frame):

@@ -2,11 +2,12 @@
 
 It keeps one outbound WebSocket to the console, reconnecting after any drop with jittered exponential
 backoff, and stops for good only when the console refuses its secret (close 4401/4403). On each
-connection: ``welcome`` → ``hello`` with the inventory → heartbeats, while frames from the console are
-handled as they come. Commands are journaled before they are acknowledged and applied in their own
-tasks, so heartbeats go on during a long provisioning and an apply outlives the connection it came on:
-its result goes out on whichever connection is up when it ends (and, if none is, the console re-pushes
-the command on reconnect and hears the stored result).
+connection: ``welcome`` → ``hello`` with the inventory → heartbeats (and telemetry, and a health check
+of the servers the driver runs, reported in ``workload`` frames when one changes), while frames from the
+console are handled as they come. Commands are journaled before they are acknowledged and applied in
+their own tasks, so heartbeats go on during a long provisioning and an apply outlives the connection it
+came on: its result goes out on whichever connection is up when it ends (and, if none is, the console
+re-pushes the command on reconnect and hears the stored result).
 """
 
 import asyncio
@@ -39,6 +40,7 @@ REFUSAL_HTTP_STATUSES = {401: 4401, 403: 4403}  # a console that refuses before 
 OPEN_TIMEOUT_S = 10.0
 WELCOME_TIMEOUT_S = 30.0
 DEFAULT_HEARTBEAT_S = 10.0
+DEFAULT_WORKLOAD_CHECK_S = 5.0
 
 Frame = dict[str, Any]
 
@@ -110,6 +112,7 @@ class NodeAgent:
         backend: GpuBackend,
         driver: HostDriver,
         backoff: Backoff | None = None,
+        workload_check_s: float = DEFAULT_WORKLOAD_CHECK_S,
     ) -> None:
         """Raises NotEnrolled when the state directory holds no credential."""
         self._url = websocket_url(server)
@@ -127,6 +130,8 @@ class NodeAgent:
         self.heartbeat_seconds = DEFAULT_HEARTBEAT_S
         self.telemetry_seconds: float | None = None
         self._telemetry_seq = 0
+        self.workload_check_seconds = workload_check_s
+        self._reported: dict[str, str] = {}  # the workload state each server was last reported in
 
     @property
     def node(self) -> str:
@@ -189,6 +194,7 @@ class NodeAgent:
             self._set_state("connected")
             await self._send(self._hello())
             senders = [asyncio.create_task(self._every(interval, build)) for interval, build in self._periodic()]
+            senders.append(asyncio.create_task(self._watch_workloads()))
             try:
                 await self._receive(connection)
             finally:
@@ -229,6 +235,32 @@ class NodeAgent:
             if not await self._send(build()):
                 return
             await asyncio.sleep(interval)
+
+    async def _watch_workloads(self) -> None:
+        """Check the driver's servers every ``workload_check_seconds`` and send a ``workload`` frame for
+        each whose state changed since it was last reported; a server never reported counts as healthy,
+        so a healthy one costs no frame. What was reported is forgotten on each connection: the console
+        on the other end may not have heard it (a restart), so what is still wrong is said again."""
+        self._reported = {}
+        while True:
+            await asyncio.sleep(self.workload_check_seconds)
+            try:
+                states = await self._driver.check_workloads()
+            except Exception:  # a check that broke is logged; the next one may work, heartbeats go on
+                logger.exception("%s: checking the workloads failed", self.node)
+                continue
+            self._reported = {
+                reservation: state for reservation, state in self._reported.items() if reservation in states
+            }
+            for reservation, health in states.items():
+                if health.state == self._reported.get(reservation, "healthy"):
+                    continue
+                frame = {"type": "workload", "reservation": reservation, "state": health.state, "detail": health.detail}
+                if not await self._send(frame):
+                    return
+                level = logging.INFO if health.state == "healthy" else logging.WARNING
+                logger.log(level, "%s: workload %s is %s: %s", self.node, reservation, health.state, health.detail)
+                self._reported[reservation] = health.state
 
     def _heartbeat(self) -> Frame:
         self._beats += 1

@@ -123,6 +123,7 @@ def make_agent(
     *,
     driver: HostDriver | None = None,
     backend: SimulatedBackend | None = None,
+    **options: Any,
 ) -> NodeAgent:
     return NodeAgent(
         server=server,
@@ -130,6 +131,7 @@ def make_agent(
         backend=backend or SimulatedBackend(hostname=NODE, gpus=NODE_GPUS, seed=1),
         driver=driver or CountingDriver(),
         backoff=fast_backoff(),
+        **options,
     )
 
 

@@ -237,6 +237,38 @@ class TestConnection:
 
         assert run(scenario) == ["bad_frame", "bad_frame", "unknown_type", "frame_too_large", "bad_frame", "bad_frame"]
 
+    def test_a_workload_report_is_taken_and_logged_and_a_malformed_one_refused(self, caplog):
+        """The agent reports a replica that stopped answering or exited (docs/agent-protocol.md, the
+        workload frame); the console must not answer it with unknown_type."""
+        node = make_node()
+        secret = enrol(node)
+        reservation = "5a0c2a55-8f7e-4d5c-9a51-0d6f0b0e8c11"
+
+        async def scenario():
+            agent = Agent(secret)
+            await agent.start(node)
+            replies = []
+            for frame in [
+                {"type": "workload", "reservation": reservation, "state": "exited", "detail": "killed by SIGKILL"},
+                {"type": "workload", "reservation": reservation, "state": "on fire"},
+                {"type": "workload", "state": "unhealthy"},
+            ]:
+                await agent.send(frame)
+                await agent.ws.send_to(text_data="[0]")  # answered bad_frame: marks where each reply ends
+                replies.append([(await agent.expect("error"))["message"]])
+                if replies[-1][0] != "Frames are JSON objects with a string 'type'.":
+                    replies[-1].append((await agent.expect("error"))["message"])
+            await agent.close()
+            return replies
+
+        with caplog.at_level("WARNING", logger="provisioning.consumers"):
+            replies = run(scenario)
+
+        assert replies[0] == ["Frames are JSON objects with a string 'type'."], "taken: no error of its own"
+        assert replies[1][0] == "workload: 'state' must be one of healthy, unhealthy, exited."
+        assert replies[2][0] == "workload: field 'reservation' is missing or not a str."
+        assert f"workload {reservation} is exited: killed by SIGKILL" in caplog.text
+
     def test_an_unknown_gpu_model_is_refused(self):
         node = make_node()
         secret = enrol(node)

@@ -6,11 +6,15 @@ result's ``error``.
 A node may hold several reservations at once, each on some of its GPUs (``params.gpus``); a driver
 knows how many GPUs its host has (``gpu_count``, from the backend's inventory, which numbers them from
 0) so it refuses indices the host does not have, and says which GPUs each live reservation holds
-(``holdings``) so the agent can tell the backend which GPUs are busy."""
+(``holdings``) so the agent can tell the backend which GPUs are busy.
+
+A driver that runs servers (the process driver, with ``params.serve``) also says how each of them does
+(``check_workloads``), which the agent polls and reports to the console as ``workload`` frames."""
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from provisioning.agent.drivers.visibility import DEFAULT_VENDOR, VISIBILITY
 
@@ -21,6 +25,18 @@ Gpus = tuple[int, ...]
 
 class DriverError(Exception):
     """The command failed; the message is what the console records as the result's error."""
+
+
+WorkloadState = Literal["healthy", "unhealthy", "exited"]
+
+
+@dataclass(frozen=True)
+class WorkloadHealth:
+    """How a reservation's server does: ``healthy`` (its health route answers ready), ``unhealthy``
+    (it runs but has stopped answering so), ``exited`` (its processes are gone), with a sentence."""
+
+    state: WorkloadState
+    detail: str = ""
 
 
 class HostDriver(ABC):
@@ -38,6 +54,12 @@ class HostDriver(ABC):
 
     def gpus_in_use(self) -> set[int]:
         return {index for gpus in self.holdings().values() for index in gpus}
+
+    async def check_workloads(self) -> dict[str, WorkloadHealth]:
+        """The health of each server provisioned here and not released, by reservation id; one being
+        started or stopped right now is left out (it is neither up nor down yet). A driver that runs no
+        servers has none."""
+        return {}
 
 
 def reservation_of(params: Params) -> str:

@@ -10,11 +10,21 @@ in ``workloads.json`` so an agent restarted in between (which leaves workloads r
 must not kill tenants) can still release them and knows which GPUs are taken. A recorded group whose
 processes have all exited counts as released. Process groups are found through /proc (Linux, like the
 GPU hosts).
+
+A workload may instead be a server (``params.serve``, drivers.replica): a replica of an inference
+endpoint. The driver gives it a free port of the loopback (``--port N`` appended to its program) and
+its secret in its environment (never on its command line, which every user of the host can read), then
+waits for its health route to answer 200 before the provisioning succeeds, with the replica's
+``address`` in the result; a replica that exits or is not ready within its startup timeout fails the
+provisioning, and its group is stopped. Its port is recorded with its group, so ``check_workloads``
+(the agent's periodic health check) finds it after an agent restart too.
 """
 
 import asyncio
+import contextlib
 import os
 import signal
+import sysconfig
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +36,15 @@ from provisioning.agent.drivers.base import (
     HostDriver,
     Params,
     ProgressCallback,
+    WorkloadHealth,
     ensure_free,
     gpu_vendor_of,
     gpus_of,
     reservation_of,
 )
+from provisioning.agent.drivers.replica import HOST, ServeSpec, free_port, health_status, serve_of
 from provisioning.agent.drivers.visibility import visibility_environment
+from provisioning.agent.serving import SECRET_ENV
 from provisioning.agent.state import ensure_state_dir, read_json, write_json_atomic
 
 REGISTRY = "workloads.json"
@@ -41,12 +54,23 @@ KILL_WAIT_S = 5.0
 POLL_S = 0.05
 PROC = Path("/proc")
 STEP = "start workload"
+SERVER_STEPS = ("start server", "load model", "ready")
+READY_POLL_S = 0.2
+PROBE_TIMEOUT_S = 2.0  # one health check; a replica this slow to say "ok" is not serving either
+UNHEALTHY_AFTER = 2  # failed checks in a row before a running replica counts as unhealthy
+OUTPUT_TAIL_BYTES = 4096
 
 
 @dataclass(frozen=True)
 class Workload:
     group: int  # the leader's pid, which is the process group's id
     gpus: Gpus
+    port: int | None = None  # a server's (params.serve)
+    health_path: str | None = None
+
+    @property
+    def address(self) -> str | None:
+        return None if self.port is None else f"{HOST}:{self.port}"
 
 
 class ProcessDriver(HostDriver):
@@ -57,22 +81,25 @@ class ProcessDriver(HostDriver):
         self._gpu_count = gpu_count
         self._grace = grace_s
         self._children: dict[str, asyncio.subprocess.Process] = {}  # reaped by asyncio's child watcher
+        self._busy: set[str] = set()  # reservations being started or stopped: not checked meanwhile
+        self._failed_checks: dict[str, int] = {}
 
     async def provision(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
         reservation = _reservation_id(params)
-        command = _command_of(params)
+        serve = serve_of(params)
+        command = serve.program if serve is not None else _command_of(params)
         gpus = gpus_of(params, gpu_count=self._gpu_count)
         visibility = visibility_environment(gpu_vendor_of(params), gpus)
         registry = self._registry()
         running = registry.get(reservation)
         if running is not None and _group_alive(running.group):
-            return {
-                "reservation": reservation,
-                "pid": running.group,
-                "gpus": list(running.gpus),
-                "already_running": True,
-            }
+            detail = {"reservation": reservation, "pid": running.group, "gpus": list(running.gpus)}
+            if running.address is not None:
+                detail["address"] = running.address
+            return {**detail, "already_running": True}
         ensure_free(reservation=reservation, gpus=gpus, holdings=self._live(registry))
+        if serve is not None:
+            return await self._provision_server(reservation, serve, gpus, visibility, progress)
         await progress(STEP, 0)
         process = await self._start(reservation, command, visibility)
         self._children[reservation] = process
@@ -82,33 +109,180 @@ class ProcessDriver(HostDriver):
 
     async def release(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
         reservation = _reservation_id(params)
-        registry = self._registry()
-        workload = registry.pop(reservation, None)
-        if workload is None:
+        if reservation not in self._registry():
             return {"reservation": reservation, "stopped": False, "gpus": []}
         await progress("stop workload", 0)
-        stopped = await _stop_group(workload.group, self._grace)
-        self._save(registry)
-        process = self._children.pop(reservation, None)
-        if process is not None:
-            await process.wait()
+        self._busy.add(reservation)
+        try:
+            workload, stopped = await self._stop(reservation)
+        finally:
+            self._busy.discard(reservation)
         await progress("stop workload", 100)
-        return {"reservation": reservation, "stopped": stopped, "gpus": list(workload.gpus)}
+        return {"reservation": reservation, "stopped": stopped, "gpus": list(workload.gpus) if workload else []}
 
     def holdings(self) -> dict[str, Gpus]:
         return self._live(self._registry())
+
+    async def check_workloads(self) -> dict[str, WorkloadHealth]:
+        """One health check of every recorded server at once (a hung one costs PROBE_TIMEOUT_S, not one
+        per server). A single failed check is not yet ``unhealthy``: a replica busy with a large batch
+        may miss one."""
+        servers = {
+            reservation: workload
+            for reservation, workload in self._registry().items()
+            if workload.port is not None and reservation not in self._busy
+        }
+        checked = await asyncio.gather(
+            *(self._check(reservation, workload) for reservation, workload in servers.items())
+        )
+        for reservation in set(self._failed_checks) - set(servers):
+            del self._failed_checks[reservation]
+        return dict(zip(servers, checked, strict=True))
+
+    async def _check(self, reservation: str, workload: Workload) -> WorkloadHealth:
+        if not _group_alive(workload.group):
+            return WorkloadHealth("exited", f"the server {await self._exit_words(reservation)}")
+        status = await health_status(workload.port, workload.health_path or "/", timeout=PROBE_TIMEOUT_S)
+        if status == 200:
+            self._failed_checks.pop(reservation, None)
+            return WorkloadHealth("healthy")
+        failed = self._failed_checks[reservation] = self._failed_checks.get(reservation, 0) + 1
+        answer = "did not answer" if status is None else f"answered HTTP {status}"
+        if failed < UNHEALTHY_AFTER:
+            return WorkloadHealth("healthy", f"its health route {answer} once")
+        return WorkloadHealth(
+            "unhealthy",
+            f"GET {workload.health_path} on {workload.address} {answer} ({failed} checks in a row, "
+            f"{PROBE_TIMEOUT_S:g} s each at most)",
+        )
+
+    # --- Servers (params.serve) ---
+
+    async def _provision_server(
+        self, reservation: str, serve: ServeSpec, gpus: Gpus, visibility: dict[str, str], progress: ProgressCallback
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        port = free_port()
+        argv = serve.argv(port)
+        self._busy.add(reservation)
+        try:
+            await progress(SERVER_STEPS[0], 0)
+            process = await self._start(reservation, argv, visibility, secret=serve.secret)
+            self._children[reservation] = process
+            self._save(
+                {
+                    **self._registry(),
+                    reservation: Workload(group=process.pid, gpus=gpus, port=port, health_path=serve.health_path),
+                }
+            )
+            try:
+                await self._wait_ready(reservation, process, port, serve, progress)
+            except DriverError:
+                await self._stop(reservation)  # nothing of a replica that never served is left running
+                raise
+        finally:
+            self._busy.discard(reservation)
+        await progress(SERVER_STEPS[2], 100)
+        return {
+            "reservation": reservation,
+            "pid": process.pid,
+            "gpus": list(gpus),
+            "address": f"{HOST}:{port}",
+            "command": argv,
+            "startup_s": round(loop.time() - started, 3),
+        }
+
+    async def _wait_ready(
+        self,
+        reservation: str,
+        process: asyncio.subprocess.Process,
+        port: int,
+        serve: ServeSpec,
+        progress: ProgressCallback,
+    ) -> None:
+        """Until the health route answers 200. The first answer of any other status means the server
+        listens and loads its model ("load model")."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + serve.startup_timeout_s
+        answered, last = False, "no answer"
+        await progress(SERVER_STEPS[1], 10)
+        while True:
+            if process.returncode is not None:
+                raise DriverError(
+                    f"the server {_exit_status(process.returncode)} before it was ready{self._last_output(reservation)}"
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DriverError(
+                    f"the server was not ready within {serve.startup_timeout_s:g} s (GET {serve.health_path} on "
+                    f"{HOST}:{port}: {last}){self._last_output(reservation)}"
+                )
+            status = await health_status(port, serve.health_path, timeout=min(PROBE_TIMEOUT_S, remaining))
+            if status == 200:
+                return
+            if status is not None:
+                last = f"HTTP {status}"
+                if not answered:
+                    answered = True
+                    await progress(SERVER_STEPS[1], 50)
+            await asyncio.sleep(min(READY_POLL_S, max(0.0, deadline - loop.time())))
+
+    async def _exit_words(self, reservation: str) -> str:
+        process = self._children.get(reservation)
+        if process is None:
+            return "exited"  # started before an agent restart: its status went to the agent before
+        with contextlib.suppress(TimeoutError):  # gone from /proc; the child watcher reaps it in a moment
+            async with asyncio.timeout(KILL_WAIT_S):
+                await process.wait()
+        return "exited" if process.returncode is None else _exit_status(process.returncode)
+
+    def _last_output(self, reservation: str) -> str:
+        """The last line the workload wrote, for the error: why a replica failed is usually there."""
+        try:
+            with open(self._workdir(reservation) / "output.log", "rb") as output:
+                output.seek(0, os.SEEK_END)
+                output.seek(max(0, output.tell() - OUTPUT_TAIL_BYTES))
+                lines = output.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f"; its last output: {lines[-1][-300:]!r}" if lines else ""
+
+    # --- Processes ---
+
+    async def _stop(self, reservation: str) -> tuple[Workload | None, bool]:
+        """Stop the reservation's group and forget it: (what was recorded, whether anything still ran)."""
+        registry = self._registry()
+        workload = registry.pop(reservation, None)
+        stopped = False
+        if workload is not None:
+            stopped = await _stop_group(workload.group, self._grace)
+            self._save(registry)
+        process = self._children.pop(reservation, None)
+        if process is not None:
+            await process.wait()
+        self._failed_checks.pop(reservation, None)
+        return workload, stopped
 
     @staticmethod
     def _live(registry: dict[str, Workload]) -> dict[str, Gpus]:
         """A workload whose processes have all exited holds no GPU any more, released or not."""
         return {reservation: held.gpus for reservation, held in registry.items() if _group_alive(held.group)}
 
+    def _workdir(self, reservation: str) -> Path:
+        return self._state_dir / "workloads" / reservation
+
     async def _start(
-        self, reservation: str, command: list[str], visibility: dict[str, str]
+        self, reservation: str, command: list[str], visibility: dict[str, str], *, secret: str | None = None
     ) -> asyncio.subprocess.Process:
-        workdir = ensure_state_dir(self._state_dir / "workloads" / reservation)
-        environment = {"PATH": WORKLOAD_PATH, "HOME": str(workdir), "LANG": "C.UTF-8", **visibility}
+        """A server (``secret`` given) also finds the agent's own programs first on its PATH: the model
+        server, ``neocloud-serve``, is installed beside ``neocloud-agent`` (its ``serving`` extra)."""
+        workdir = ensure_state_dir(self._workdir(reservation))
+        path = WORKLOAD_PATH if secret is None else f"{sysconfig.get_path('scripts')}:{WORKLOAD_PATH}"
+        environment = {"PATH": path, "HOME": str(workdir), "LANG": "C.UTF-8", **visibility}
         environment["NEOCLOUD_RESERVATION"] = reservation
+        if secret is not None:
+            environment[SECRET_ENV] = secret
         with open(workdir / "output.log", "ab") as output:
             try:
                 return await asyncio.create_subprocess_exec(
@@ -131,16 +305,23 @@ class ProcessDriver(HostDriver):
         return {
             reservation: Workload(group=entry, gpus=whole_node)
             if isinstance(entry, int)
-            else Workload(group=entry["group"], gpus=tuple(entry["gpus"]))
+            else Workload(
+                group=entry["group"],
+                gpus=tuple(entry["gpus"]),
+                port=entry.get("port"),
+                health_path=entry.get("health_path"),
+            )
             for reservation, entry in recorded.items()
         }
 
     def _save(self, registry: dict[str, Workload]) -> None:
         ensure_state_dir(self._state_dir)
-        recorded = {
-            reservation: {"group": workload.group, "gpus": list(workload.gpus)}
-            for reservation, workload in registry.items()
-        }
+        recorded = {}
+        for reservation, workload in registry.items():
+            entry: dict[str, Any] = {"group": workload.group, "gpus": list(workload.gpus)}
+            if workload.port is not None:
+                entry.update(port=workload.port, health_path=workload.health_path)
+            recorded[reservation] = entry
         write_json_atomic(self._state_dir / REGISTRY, recorded)
 
 
@@ -158,6 +339,16 @@ def _command_of(params: Params) -> list[str]:
     if not isinstance(command, list) or not command or not all(isinstance(arg, str) for arg in command):
         raise DriverError("params.command must be a non-empty list of strings")
     return command
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
 
 
 def _signal_group(group: int, signum: int) -> bool:
