@@ -22,3 +22,4 @@ class MarketplaceConfig(AppConfig):
         # a provisioned one reports its address (after the reservation's own hook has moved it).
         provisioning_flow.on_provision_params(replicas.serve_params)
         hooks.on_command_finished(replicas.on_command_finished)
+        hooks.on_workload_reported(replicas.on_workload_reported)  # a replica's server stopped answering

@@ -171,9 +171,9 @@ class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
         )
 
     async def on_workload(self, frame):
-        """A server the agent runs (a replica of an inference endpoint) changed state. Accepted and
-        logged only, for now: acting on it (taking the replica out of the gateway) is the endpoints'
-        part. Without this handler the agent's report would be answered with ``unknown_type``."""
+        """A server the agent runs (a replica of an inference endpoint) changed state: logged, and told
+        to whoever rents that workload (hooks.workload_reported) -- for this connection's node only, so
+        an agent can speak only of workloads on its own node."""
         reservation, state = _require(frame, "reservation", str), _require(frame, "state", str)
         if state not in WORKLOAD_STATES:
             raise FrameError(f"workload: 'state' must be one of {', '.join(WORKLOAD_STATES)}.")
@@ -185,6 +185,9 @@ class AgentConsumer(WithoutDbHousekeeping, AsyncWebsocketConsumer):
             reservation,
             state,
             str(frame.get("detail", ""))[:500],
+        )
+        await database_sync_to_async(hooks.workload_reported)(
+            node_id=self.node_id, reservation=reservation, state=state, detail=str(frame.get("detail", ""))[:500]
         )
 
     async def on_secret_rotated(self, frame):

@@ -82,3 +82,19 @@ def on_node_occupancy(callback: Callable) -> Callable:
 
 def node_occupancy(*, node_id: int, start: datetime, end: datetime) -> list[GpuHolding]:
     return [holding for callback in _node_occupancy for holding in callback(node_id=node_id, start=start, end=end)]
+
+
+_workload_reported: list[Callable] = []
+
+
+def on_workload_reported(callback: Callable) -> Callable:
+    """Register ``callback(*, node_id, reservation, state, detail)``: an agent reported that a workload it
+    runs on its node (named by the reservation it was provisioned for) is healthy, unhealthy or exited."""
+    if callback not in _workload_reported:
+        _workload_reported.append(callback)
+    return callback
+
+
+def workload_reported(*, node_id: int, reservation: str, state: str, detail: str = "") -> None:
+    for callback in _workload_reported:
+        callback(node_id=node_id, reservation=reservation, state=state, detail=detail)

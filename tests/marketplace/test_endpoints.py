@@ -21,6 +21,7 @@ from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.endpoints.replicas import NoCapacityForReplica, candidate_offers, replica_secret
 from marketplace.services.reservations.lifecycle import reservation_begin, reservation_cancel, reservation_fail
 from marketplace.services.reservations.provisioning import reservation_provision_start
+from provisioning import hooks
 from provisioning.choices import CommandKind, SiteKind
 from provisioning.models import NodeCommand
 from provisioning.services.agents import node_command_acknowledged, node_command_finish
@@ -214,3 +215,31 @@ def test_the_state_follows_the_replicas(world, state, ready, starting, live, eve
     endpoint = deploy(world)
     endpoint.state = state
     assert desired_state(endpoint=endpoint, ready=ready, starting=starting, live=live, ever_ready=ever) == expected
+
+
+def test_an_agent_reporting_a_replica_unhealthy_gets_it_replaced_and_only_for_its_own_node(world):
+    endpoint = deploy(world)
+    replica = endpoint.replicas.get()
+    reservation = replica.reservation
+    assert reservation_begin(reservation_id=reservation.pk)
+    reservation_provision_start(reservation_id=reservation.pk)
+    command = NodeCommand.objects.get(correlation_id=reservation.pk, kind=CommandKind.PROVISION)
+    node_command_acknowledged(node_id=command.node_id, command_id=command.id)
+    node_command_finish(node_id=command.node_id, command_id=command.id, ok=True, detail={"address": "127.0.0.1:1"})
+    other_node = next(n for n in world["nodes"].values() if n.pk != command.node_id)
+
+    hooks.workload_reported(node_id=other_node.pk, reservation=str(reservation.pk), state="exited")
+    replica.refresh_from_db()
+    assert replica.state == ReplicaState.READY  # another node's agent cannot speak for this replica
+    hooks.workload_reported(node_id=command.node_id, reservation="not-a-uuid", state="exited")  # ignored
+
+    hooks.workload_reported(
+        node_id=command.node_id, reservation=str(reservation.pk), state="unhealthy", detail="2 missed"
+    )
+    replica.refresh_from_db()
+    assert replica.state == ReplicaState.UNHEALTHY and "2 missed" in replica.failure_reason
+    endpoint_reconcile(endpoint_id=endpoint.pk)
+    replica.refresh_from_db()
+    assert replica.state == ReplicaState.STOPPING
+    live = endpoint.replicas.exclude(state__in=[ReplicaState.STOPPING, ReplicaState.STOPPED])
+    assert live.count() == 1 and live.get().pk != replica.pk  # a replacement is starting

@@ -13,6 +13,7 @@ import hmac
 import logging
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Case, IntegerField, QuerySet, Value, When
 from django.utils import timezone
@@ -150,4 +151,28 @@ def on_command_finished(command) -> None:
     Replica.objects.filter(pk=replica.pk, state=R.STARTING).update(
         state=R.READY, address=str(address)[:100], ready_at=timezone.now()
     )
+    enqueue_on_commit("marketplace.tasks.endpoint_reconcile", str(replica.endpoint_id))
+
+
+@transaction.atomic
+def on_workload_reported(*, node_id: int, reservation: str, state: str, detail: str = "") -> None:
+    """provisioning.hooks: the agent of ``node_id`` says a replica's server stopped answering (or exited,
+    or answers again). Only a replica whose slice is on that node is touched -- an agent speaks for its
+    own node -- and beat's reconcile (enqueued now) replaces an unhealthy one."""
+    try:
+        replica = (
+            Replica.objects.select_for_update()
+            .filter(reservation_id=reservation, reservation__allocations__node_id=node_id)
+            .first()
+        )
+    except (ValueError, TypeError, ValidationError):  # not a UUID: nothing of ours
+        return
+    if replica is None:
+        return
+    if state in ("unhealthy", "exited") and replica.state == R.READY:
+        Replica.objects.filter(pk=replica.pk).update(state=R.UNHEALTHY, failure_reason=f"{state}: {detail}"[:500])
+    elif state == "healthy" and replica.state == R.UNHEALTHY:
+        Replica.objects.filter(pk=replica.pk).update(state=R.READY, failure_reason="")
+    else:
+        return
     enqueue_on_commit("marketplace.tasks.endpoint_reconcile", str(replica.endpoint_id))
