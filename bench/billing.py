@@ -127,6 +127,7 @@ def sql_value(statement: str, params=None):
 
 
 def previous_month(now: datetime) -> date:
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.money import month_bounds, month_start
 
     return month_start(month_bounds(month_start(now))[0] - timedelta(days=1))
@@ -182,6 +183,7 @@ class Catalog:
 
 def catalog_seed() -> Catalog:
     """Two accelerator types at 5 sites: a node offer per (site, type), an H100 rack offer per site."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.choices import OfferShape
     from marketplace.models import Offer
     from provisioning.choices import SiteKind
@@ -213,6 +215,7 @@ def catalog_seed() -> Catalog:
 
 def organizations_seed(count: int) -> list:
     """Tenants as bare organizations (no users: nothing billed needs one)."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.models import Organization
 
     progress = Progress("organizations", count)
@@ -267,6 +270,7 @@ def reservations_seed(
     interval: active (no end yet), releasing (ended in the last 2 h) or completed. The period is what
     was booked (and held): from a few minutes before activation to the end, or later when released
     early; active ones are booked up to 30 days ahead."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 
     from marketplace.choices import OfferShape, ReservationState
@@ -339,6 +343,7 @@ def ledger_seed(*, organization_ids: list, reservations: list, now: datetime, se
     """Through the ledger service: a credit grant per tenant (1.25 × its reservations' holds + $1,000,
     so no balance runs out) and a hold per reservation for the cost of its booked period, as
     reservation_create places it. post_many in chunks; each chunk commits (the balance check runs)."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.choices import AccountKind, TransactionKind
     from marketplace.models import LedgerTransaction
     from marketplace.money import cents, cost, seconds_between
@@ -399,6 +404,7 @@ def energy_seed(
     telemetry rollups over the month, so the invoice's energy join (allocations -> GPUs -> rollups)
     has rows to sum. One rollup row per GPU per hour, carrying the hour's energy (the real rollups
     are per minute: 60 times the rows); the other reservations have no allocation and no energy."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db.backends.postgresql.psycopg_any import NumericRange
 
     from marketplace.choices import ReservationState
@@ -725,6 +731,7 @@ def measured_step(name: str, call, *, db: DbClock, watches: dict, backend_pid: i
 def worker_main(args) -> int:
     """One pass in a fresh process: rate, rate again, invoice. Prints its results as JSON on stdout."""
     django_setup()
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db import connection
 
     import console.kernel.events
@@ -781,6 +788,7 @@ def worker_run(*, env: dict, now: datetime, month: date, tenants: int, mode: str
 
 
 def rows_written(seed: Seed, month: date) -> dict:
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.money import month_bounds
 
     start, end = month_bounds(month)
@@ -853,6 +861,7 @@ def ceiling_measure(month: date) -> dict:
     ALL: the exclusion constraint too) but no foreign keys and no triggers, plus the aggregate each
     step needs, one committed transaction per step: the floor for putting these rows in this database.
     (Not included: the UPDATE that marks reservations settled, and the foreign-key checks.)"""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db import connection, transaction
 
     from marketplace.money import month_bounds
@@ -921,6 +930,7 @@ def push_ceiling() -> dict:
     """after_rating pushes each tenant its balance with one ``publish`` each: an ``async_to_sync`` call,
     so an event loop and a Redis connection per push. The same pushes (same groups, a payload of the
     same shape) sent one ``publish`` at a time, and all from one event loop, for comparison."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from asgiref.sync import async_to_sync
     from channels.layers import get_channel_layer
 

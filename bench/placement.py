@@ -189,6 +189,7 @@ def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
     its GPUs cut into aligned blocks of 4, 2 and 1, each block rented back to back for 8-96 h with gaps
     of up to 12 h, and now and then a block left idle), over the next 35 days: a window in the next
     weeks finds about half the nodes held, and some of them partly."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
 
     from marketplace.choices import OfferShape, ReservationState
@@ -327,6 +328,7 @@ def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
 def fleet_load() -> Fleet:
     """The fleet a previous run seeded (--reuse-fleet), read back from its database. The reservations
     that run committed (its creations and API requests) are still there: a little fuller a calendar."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db.models import Count, F, Q
 
     from marketplace.models import Allocation, Offer
@@ -365,6 +367,7 @@ def database_analyze() -> None:
 
 
 def tenant_make(label: str, i: int):
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.choices import Role
     from marketplace.services.billing.credits import credits_grant
     from marketplace.services.tenancy.members import organization_create, user_create
@@ -458,6 +461,7 @@ class CpuClock:
 def measure_placement(fleet: Fleet, rng: random.Random, count: int) -> dict:
     """placement_pick alone for each shape (``count`` of each), in random order, each in a transaction
     rolled back: every sample sees the same fleet."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db import connection, transaction
     from django.test.utils import CaptureQueriesContext
     from django.utils import timezone
@@ -548,6 +552,7 @@ def baseline_placement(ref: str):
 def measure_baseline(fleet: Fleet, rng: random.Random, count: int, ref: str) -> dict:
     """placement_pick of the working tree and of ``ref`` on the same requests (``count`` of each shape),
     alternately in random order, each rolled back: p50/p99 of both, and how often they placed alike."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db import transaction
     from django.utils import timezone
 
@@ -611,6 +616,7 @@ def measure_baseline(fleet: Fleet, rng: random.Random, count: int, ref: str) -> 
 def measure_create(fleet: Fleet, rng: random.Random, count: int) -> dict:
     """The whole reservation_create, committed (quota check, placement, rows, hold, commit, event), for
     ``count`` requests of random shapes."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
     from django.utils import timezone
@@ -657,6 +663,7 @@ def measure_refusals(fleet: Fleet, rng: random.Random, count: int) -> dict:
     """Requests that cannot be placed, through reservation_create: the refusal also computes the
     earliest window that would fit (earliest_fit). Two kinds: more nodes than are free in the window
     (but fewer than the offer has), and more nodes than the offer has at all."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.utils import timezone
 
     from marketplace.services.reservations.lifecycle import reservation_create
@@ -777,6 +784,7 @@ def profile_patches(clock: StepClock) -> list[tuple[object, str, str]]:
 
     connection = connections[DEFAULT_DB_ALIAS]  # this thread's wrapper itself, not django.db's proxy to it
 
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     import marketplace.api.authentication as authentication
     import marketplace.api.boundary as boundary
     import marketplace.api.views.reservations as views
@@ -863,6 +871,7 @@ def measure_request_path(fleet: Fleet, rng: random.Random, count: int) -> dict:
     """Where a POST /api/v1/reservations/ spends its time, without a server: the Django test client
     (the same middleware, authentication, view and serializer; WSGI instead of ASGI) for the two
     endpoints, then the same POSTs with their steps timed (profile_creation)."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
@@ -1022,6 +1031,7 @@ def wrk_run(wrk: str, url: str, config: Path, mode: str, duration: int, connecti
 
 
 def reservations_count(organization_ids: list) -> int:
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.models import Reservation
 
     return Reservation.objects.filter(organization_id__in=organization_ids).count()
@@ -1033,6 +1043,7 @@ def measure_api(
     from django.db import connection
 
     tenants = [tenant_make("api", i) for i in range(connections)]
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.services.tenancy.api_keys import api_key_create
 
     keys = [api_key_create(tenant=tenant, name="bench")[1] for tenant in tenants]

@@ -217,6 +217,7 @@ def fixture_build(*, nodes: int, watch: int) -> Fixture:
     """``nodes`` nodes of 8 H100 in racks of 8 over 5 sites, every GPU row with the UUID the simulated
     backend reports, a stored secret per node (digest only, as enrolment leaves it), every other rack
     held by one tenant's active rack reservation, and browser sessions for a staff user and the tenant."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.conf import settings
     from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
     from django.test import Client
@@ -351,6 +352,7 @@ def fixture_build(*, nodes: int, watch: int) -> Fixture:
 def frame_sizes(fixture: Fixture) -> dict:
     """Sizes of one node's frames as they travel: the agent's batch, the tenant and fleet texts the server
     encodes, and the channel-layer message (msgpack) of the tenant text."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     import msgpack
 
     from provisioning.agent.backends import get_backend
@@ -390,6 +392,7 @@ def frame_sizes(fixture: Fixture) -> dict:
 
 def wait_hello(fixture: Fixture, indexes: range, since: float, timeout: float) -> int:
     """Until the nodes' hello was processed (node_hello stamps last_seen_at); returns how many were."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.db import connection
 
     from provisioning.models import Node
@@ -1028,6 +1031,7 @@ def measure_window(nodes: int, agents: Child, browser: Child, meter: CpuMeter, a
 def real_agents_window(config, fixture, args, env, workdir, server, browser, roles) -> Window:
     """``neocloud-agent fleet`` with the first ``real_agents`` nodes (their stored secrets in per-node state
     directories, as after enrolment), measured like a level; then stopped."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from provisioning.agent.credentials import Credentials, store_credentials
 
     count = config.real_agents

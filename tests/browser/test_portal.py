@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from marketplace.models import ApiKey
+from marketplace.models import ApiKey, Endpoint, OfferTermDiscount, Reservation
 from marketplace.services.tenancy.api_keys import api_key_authenticate
 from tests.factories import PASSWORD, OfferFactory, RackFactory, make_node, make_served_model
 
@@ -49,7 +49,6 @@ def test_a_member_browses_the_catalog_and_manages_an_api_key(page, tenant, tmp_p
 
 def test_a_member_reserves_from_the_catalog_seeing_the_price_first(page, tenant, tmp_path):
     """Whole nodes, then a 1-GPU instance of the node left: the same steps, without a number to choose."""
-    from marketplace.models import Reservation
 
     rack = RackFactory()
     for _ in range(3):
@@ -93,8 +92,6 @@ def test_a_member_reserves_from_the_catalog_seeing_the_price_first(page, tenant,
 
 
 def test_choosing_a_reserved_term_hides_the_duration(page, tenant):
-    from marketplace.models import OfferTermDiscount
-
     rack = RackFactory()
     make_node(rack=rack)
     offer = OfferFactory(site=rack.site)
@@ -111,8 +108,6 @@ def test_choosing_a_reserved_term_hides_the_duration(page, tenant):
 
 
 def test_a_member_deploys_an_endpoint_and_sees_its_replicas(page, tenant, tmp_path):
-    from marketplace.models import Endpoint
-
     make_served_model(region="eu-central")
     sign_in(page, tenant.user.email)
     page.get_by_role("link", name="Endpoints").click()

@@ -17,6 +17,7 @@ from marketplace.choices import Role
 from marketplace.models import Invoice, OfferTermDiscount, Reservation, SpendAlert
 from marketplace.money import add_months, month_start
 from marketplace.selectors.billing import daily_spend
+from marketplace.services.billing.credits import credits_grant
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import spend_alert_create
@@ -259,8 +260,6 @@ def test_daily_spend_counts_each_day_of_the_month(offer):
 
 
 def test_every_page_header_shows_the_tenants_own_balance():
-    from marketplace.services.billing.credits import credits_grant
-
     tenant = make_tenant(credit="1234.5")
     make_tenant(credit="777")  # another tenant's money never shows
     client = browser_for(tenant.user)

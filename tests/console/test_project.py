@@ -8,6 +8,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.test import Client
 
+from marketplace.api.views import catalog as catalog_views
+
 
 def test_openapi_schema_validates_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yml"))
@@ -67,12 +69,10 @@ def test_unknown_portal_pages_are_a_page_not_json():
 
 @pytest.mark.django_db
 def test_an_unexpected_api_error_is_500_in_the_error_shape_without_internals(monkeypatch, tenant, client_for):
-    from marketplace.api.views import catalog as views
-
     def explode(**kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(views, "offer_list", explode)
+    monkeypatch.setattr(catalog_views, "offer_list", explode)
     response = client_for(tenant).get("/api/v1/offers/")
     assert response.status_code == 500
     error = response.json()["error"]

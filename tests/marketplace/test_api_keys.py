@@ -17,6 +17,7 @@ from marketplace.services.tenancy.api_keys import (
     api_keys_revoke_as_operator,
 )
 from marketplace.services.tenancy.members import membership_set
+from marketplace.tenant_context import TenantContext
 from tests.factories import PASSWORD, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
@@ -115,7 +116,6 @@ def test_members_revoke_only_their_own_keys_admins_any():
     member = make_tenant(role=Role.MEMBER)
     colleague = make_user()
     membership_set(organization=member.organization, user=colleague, role=Role.MEMBER)
-    from marketplace.tenant_context import TenantContext
 
     colleague_ctx = TenantContext(organization=member.organization, user=colleague, role=Role.MEMBER)
     their_key, _ = api_key_create(tenant=colleague_ctx, name="theirs")
@@ -220,7 +220,6 @@ class TestKeysMadeWithKeys:
         assert ApiKey.objects.get(pk=grandchild["id"]).status == "revoked"
 
     def test_an_operator_revoking_a_leaked_key_revokes_its_descendants(self, tenant):
-
         parent, plaintext = api_key_create(tenant=tenant, name="leaked")
         child = self.made_with(bearer(plaintext))
         assert api_keys_revoke_as_operator(keys=ApiKey.objects.filter(pk=parent.pk), actor="ops@example.com") == 2
@@ -235,7 +234,6 @@ class TestKeysMadeWithKeys:
         assert child["role"] == "viewer"
 
     def test_a_key_made_by_a_signed_in_person_has_no_parent(self, tenant):
-
         client = Client()
         assert client.login(username=tenant.user.email, password=PASSWORD)
         response = client.post("/api-keys/", {"name": "from the portal", "role": "member"})

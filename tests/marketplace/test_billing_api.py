@@ -28,11 +28,14 @@ from marketplace.models import (
     SpendAlert,
 )
 from marketplace.money import add_months, cents, cost, month_bounds, month_start, seconds_between
+from marketplace.services.billing.credits import credits_grant
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import credit_limit_set, spend_alert_create
 from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin, reservation_create
-from tests.factories import PASSWORD, make_tenant
+from marketplace.services.tenancy.members import membership_set
+from marketplace.tenant_context import TenantContext
+from tests.factories import PASSWORD, make_tenant, make_user
 
 PRICE = Decimal("2.50")  # per GPU-hour; 8 GPUs a node: $20 an hour
 # The shared offer: $2.50 per GPU-hour, 20% off for a one-month term, four free nodes.
@@ -251,10 +254,6 @@ class TestInvoices:
         assert client.get("/api/v1/invoices/").json()["count"] == 1
 
     def test_viewers_read_invoices(self, invoiced, client_for):
-        from marketplace.services.tenancy.members import membership_set
-        from marketplace.tenant_context import TenantContext
-        from tests.factories import make_user
-
         organization = invoiced["mine"].organization
         user = make_user()
         membership_set(organization=organization, user=user, role=Role.VIEWER)
@@ -292,9 +291,6 @@ class TestSpendAlerts:
         assert first.json()["threshold"] == "250.00" and first.json()["last_notified_month"] is None
         second = client.post("/api/v1/spend-alerts/", {"threshold": 100.5}, format="json")
         assert second.status_code == 201 and second.json()["threshold"] == "100.50"
-        from marketplace.services.tenancy.members import membership_set
-        from marketplace.tenant_context import TenantContext
-        from tests.factories import make_user
 
         user = make_user()
         membership_set(organization=admin.organization, user=user, role=Role.VIEWER)
@@ -329,9 +325,6 @@ class TestSpendAlerts:
     @pytest.mark.parametrize("role", [Role.VIEWER, Role.MEMBER])
     def test_viewers_and_members_cannot_set_or_remove_them(self, admin, client_for, role):
         alert = spend_alert_create(tenant=admin, threshold="10")
-        from marketplace.services.tenancy.members import membership_set
-        from marketplace.tenant_context import TenantContext
-        from tests.factories import make_user
 
         user = make_user()
         membership_set(organization=admin.organization, user=user, role=role)
@@ -378,8 +371,6 @@ class TestSpendAlerts:
 
 class TestNotices:
     def test_latest_first_limited_and_sealed(self, tenant, other_tenant, client_for):
-        from marketplace.services.billing.credits import credits_grant
-
         for amount in ("1", "2", "3"):
             credits_grant(organization=tenant.organization, amount=amount)
         client = client_for(tenant)

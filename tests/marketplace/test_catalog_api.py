@@ -7,6 +7,8 @@ from django.utils import timezone
 from marketplace.choices import OfferShape
 from marketplace.services.reservations.lifecycle import reservation_create
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
+from provisioning.models import Node
+from provisioning.services.fleet import node_transition
 from tests.factories import AcceleratorTypeFactory, OfferFactory, RackFactory, SiteFactory, make_node
 
 pytestmark = pytest.mark.django_db
@@ -163,9 +165,6 @@ def test_available_counts_a_slice_free_on_a_partly_rented_node(tenant, client_fo
 
 
 def test_available_filter_drops_offers_with_nothing_free(tenant, client_for, catalog):
-    from provisioning.models import Node
-    from provisioning.services.fleet import node_transition
-
     for node in Node.objects.filter(accelerator_type__slug="mi300x-192gb"):
         node_transition(node=node, target=NodeState.DRAINING)
     assert catalog["mi300x"].id not in ids(client_for(tenant).get("/api/v1/offers/?available=true"))

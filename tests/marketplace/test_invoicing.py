@@ -13,7 +13,7 @@ from marketplace.choices import ReservationState
 from marketplace.models import Invoice, InvoiceLine, Reservation, UsageRecord
 from marketplace.money import cents, cost, month_bounds, month_start, seconds_between
 from marketplace.selectors.billing import invoice_preview
-from marketplace.services.billing.invoicing import invoice_month, invoices_close
+from marketplace.services.billing.invoicing import _unrated_before, invoice_month, invoices_close
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.reservations.lifecycle import (
     reservation_activate,
@@ -214,9 +214,6 @@ class TestClosing:
         assert invoices_close(now=ended + delay + timedelta(minutes=2)) == 0
 
     def test_a_month_with_unrated_active_time_waits_for_its_rating(self, offer):
-        from marketplace.services.billing.invoicing import _unrated_before
-        from marketplace.services.billing.metering import usage_rate
-
         tenant = make_tenant()
         ended = month_bounds(LAST_MONTH)[1]
         completed = ran(tenant, offer, at(LAST_MONTH, 10, 9), at(LAST_MONTH, 10, 11))

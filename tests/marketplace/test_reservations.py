@@ -10,16 +10,19 @@ from django.db import connection
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from console.celery import app as celery_app
 from console.kernel.events import tenant_group
 from console.kernel.lifecycle import IllegalTransition
 from marketplace.choices import OfferShape, ReservationState, Role
 from marketplace.models import Allocation, IdempotencyRecord, Quota, Reservation
+from marketplace.selectors.capacity import earliest_fit
 from marketplace.services.idempotency import idempotency_records_expire
 from marketplace.services.reservations.lifecycle import (
     reservation_cancel,
     reservation_create,
     reservations_advance,
 )
+from provisioning.services.fleet import node_transition
 from tests.factories import OfferFactory, RackFactory, SiteFactory, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db
@@ -104,8 +107,6 @@ class TestCreate:
         assert {a["node"] for a in body["allocations"]} == set(rack.nodes.values_list("hostname", flat=True))
 
     def test_nodes_that_cannot_take_work_are_not_placed(self, tenant, fleet):
-        from provisioning.services.fleet import node_transition
-
         for node in fleet["nodes"]["a"]:
             node_transition(node=node, target="draining")
         reservation = reservation_create(
@@ -683,13 +684,11 @@ class TestLifecycleTiming:
         ]
 
     def test_the_tick_is_scheduled_on_beat(self, settings):
-        from console.celery import app
-
         entry = settings.CELERY_BEAT_SCHEDULE["reservations-tick"]
-        assert entry["task"] in app.tasks or entry["task"] == "marketplace.tasks.reservations_tick"
+        assert entry["task"] in celery_app.tasks or entry["task"] == "marketplace.tasks.reservations_tick"
         import marketplace.tasks  # noqa: F401 - registers the task
 
-        assert "marketplace.tasks.reservations_tick" in app.tasks
+        assert "marketplace.tasks.reservations_tick" in celery_app.tasks
 
 
 class TestEarliestFit:
@@ -700,8 +699,6 @@ class TestEarliestFit:
         import random
 
         from django.db.backends.postgresql.psycopg_any import DateTimeTZRange, NumericRange
-
-        from marketplace.selectors.capacity import earliest_fit
 
         rng = random.Random(seed)
         offer, rack_offer = fleet["node_offer"], fleet["rack_offer"]

@@ -8,7 +8,9 @@ from django.test import Client
 from marketplace.choices import Role
 from marketplace.selectors.tenancy import api_key_list
 from marketplace.services.tenancy.api_keys import api_key_create
-from tests.factories import PASSWORD, make_tenant
+from marketplace.services.tenancy.members import membership_set
+from marketplace.tenant_context import TenantContext
+from tests.factories import PASSWORD, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -46,9 +48,6 @@ def test_another_tenants_key_is_404_in_the_portal(tenant, other_tenant):
 
 def test_members_see_their_own_keys_admins_see_all():
     admin = make_tenant(role=Role.ADMIN)
-    from marketplace.services.tenancy.members import membership_set
-    from marketplace.tenant_context import TenantContext
-    from tests.factories import make_user
 
     member_user = make_user()
     membership_set(organization=admin.organization, user=member_user, role=Role.MEMBER)
@@ -70,7 +69,6 @@ def test_a_session_cannot_switch_into_an_organization_it_is_not_in(tenant, other
 
 def test_a_user_in_two_organizations_switches_between_them():
     first = make_tenant("First Org", role=Role.MEMBER)
-    from marketplace.services.tenancy.members import membership_set
 
     second = make_tenant("Second Org", role=Role.OWNER)
     membership_set(organization=second.organization, user=first.user, role=Role.VIEWER)
@@ -85,8 +83,6 @@ def test_a_user_in_two_organizations_switches_between_them():
 
 
 def test_a_user_without_an_organization_is_told_so():
-    from tests.factories import make_user
-
     lonely = make_user()
     browser = Client()
     browser.login(username=lonely.email, password=PASSWORD)

@@ -13,9 +13,12 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
 
+from console.routing import browser as browser_route
+from marketplace.consumers import ReservationTelemetryConsumer, TenantConsumer
 from marketplace.models import Reservation
 from marketplace.selectors.reservations import reservation_energy_kwh
 from marketplace.services.reservations.lifecycle import reservation_activate, reservation_begin, reservation_create
+from provisioning.consumers import FleetConsumer
 from provisioning.models import GpuRollup
 from provisioning.services import telemetry, telemetry_ingest
 from provisioning.services.telemetry_ingest import GpuMinute, RollupBuffer
@@ -44,10 +47,6 @@ def browser(path: str, cookie: str) -> WebsocketCommunicator:
 
 def _browser_routes():
     from django.urls import path as route
-
-    from console.routing import browser as browser_route
-    from marketplace.consumers import ReservationTelemetryConsumer, TenantConsumer
-    from provisioning.consumers import FleetConsumer
 
     return [
         route("ws/tenant/", browser_route(TenantConsumer)),
