@@ -60,11 +60,13 @@ class Conflict(DomainError):
     code = "conflict"
 
 
-def clean_or_refuse(instance) -> None:
+def clean_or_refuse(instance, **options) -> None:
     """A model's own validation (``full_clean``: field bounds, choices, uniqueness) for a service about to
-    save it, refusing in the domain's terms: a DomainError naming the fields, never Django's exception."""
+    save it, refusing in the domain's terms: a DomainError naming the fields, never Django's exception.
+    ``options`` go to ``full_clean`` (``exclude``, ``validate_constraints``: for a service that refuses a
+    constraint's breach in its own words, from the IntegrityError)."""
     try:
-        instance.full_clean()
+        instance.full_clean(**options)
     except ValidationError as error:
         fields = {name: [str(problem) for problem in problems] for name, problems in error.message_dict.items()}
         name, problems = next(iter(fields.items()))

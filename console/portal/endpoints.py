@@ -10,7 +10,6 @@ from console.kernel.errors import DomainError
 from console.portal.access import tenant_required
 from console.portal.billing import money
 from console.portal.forms import EndpointForm, EndpointScaleForm, refused_field
-from marketplace.choices import ReplicaState
 from marketplace.models import EndpointState
 from marketplace.selectors.endpoints import endpoint_cost, endpoint_get, endpoint_list, served_model_list
 from marketplace.services.endpoints.lifecycle import endpoint_base_url, endpoint_create, endpoint_delete, endpoint_scale
@@ -119,7 +118,7 @@ def endpoint_detail(request, endpoint_id):
         {
             "endpoint": endpoint,
             "base_url": endpoint_base_url(endpoint),
-            "replicas": [r for r in endpoint.replicas.all() if r.state != ReplicaState.STOPPED],
+            "replicas": endpoint.current_replicas,
             "cost": money(endpoint_cost(endpoint=endpoint)),
             "scale_form": scale_form,
             "can_change": request.tenant.can_spend and not gone,

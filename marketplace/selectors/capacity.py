@@ -34,6 +34,7 @@ from marketplace.models import Allocation, Offer
 from provisioning.choices import NodeState
 from provisioning.hooks import GpuHolding
 from provisioning.models import Node, Rack
+from provisioning.selectors.fleet import fleet_overview
 
 NODE = Node._meta.db_table
 RACK = Rack._meta.db_table
@@ -410,3 +411,22 @@ def node_gpu_holdings(*, node_id: int, start: datetime, end: datetime) -> list[G
             )
         )
     return holdings
+
+
+def fleet_occupancy() -> dict:
+    """The operators' fleet overview (provisioning.selectors.fleet) with each node's GPUs marked rented
+    or free now (a node can be partly rented), and the GPUs rented per site and in all: the fleet is
+    provisioning's, who rents it is marketplace's, so they meet here."""
+    overview, held = fleet_overview(), gpus_held_now()
+    overview["totals"]["rented"] = 0
+    for site in overview["sites"]:
+        site["counts"]["rented"] = 0
+        for rack in site["racks"]:
+            for entry in rack["nodes"]:
+                node = entry["node"]
+                taken = held.get(node.pk, set())
+                entry["gpus"] = [{"index": i, "rented": i in taken} for i in range(node.gpu_count)]
+                entry["rented"] = sum(1 for i in taken if i < node.gpu_count)
+                site["counts"]["rented"] += entry["rented"]
+        overview["totals"]["rented"] += site["counts"]["rented"]
+    return overview

@@ -50,7 +50,12 @@ def _endpoints(tenant: TenantContext) -> QuerySet[Endpoint]:
     return (
         Endpoint.objects.filter(organization=tenant.organization)
         .select_related("model")
-        .prefetch_related("accelerator_types", "pinned_sites", Prefetch("replicas", queryset=replicas))
+        .prefetch_related(
+            "accelerator_types",
+            "pinned_sites",
+            # What a tenant is shown of its replicas: all but the stopped ones (cost counts those too).
+            Prefetch("replicas", queryset=replicas.exclude(state=ReplicaState.STOPPED), to_attr="current_replicas"),
+        )
         .annotate(
             live_replica_count=Count("replicas", filter=Q(replicas__state__in=LIVE_REPLICA_STATES)),
             ready_replica_count=Count("replicas", filter=Q(replicas__state=ReplicaState.READY)),
@@ -60,8 +65,8 @@ def _endpoints(tenant: TenantContext) -> QuerySet[Endpoint]:
 
 def endpoint_list(*, tenant: TenantContext, state: str | None = None) -> QuerySet[Endpoint]:
     """The organization's endpoints, newest first; deleted ones only when ``state`` asks for them.
-    Each carries its replicas (with their slice's allocation), ``live_replica_count`` and
-    ``ready_replica_count``."""
+    Each carries ``current_replicas`` (all but stopped ones, with their slice's allocation),
+    ``live_replica_count`` and ``ready_replica_count``."""
     endpoints = _endpoints(tenant)
     endpoints = endpoints.filter(state=state) if state else endpoints.exclude(state=EndpointState.DELETED)
     return endpoints.order_by("-created_at")

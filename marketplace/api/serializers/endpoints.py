@@ -118,7 +118,7 @@ class EndpointSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(ReplicaSerializer(many=True))
     def get_replicas(self, endpoint: Endpoint) -> list[dict]:
-        live = [replica for replica in endpoint.replicas.all() if replica.state != ReplicaState.STOPPED]
+        live = endpoint.current_replicas
         return ReplicaSerializer(live, many=True).data
 
 

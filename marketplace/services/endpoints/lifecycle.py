@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from console.kernel.errors import Conflict, DomainError
+from console.kernel.errors import Conflict, DomainError, clean_or_refuse
 from console.kernel.events import publish_on_commit, tenant_group
 from console.kernel.lifecycle import transition
 from marketplace.choices import FINISHED_STATES, ReplicaState, Role
@@ -93,7 +93,8 @@ def endpoint_create(
         known = ", ".join(sorted(regions))
         raise DomainError(f"Unknown region {region!r}; regions: {known}.", fields={"region": [f"One of: {known}."]})
     if placement not in PlacementPreference.values:
-        raise DomainError(f"placement is one of {', '.join(PlacementPreference.values)}.", fields={"placement": ["?"]})
+        choices = ", ".join(PlacementPreference.values)
+        raise DomainError(f"placement is one of {choices}.", fields={"placement": [f"One of: {choices}."]})
     pinned = list(pinned_sites or [])
     if (placement == PlacementPreference.PINNED) != bool(pinned):
         raise DomainError(
@@ -111,9 +112,11 @@ def endpoint_create(
         max_replicas=max_replicas,
         target_concurrency=target_concurrency,
     )
+    # The name's uniqueness is the constraint's to decide (two creates may race): refused from its
+    # IntegrityError in this service's words, not by full_clean's generic constraint message.
+    clean_or_refuse(endpoint, validate_constraints=False)
     try:
         with transaction.atomic():
-            endpoint.full_clean(exclude=["organization", "model", "created_by"], validate_constraints=False)
             endpoint.save()
     except IntegrityError:
         raise Conflict(
@@ -121,11 +124,6 @@ def endpoint_create(
             code="name_taken",
             fields={"name": ["Taken."]},
         ) from None
-    except Exception as error:
-        if hasattr(error, "message_dict"):
-            fields = {k: [str(m) for m in v] for k, v in error.message_dict.items()}
-            raise DomainError(f"{next(iter(fields))}: {next(iter(fields.values()))[0]}", fields=fields) from None
-        raise
     endpoint.accelerator_types.set(chosen)
     endpoint.pinned_sites.set(pinned)
     for _ in range(min_replicas):

@@ -60,15 +60,12 @@ def candidate_offers(endpoint: Endpoint) -> QuerySet[Offer]:
     in_region = Case(When(site__region=endpoint.region, then=Value(0)), default=Value(1), output_field=IntegerField())
     at_edge = Case(When(site__kind=SiteKind.EDGE, then=Value(0)), default=Value(1), output_field=IntegerField())
     if endpoint.placement == PlacementPreference.PINNED:
-        offers = offers.filter(site__in=endpoint.pinned_sites.all())
-        order = [in_region]
+        offers, ranks = offers.filter(site__in=endpoint.pinned_sites.all()), [in_region]
     elif endpoint.placement == PlacementPreference.EDGE_FIRST:
-        order = [at_edge, in_region]
+        ranks = [at_edge, in_region]
     else:
-        order = [in_region, at_edge]
-    return offers.annotate(*[], **{f"rank{i}": rank for i, rank in enumerate(order)}).order_by(
-        *[f"rank{i}" for i in range(len(order))], "price_per_gpu_hour", "pk"
-    )
+        ranks = [in_region, at_edge]
+    return offers.order_by(*ranks, "price_per_gpu_hour", "pk")
 
 
 def acting_for(endpoint: Endpoint, tenant: TenantContext | None) -> TenantContext:
