@@ -8,6 +8,7 @@ from marketplace.services.billing.metering import usage_rate as rate
 from marketplace.services.billing.pricing import prices_apply as apply
 from marketplace.services.endpoints.lifecycle import endpoint_reconcile as reconcile_endpoint
 from marketplace.services.endpoints.lifecycle import endpoints_reconcile as reconcile_endpoints
+from marketplace.services.endpoints.traffic import traffic_collect as collect_traffic
 from marketplace.services.idempotency import idempotency_records_expire as expire_records
 from marketplace.services.reservations.enforcement import balances_enforce
 from marketplace.services.reservations.lifecycle import reservation_begin, reservations_advance
@@ -90,3 +91,9 @@ def endpoints_reconcile() -> int:
 @shared_task(acks_late=True, ignore_result=True)
 def endpoint_reconcile(endpoint_id: str) -> dict[str, int]:
     return reconcile_endpoint(endpoint_id=endpoint_id)
+
+
+@shared_task(ignore_result=True)
+def traffic_collect() -> int:
+    """The gateways' request counts, Redis to EndpointTraffic (exactly once per batch)."""
+    return collect_traffic()

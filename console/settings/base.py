@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from console.kernel.env import env_bool, env_int, env_list, env_str
+from console.kernel.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -341,8 +341,29 @@ CELERY_TASK_ROUTES["marketplace.tasks.billing_tick"] = {"queue": "telemetry"}
 REPLICA_LEASE_HOURS = env_int("REPLICA_LEASE_HOURS", 2)
 # How often beat reconciles endpoints: starts missing replicas, stops extra ones, renews leases.
 ENDPOINT_RECONCILE_SECONDS = env_int("ENDPOINT_RECONCILE_SECONDS", 5)
-# The URL OpenAI clients are given (an endpoint's base_url is this + "/v1"); by default the console's own.
+# The URL OpenAI clients are given (an endpoint's base_url is this + "/v1"): the gateway's (console.gateway,
+# its own processes; the launcher sets it). The console's own ASGI server answers /v1/ with the same app too.
 GATEWAY_URL = env_str("GATEWAY_URL", "http://127.0.0.1:8000")
+# The gateway (console.gateway): how long an API key's check is trusted (a revoked or expired key is refused
+# within this), and how long the caller's endpoints and ready replicas are.
+GATEWAY_AUTH_CACHE_SECONDS = env_float("GATEWAY_AUTH_CACHE_SECONDS", 2.0)
+GATEWAY_ROUTES_CACHE_SECONDS = env_float("GATEWAY_ROUTES_CACHE_SECONDS", 1.0)
+# Per API key, per gateway process: requests a second, and the burst above it (a token bucket).
+GATEWAY_KEY_REQUESTS_PER_SECOND = env_float("GATEWAY_KEY_REQUESTS_PER_SECOND", 200.0)
+GATEWAY_KEY_BURST = env_int("GATEWAY_KEY_BURST", 400)
+# Other replicas tried for a request that failed before any byte of the answer came back.
+GATEWAY_RETRIES = env_int("GATEWAY_RETRIES", 2)
+GATEWAY_CONNECT_TIMEOUT_SECONDS = env_float("GATEWAY_CONNECT_TIMEOUT_SECONDS", 2.0)
+GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 300.0)
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024)
+# How often a gateway hands its request counts over (Redis), and beat merges them (EndpointTraffic).
+GATEWAY_FLUSH_SECONDS = env_float("GATEWAY_FLUSH_SECONDS", 1.0)
+TRAFFIC_COLLECT_SECONDS = env_int("TRAFFIC_COLLECT_SECONDS", 5)
+CELERY_BEAT_SCHEDULE["traffic-collect"] = {
+    "task": "marketplace.tasks.traffic_collect",
+    "schedule": float(TRAFFIC_COLLECT_SECONDS),
+    "options": {"expires": float(TRAFFIC_COLLECT_SECONDS)},
+}
 CELERY_BEAT_SCHEDULE["endpoints-reconcile"] = {
     "task": "marketplace.tasks.endpoints_reconcile",
     "schedule": float(ENDPOINT_RECONCILE_SECONDS),

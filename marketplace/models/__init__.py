@@ -14,13 +14,17 @@ from .billing import (
 from .catalog import Offer, OfferTermDiscount
 from .endpoints import (
     ENDPOINT_TRANSITIONS,
+    LATENCY_BUCKETS_MS,
     SERVING_STATES,
     Endpoint,
     EndpointState,
+    EndpointTraffic,
+    GatewayCursor,
     ModelTask,
     PlacementPreference,
     Replica,
     ServedModel,
+    TrafficOutcome,
 )
 from .reservations import (
     RESERVATION_ON_ENTER,
@@ -38,10 +42,14 @@ __all__ = [
     "SERVING_STATES",
     "Endpoint",
     "EndpointState",
+    "EndpointTraffic",
+    "GatewayCursor",
+    "LATENCY_BUCKETS_MS",
     "ModelTask",
     "PlacementPreference",
     "Replica",
     "ServedModel",
+    "TrafficOutcome",
     "BillingNotice",
     "BillingProfile",
     "Invoice",

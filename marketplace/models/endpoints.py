@@ -8,6 +8,7 @@ address the agent reported and whether the server is answering."""
 import uuid
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -158,3 +159,56 @@ class Replica(models.Model):
 
     def __str__(self) -> str:
         return f"{self.endpoint.name} replica {self.id.hex[:8]}"
+
+
+# Request latency buckets of EndpointTraffic, upper bounds in milliseconds; the last bucket is open.
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class TrafficOutcome(models.TextChoices):
+    OK = "ok", "Answered (2xx)"
+    CLIENT_ERROR = "client_error", "Refused (4xx)"
+    SERVER_ERROR = "server_error", "Failed (5xx)"
+
+
+class EndpointTraffic(models.Model):
+    """What the gateways answered for an endpoint, one row per minute, replica and outcome: the
+    gateways count in memory and hand batches over through Redis (services.endpoints.traffic), so no
+    request writes a row of its own. ``replica`` is empty for requests no replica took (none ready)."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="traffic")
+    replica = models.ForeignKey(Replica, on_delete=models.PROTECT, null=True, blank=True, related_name="traffic")
+    minute = models.DateTimeField(help_text="The minute the requests finished in (UTC, seconds zero).")
+    outcome = models.CharField(max_length=16, choices=TrafficOutcome.choices)
+    requests = models.PositiveIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0.0, help_text="Sum of the requests' latencies at the gateway.")
+    latency_buckets = ArrayField(
+        models.PositiveIntegerField(), size=len(LATENCY_BUCKETS_MS) + 1, help_text="Counts per LATENCY_BUCKETS_MS."
+    )
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["endpoint", "replica", "minute", "outcome"],
+                name="endpoint_traffic_one_row",
+                nulls_distinct=False,
+            ),
+            models.CheckConstraint(condition=Q(outcome__in=TrafficOutcome.values), name="endpoint_traffic_outcome"),
+        ]
+        indexes = [models.Index(fields=["endpoint", "minute"], name="endpoint_traffic_minute_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {self.minute:%Y-%m-%d %H:%M} {self.outcome}: {self.requests}"
+
+
+class GatewayCursor(models.Model):
+    """The last traffic batch taken from each gateway process (its id is drawn at start), so that a
+    batch handed over twice -- the collector stopped between the database and Redis -- counts once."""
+
+    gateway = models.CharField(max_length=64, primary_key=True)
+    sequence = models.PositiveBigIntegerField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.gateway} at {self.sequence}"

@@ -7,7 +7,17 @@ from django.db.models import Count, Prefetch, Q, QuerySet, Sum
 
 from console.kernel.errors import DomainError, NotFound
 from marketplace.choices import LIVE_REPLICA_STATES, ReplicaState
-from marketplace.models import Allocation, Endpoint, EndpointState, Replica, ServedModel, UsageRecord
+from marketplace.models import (
+    LATENCY_BUCKETS_MS,
+    Allocation,
+    Endpoint,
+    EndpointState,
+    EndpointTraffic,
+    Replica,
+    ServedModel,
+    TrafficOutcome,
+    UsageRecord,
+)
 from marketplace.tenant_context import TenantContext
 from provisioning.models import AcceleratorType, Site
 
@@ -85,3 +95,47 @@ def endpoint_cost(*, endpoint: Endpoint) -> Decimal:
     replica is a rental like any other, metered and billed as one), stopped replicas included. One sum."""
     total = UsageRecord.objects.filter(reservation__replica__endpoint=endpoint).aggregate(total=Sum("amount"))["total"]
     return total or Decimal("0")
+
+
+def _quantile_ms(buckets: list[int], q: float) -> float | None:
+    """The ``q`` quantile from LATENCY_BUCKETS_MS counts, interpolated within its bucket (the open last
+    bucket answers its lower bound)."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for index, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            low = LATENCY_BUCKETS_MS[index - 1] if index else 0.0
+            if index == len(LATENCY_BUCKETS_MS):
+                return float(low)
+            return low + (LATENCY_BUCKETS_MS[index] - low) * (rank - seen) / count
+        seen += count
+    return float(LATENCY_BUCKETS_MS[-1])
+
+
+def endpoint_traffic_summary(*, endpoint: Endpoint, start=None, end=None) -> dict:
+    """What the gateways answered for ``endpoint`` (the minutes collected so far, optionally within
+    [start, end)): requests by outcome, input tokens, mean and p50/p99 latency in milliseconds."""
+    rows = EndpointTraffic.objects.filter(endpoint=endpoint)
+    if start is not None:
+        rows = rows.filter(minute__gte=start)
+    if end is not None:
+        rows = rows.filter(minute__lt=end)
+    summary = {"requests": 0, "ok": 0, "client_errors": 0, "server_errors": 0, "input_tokens": 0}
+    buckets, latency_sum = [0] * (len(LATENCY_BUCKETS_MS) + 1), 0.0
+    names = {
+        TrafficOutcome.OK: "ok",
+        TrafficOutcome.CLIENT_ERROR: "client_errors",
+        TrafficOutcome.SERVER_ERROR: "server_errors",
+    }
+    for row in rows.only("outcome", "requests", "input_tokens", "latency_ms_sum", "latency_buckets"):
+        summary["requests"] += row.requests
+        summary[names[row.outcome]] += row.requests
+        summary["input_tokens"] += row.input_tokens
+        latency_sum += row.latency_ms_sum
+        buckets = [a + b for a, b in zip(buckets, row.latency_buckets, strict=True)]
+    summary["mean_ms"] = latency_sum / summary["requests"] if summary["requests"] else None
+    summary["p50_ms"] = _quantile_ms(buckets, 0.50)
+    summary["p99_ms"] = _quantile_ms(buckets, 0.99)
+    return summary
