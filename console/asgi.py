@@ -1,4 +1,6 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels."""
+"""ASGI entry point: HTTP through Django, WebSockets through Channels, /v1/ through the gateway (the
+same application its own processes run, console.gateway.asgi, so the console's URL + /v1 is an OpenAI
+base URL too)."""
 
 import gc
 import os
@@ -11,6 +13,7 @@ django_asgi_app = get_asgi_application()  # before importing anything that touch
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from daphne import http_protocol  # noqa: E402
 
+from console.gateway.app import Gateway  # noqa: E402
 from console.routing import websocket_urlpatterns  # noqa: E402
 
 
@@ -30,9 +33,19 @@ class _WebRequest(http_protocol.WebRequest):
 # another ASGI server, which never builds one.
 http_protocol.WebRequest = _WebRequest
 
+gateway = Gateway()
+
+
+async def http(scope, receive, send):
+    if scope["path"].startswith("/v1/"):
+        await gateway(scope, receive, send)
+    else:
+        await django_asgi_app(scope, receive, send)
+
+
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http,
         "websocket": URLRouter(websocket_urlpatterns),
     }
 )

@@ -139,3 +139,32 @@ def endpoint_traffic_summary(*, endpoint: Endpoint, start=None, end=None) -> dic
     summary["p50_ms"] = _quantile_ms(buckets, 0.50)
     summary["p99_ms"] = _quantile_ms(buckets, 0.99)
     return summary
+
+
+def endpoint_routes(*, organization_id) -> list[dict]:
+    """What the gateway routes to for one organization (console.gateway): each endpoint not being
+    deleted, by name, with its ready replicas' ids and addresses (none while deploying: the gateway
+    answers 503 and when to retry, not 404). Two queries."""
+    endpoints = list(
+        Endpoint.objects.filter(organization_id=organization_id)
+        .exclude(state__in=[EndpointState.DELETING, EndpointState.DELETED])
+        .order_by("name")
+        .values("id", "name", "state", "created_at")
+    )
+    ready: dict = {}
+    for replica in (
+        Replica.objects.filter(endpoint__in=[endpoint["id"] for endpoint in endpoints], state=ReplicaState.READY)
+        .exclude(address="")
+        .values("id", "endpoint_id", "address")
+    ):
+        ready.setdefault(replica["endpoint_id"], []).append({"id": str(replica["id"]), "address": replica["address"]})
+    return [
+        {
+            "id": str(endpoint["id"]),
+            "name": endpoint["name"],
+            "state": endpoint["state"],
+            "created": int(endpoint["created_at"].timestamp()),
+            "replicas": ready.get(endpoint["id"], []),
+        }
+        for endpoint in endpoints
+    ]

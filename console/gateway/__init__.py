@@ -1,0 +1,1 @@
+"""The inference gateway: OpenAI's API for every tenant's endpoints (console.gateway.app, docs/gateway.md)."""
