@@ -139,3 +139,19 @@ def endpoint_traffic_summary(*, endpoint: Endpoint, start=None, end=None) -> dic
     summary["p50_ms"] = _quantile_ms(buckets, 0.50)
     summary["p99_ms"] = _quantile_ms(buckets, 0.99)
     return summary
+
+
+def endpoint_traffic_totals(*, endpoint_ids, start, end) -> dict:
+    """``{endpoint_id: {"requests", "input_tokens"}}``: what the gateways answered for these endpoints
+    in the minutes of [start, end), every outcome counted (what the bill shows beside the replicas'
+    usage). One grouped sum; endpoints with no traffic are absent. Callers name endpoints they may see."""
+    endpoint_ids = list(endpoint_ids)
+    if not endpoint_ids:
+        return {}
+    rows = (
+        EndpointTraffic.objects.filter(endpoint_id__in=endpoint_ids, minute__gte=start, minute__lt=end)
+        .values("endpoint_id")
+        .annotate(requests=Sum("requests"), input_tokens=Sum("input_tokens"))
+        .order_by()
+    )
+    return {row["endpoint_id"]: {"requests": row["requests"], "input_tokens": row["input_tokens"]} for row in rows}
