@@ -232,7 +232,16 @@ class UsageRecordAdmin(ReadOnlyAdmin):
 
 class InvoiceLineInline(ReadOnlyInline):
     model = InvoiceLine
-    fields = ["description", "gpu_hours", "price_per_gpu_hour", "amount", "energy_kwh"]
+    fields = [
+        "description",
+        "gpu_hours",
+        "price_per_gpu_hour",
+        "amount",
+        "energy_kwh",
+        "replica_hours",
+        "requests",
+        "input_tokens",
+    ]
     readonly_fields = fields
 
 

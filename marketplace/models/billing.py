@@ -16,6 +16,7 @@ from django.utils import timezone
 from marketplace.choices import PLATFORM_ACCOUNT_KINDS, AccountKind, NoticeKind, TransactionKind
 
 from .catalog import Offer
+from .endpoints import Endpoint
 from .reservations import Reservation
 from .tenancy import Organization
 
@@ -241,21 +242,57 @@ class Invoice(models.Model):
 
 
 class InvoiceLine(models.Model):
-    """One reservation's usage in the month: amounts rounded to cents here and only here."""
+    """One reservation's usage in the month, or one inference endpoint's: the usage of every slice
+    reservation its replicas held, added up exactly and rounded once (a replica is a rental like any
+    other, but the tenant rented the endpoint). Amounts are rounded to cents here and only here."""
 
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="lines")
-    reservation = models.ForeignKey(Reservation, on_delete=models.PROTECT, related_name="invoice_lines")
+    reservation = models.ForeignKey(
+        Reservation, on_delete=models.PROTECT, null=True, blank=True, related_name="invoice_lines"
+    )  # none on an endpoint's line
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.PROTECT, null=True, blank=True, related_name="invoice_lines"
+    )  # none on a reservation's line
     description = models.CharField(max_length=300)
-    seconds = models.DecimalField(max_digits=16, decimal_places=6)
-    gpu_count = models.PositiveIntegerField()
+    seconds = models.DecimalField(max_digits=16, decimal_places=6)  # an endpoint's: replica-seconds
+    gpu_count = models.PositiveIntegerField()  # an endpoint's: GPUs per replica
     gpu_hours = models.DecimalField(max_digits=16, decimal_places=4)
-    price_per_gpu_hour = models.DecimalField(max_digits=10, decimal_places=4)
+    price_per_gpu_hour = models.DecimalField(
+        max_digits=10, decimal_places=4, null=True, blank=True
+    )  # none on an endpoint's line whose replicas ran at different prices
     amount = models.DecimalField(max_digits=14, decimal_places=2)
     energy_kwh = models.DecimalField(max_digits=14, decimal_places=3)
+    # An endpoint's line only: its replicas' hours and what the gateways answered for it in the month.
+    replica_hours = models.DecimalField(max_digits=16, decimal_places=4, null=True, blank=True)
+    requests = models.PositiveBigIntegerField(null=True, blank=True)
+    input_tokens = models.PositiveBigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["invoice", "id"]
-        constraints = [models.UniqueConstraint(fields=["invoice", "reservation"], name="invoice_line_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["invoice", "reservation"], name="invoice_line_unique"),
+            models.UniqueConstraint(fields=["invoice", "endpoint"], name="invoice_line_unique_endpoint"),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(
+                        reservation__isnull=False,
+                        endpoint__isnull=True,
+                        price_per_gpu_hour__isnull=False,
+                        replica_hours__isnull=True,
+                        requests__isnull=True,
+                        input_tokens__isnull=True,
+                    )
+                    | models.Q(
+                        reservation__isnull=True,
+                        endpoint__isnull=False,
+                        replica_hours__isnull=False,
+                        requests__isnull=False,
+                        input_tokens__isnull=False,
+                    )
+                ),
+                name="invoice_line_reservation_or_endpoint",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.invoice}: {self.description}"

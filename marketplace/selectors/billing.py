@@ -2,13 +2,14 @@
 TenantContext; the organization-id ones serve services and operator pages."""
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
-from django.db.models import DateTimeField, Func, Max, QuerySet, Sum
+from django.db.models import DateTimeField, F, Func, Max, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
@@ -20,15 +21,20 @@ from marketplace.models import (
     BillingProfile,
     Invoice,
     LedgerEntry,
+    Replica,
     Reservation,
     SpendAlert,
     UsageRecord,
 )
 from marketplace.money import cents, cost, month_bounds, month_start, seconds_between
+from marketplace.selectors.endpoints import endpoint_traffic_totals
 from marketplace.tenant_context import TenantContext
 from provisioning.models import Gpu, GpuRollup
 
 ZERO = Decimal(0)
+HOURS = Decimal("0.0001")
+KWH = Decimal("0.001")
+MJ_PER_KWH = Decimal(3_600_000_000)
 
 
 def account_balances(*, organization_ids) -> dict:
@@ -165,7 +171,9 @@ def reservation_cost(*, reservation: Reservation, now: datetime | None = None) -
 
 
 def usage_of(*, tenant: TenantContext, start: datetime, end: datetime) -> dict:
-    """Rated usage in [start, end), per reservation, with totals (GET /api/v1/usage/)."""
+    """Rated usage in [start, end), per reservation and per inference endpoint (its replicas' slice
+    reservations added up, with their energy and the requests and input tokens its gateways answered
+    in the window), with totals of both (GET /api/v1/usage/)."""
     window = DateTimeTZRange(start, end, "[)")
     rows = (
         UsageRecord.objects.filter(organization=tenant.organization, period__overlap=window)
@@ -177,24 +185,52 @@ def usage_of(*, tenant: TenantContext, start: datetime, end: datetime) -> dict:
     reservations = Reservation.objects.select_related("offer__site", "offer__accelerator_type").in_bulk(
         [row["reservation_id"] for row in rows]
     )
-    lines = []
+    organization_ids = [tenant.organization.pk]
+    replicas = _replicas_of(reservation_ids=list(reservations), organization_ids=organization_ids)
+    energy = (
+        _energy_mj(organization_ids=organization_ids, window=window, overlapping=True, only=list(replicas))
+        if replicas
+        else {}
+    )
+    lines, endpoints = [], {}
+    seconds = gpu_hours = amount = ZERO
     for row in rows:
         reservation = reservations[row["reservation_id"]]
-        lines.append(
-            {
-                "reservation": reservation,
-                "seconds": row["seconds"],
-                "gpu_hours": row["seconds"] * reservation.gpu_count / 3600,
-                "amount": row["amount"],
-            }
+        seconds += row["seconds"]
+        gpu_hours += row["seconds"] * reservation.gpu_count / 3600
+        amount += row["amount"]
+        replica = replicas.get(reservation.pk)
+        if replica is None:
+            lines.append(
+                {
+                    "reservation": reservation,
+                    "seconds": row["seconds"],
+                    "gpu_hours": row["seconds"] * reservation.gpu_count / 3600,
+                    "amount": row["amount"],
+                }
+            )
+            continue
+        rollup = endpoints.get(replica["endpoint_id"])
+        if rollup is None:
+            rollup = endpoints[replica["endpoint_id"]] = _EndpointUsage(**replica)
+        rollup.add(
+            seconds=row["seconds"],
+            amount=row["amount"],
+            gpu_count=reservation.gpu_count,
+            price=reservation.price_per_gpu_hour,
+            accelerator=reservation.offer.accelerator_type.model,
+            site=reservation.offer.site.name,
+            energy_mj=energy.get(reservation.pk),
         )
+    traffic = endpoint_traffic_totals(endpoint_ids=list(endpoints), start=start, end=end)
     return {
         "start": start,
         "end": end,
         "lines": lines,
-        "seconds": sum((line["seconds"] for line in lines), ZERO),
-        "gpu_hours": sum((line["gpu_hours"] for line in lines), ZERO),
-        "amount": sum((line["amount"] for line in lines), ZERO),
+        "endpoints": [rollup.figures(traffic.get(rollup.endpoint_id)) for rollup in endpoints.values()],
+        "seconds": seconds,
+        "gpu_hours": gpu_hours,
+        "amount": amount,
     }
 
 
@@ -228,33 +264,117 @@ def _month_range(month: date) -> DateTimeTZRange:
     return DateTimeTZRange(*month_bounds(month), "[)")
 
 
-def invoice_lines(*, organization_ids, month: date) -> dict:
-    """``{organization_id: [line, ...]}``: per reservation, its rated usage in the month, with the
-    energy its GPUs drew meanwhile. The month's invoice (or, for the month in progress, its preview).
-    Three queries whatever the number of tenants."""
-    organization_ids = list(organization_ids)
+@dataclass
+class _EndpointUsage:
+    """One endpoint's replicas' rated usage in a period, added up exactly; rounded once, where shown."""
+
+    endpoint_id: object
+    name: str
+    model: str
+    replicas: int = 0
+    seconds: Decimal = ZERO
+    gpu_seconds: Decimal = ZERO
+    amount: Decimal = ZERO
+    energy_mj: int = 0
+    gpu_count: int = 0
+    start: datetime | None = None
+    end: datetime | None = None
+    prices: set = field(default_factory=set)
+    accelerators: set = field(default_factory=set)
+    sites: dict = field(default_factory=dict)  # ordered: where its first replicas ran first
+
+    def add(self, *, seconds, amount, gpu_count, price, accelerator, site, energy_mj, start=None, end=None) -> None:
+        self.replicas += 1
+        self.seconds += seconds
+        self.gpu_seconds += seconds * gpu_count
+        self.amount += amount
+        self.energy_mj += energy_mj or 0
+        self.gpu_count = max(self.gpu_count, gpu_count)
+        self.prices.add(price)
+        self.accelerators.add(accelerator)
+        self.sites[site] = None
+        if start is not None:
+            self.start = start if self.start is None else min(self.start, start)
+        if end is not None:
+            self.end = end if self.end is None else max(self.end, end)
+
+    def figures(self, traffic: dict | None) -> dict:
+        traffic = traffic or {}
+        return {
+            "endpoint_id": self.endpoint_id,
+            "name": self.name,
+            "model": self.model,
+            "replicas": self.replicas,
+            "seconds": self.seconds,
+            "replica_hours": (self.seconds / 3600).quantize(HOURS),
+            "gpu_count": self.gpu_count,
+            "gpu_hours": (self.gpu_seconds / 3600).quantize(HOURS),
+            "price_per_gpu_hour": next(iter(self.prices)) if len(self.prices) == 1 else None,
+            "requests": traffic.get("requests") or 0,
+            "input_tokens": traffic.get("input_tokens") or 0,
+            "energy_kwh": _kwh(self.energy_mj),
+            "amount": self.amount,  # exact: the sum of its replicas' usage records
+        }
+
+    def invoice_line(self, traffic: dict | None) -> dict:
+        figures = self.figures(traffic)
+        replicas = f"{self.replicas} replica{'s' if self.replicas != 1 else ''}"
+        slices = f"{self.gpu_count}× {' / '.join(sorted(self.accelerators))} slice{'s' if self.replicas != 1 else ''}"
+        return {
+            "reservation_id": None,
+            "endpoint_id": self.endpoint_id,
+            "description": (
+                f"Inference endpoint {self.name} ({self.model}) · {replicas} on {slices} · {', '.join(self.sites)}"
+                f" · {self.start:%b %d %H:%M}–{self.end:%b %d %H:%M} UTC"
+            ),
+            "seconds": figures["seconds"],
+            "gpu_count": figures["gpu_count"],
+            "gpu_hours": figures["gpu_hours"],
+            "price_per_gpu_hour": figures["price_per_gpu_hour"],
+            "amount": cents(self.amount),  # the sum of its replicas' exact usage, rounded once
+            "energy_kwh": figures["energy_kwh"],
+            "replica_hours": figures["replica_hours"],
+            "requests": figures["requests"],
+            "input_tokens": figures["input_tokens"],
+        }
+
+
+def _kwh(energy_mj) -> Decimal:
+    return (Decimal(energy_mj or 0) / MJ_PER_KWH).quantize(KWH)
+
+
+def _replicas_of(*, reservation_ids, organization_ids) -> dict:
+    """``{reservation_id: {"endpoint_id", "name", "model"}}`` for those of these reservations that are an
+    endpoint's replicas, the endpoint of the reservation's own organization only."""
+    if not reservation_ids:
+        return {}
+    rows = Replica.objects.filter(
+        reservation_id__in=list(reservation_ids),
+        endpoint__organization_id__in=list(organization_ids),
+        endpoint__organization_id=F("reservation__organization_id"),
+    ).values_list("reservation_id", "endpoint_id", "endpoint__name", "endpoint__model__name")
+    return {
+        reservation_id: {"endpoint_id": endpoint_id, "name": name, "model": model}
+        for reservation_id, endpoint_id, name, model in rows
+    }
+
+
+def _energy_mj(*, organization_ids, window: DateTimeTZRange, overlapping: bool = False, only=None) -> dict:
+    """``{reservation_id: energy (mJ)}`` its GPUs drew while it was active, within the span of its usage
+    records inside ``window`` (or, ``overlapping``, touching it); ``only`` some reservations."""
+    rated = "period && %(window)s" if overlapping else "period <@ %(window)s"
+    only_sql = "AND reservation_id = ANY(%(only)s)" if only is not None else ""
+    # Energy in whole minutes inside the rated (active) span, of the GPUs its allocations hold, as
+    # provisioning.selectors.telemetry reads it for a tenant: a minute cut by the span's ends may
+    # hold another holder's draw, and the node's other GPUs may be another tenant's slice.
+    # Clipped to the active interval: a term released early is billed past it, but its nodes are
+    # someone else's then.
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"""SELECT u.organization_id, u.reservation_id, sum(u.seconds), sum(u.amount),
-                       min(lower(u.period)), max(upper(u.period))
-                FROM {UsageRecord._meta.db_table} u
-                WHERE u.organization_id = ANY(%(orgs)s) AND u.period <@ %(month)s
-                GROUP BY 1, 2 ORDER BY 1, 5""",
-            {"orgs": organization_ids, "month": _month_range(month)},
-        )
-        usage = cursor.fetchall()
-        if not usage:
-            return {}
-        # Energy in whole minutes inside the rated (active) span, of the GPUs its allocations hold, as
-        # provisioning.selectors.telemetry reads it for a tenant: a minute cut by the span's ends may
-        # hold another holder's draw, and the node's other GPUs may be another tenant's slice.
-        # Clipped to the active interval: a term released early is billed past it, but its nodes are
-        # someone else's then.
         cursor.execute(
             f"""WITH rated AS (
                     SELECT reservation_id, min(lower(period)) s, max(upper(period)) e
                     FROM {UsageRecord._meta.db_table}
-                    WHERE organization_id = ANY(%(orgs)s) AND period <@ %(month)s GROUP BY 1),
+                    WHERE organization_id = ANY(%(orgs)s) AND {rated} {only_sql} GROUP BY 1),
                 spans AS (
                     SELECT rated.reservation_id, greatest(rated.s, res.activated_at) s,
                            least(rated.e, coalesce(res.deactivated_at, 'infinity')) e
@@ -269,9 +389,31 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
                  AND r.minute >= date_trunc('minute', spans.s + interval '1 minute' - interval '1 microsecond')
                  AND r.minute + interval '1 minute' <= spans.e
                 GROUP BY 1""",
+            {"orgs": list(organization_ids), "window": window, "only": list(only or [])},
+        )
+        return dict(cursor.fetchall())
+
+
+def invoice_lines(*, organization_ids, month: date) -> dict:
+    """``{organization_id: [line, ...]}``: per reservation, its rated usage in the month, with the
+    energy its GPUs drew meanwhile; per inference endpoint, one line for all its replicas' slice
+    reservations (their usage added up exactly, rounded once; replica-hours, GPU-hours, energy, and the
+    requests and input tokens its gateways answered in the month). The month's invoice (or, for the
+    month in progress, its preview). Five queries whatever the number of tenants."""
+    organization_ids = list(organization_ids)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT u.organization_id, u.reservation_id, sum(u.seconds), sum(u.amount),
+                       min(lower(u.period)), max(upper(u.period))
+                FROM {UsageRecord._meta.db_table} u
+                WHERE u.organization_id = ANY(%(orgs)s) AND u.period <@ %(month)s
+                GROUP BY 1, 2 ORDER BY 1, 5""",
             {"orgs": organization_ids, "month": _month_range(month)},
         )
-        energy = dict(cursor.fetchall())
+        usage = cursor.fetchall()
+    if not usage:
+        return {}
+    energy = _energy_mj(organization_ids=organization_ids, window=_month_range(month))
     reservations = {
         r["id"]: r
         for r in Reservation.objects.filter(pk__in=[row[1] for row in usage]).values(
@@ -288,10 +430,30 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
             "released_early_at",
         )
     }
+    replicas = _replicas_of(reservation_ids=list(reservations), organization_ids=organization_ids)
     lines = defaultdict(list)
+    endpoints: dict[tuple, tuple[_EndpointUsage, int]] = {}  # (organization, endpoint): (its usage, its line's index)
     for organization_id, reservation_id, seconds, amount, start, end in usage:
         r = reservations[reservation_id]
         model = r["offer__accelerator_type__model"]
+        replica = replicas.get(reservation_id)
+        if replica is not None:  # an endpoint's replica: its usage goes on the endpoint's line
+            key = (organization_id, replica["endpoint_id"])
+            if key not in endpoints:
+                endpoints[key] = (_EndpointUsage(**replica), len(lines[organization_id]))
+                lines[organization_id].append(None)  # the endpoint's line, in the place of its first replica
+            endpoints[key][0].add(
+                seconds=seconds,
+                amount=amount,
+                gpu_count=r["gpu_count"],
+                price=r["price_per_gpu_hour"],
+                accelerator=model,
+                site=r["offer__site__name"],
+                energy_mj=energy.get(reservation_id),
+                start=start,
+                end=end,
+            )
+            continue
         if r["offer__shape"] == "node" and r["offer__gpus_per_instance"] < r["offer__gpus_per_node"]:
             what = f"{r['gpu_count']}× {model} instance (a slice of one node)"
         else:
@@ -303,17 +465,24 @@ def invoice_lines(*, organization_ids, month: date) -> dict:
         lines[organization_id].append(
             {
                 "reservation_id": reservation_id,
+                "endpoint_id": None,
                 "description": (f"{what} · {r['offer__site__name']}{term} · {start:%b %d %H:%M}–{end:%b %d %H:%M} UTC"),
                 "seconds": seconds,
                 "gpu_count": r["gpu_count"],
-                "gpu_hours": (seconds * r["gpu_count"] / 3600).quantize(Decimal("0.0001")),
+                "gpu_hours": (seconds * r["gpu_count"] / 3600).quantize(HOURS),
                 "price_per_gpu_hour": r["price_per_gpu_hour"],
                 "amount": cents(amount),
-                "energy_kwh": (Decimal(energy.get(reservation_id) or 0) / Decimal(3_600_000_000)).quantize(
-                    Decimal("0.001")
-                ),
+                "energy_kwh": _kwh(energy.get(reservation_id)),
+                "replica_hours": None,
+                "requests": None,
+                "input_tokens": None,
             }
         )
+    if endpoints:
+        start, end = month_bounds(month)
+        traffic = endpoint_traffic_totals(endpoint_ids={key[1] for key in endpoints}, start=start, end=end)
+        for (organization_id, endpoint_id), (rollup, index) in endpoints.items():
+            lines[organization_id][index] = rollup.invoice_line(traffic.get(endpoint_id))
     return dict(lines)
 
 

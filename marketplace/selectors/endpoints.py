@@ -168,3 +168,19 @@ def endpoint_routes(*, organization_id) -> list[dict]:
         }
         for endpoint in endpoints
     ]
+
+
+def endpoint_traffic_totals(*, endpoint_ids, start, end) -> dict:
+    """``{endpoint_id: {"requests", "input_tokens"}}``: what the gateways answered for these endpoints
+    in the minutes of [start, end), every outcome counted (what the bill shows beside the replicas'
+    usage). One grouped sum; endpoints with no traffic are absent. Callers name endpoints they may see."""
+    endpoint_ids = list(endpoint_ids)
+    if not endpoint_ids:
+        return {}
+    rows = (
+        EndpointTraffic.objects.filter(endpoint_id__in=endpoint_ids, minute__gte=start, minute__lt=end)
+        .values("endpoint_id")
+        .annotate(requests=Sum("requests"), input_tokens=Sum("input_tokens"))
+        .order_by()
+    )
+    return {row["endpoint_id"]: {"requests": row["requests"], "input_tokens": row["input_tokens"]} for row in rows}

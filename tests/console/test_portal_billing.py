@@ -139,6 +139,10 @@ def test_the_invoice_csv_has_a_line_per_reservation_and_the_totals(offer):
         "price_per_gpu_hour",
         "amount",
         "energy_kwh",
+        "endpoint",
+        "replica_hours",
+        "requests",
+        "input_tokens",
     ]
     lines, total = rows[1:-1], rows[-1]
     assert sorted(row[0] for row in lines) == sorted([str(first.id), str(second.id)])

@@ -238,6 +238,10 @@ class TestInvoices:
             "price_per_gpu_hour",
             "amount",
             "energy_kwh",
+            "endpoint",
+            "replica_hours",
+            "requests",
+            "input_tokens",
         ]
         *lines, total = rows
         assert {row["reservation"] for row in lines} == {str(r.pk) for r in invoiced["reservations"]}

@@ -71,6 +71,29 @@ class UsageLineSerializer(serializers.Serializer):
     )
 
 
+class UsageEndpointSerializer(serializers.Serializer):
+    endpoint = serializers.UUIDField(source="endpoint_id")
+    name = serializers.CharField(help_text="The endpoint's name (what clients send as `model`).")
+    model = serializers.CharField(help_text="The served model.")
+    replicas = serializers.IntegerField(help_text="Replicas (each a GPU slice reservation) with usage rated.")
+    seconds = serializers.DecimalField(max_digits=18, decimal_places=6, help_text="Replica-seconds rated.")
+    replica_hours = serializers.DecimalField(max_digits=16, decimal_places=4)
+    gpu_count = serializers.IntegerField(help_text="GPUs per replica.")
+    gpu_hours = serializers.DecimalField(max_digits=16, decimal_places=4)
+    price_per_gpu_hour = serializers.DecimalField(
+        max_digits=10, decimal_places=4, allow_null=True, help_text="Null when its replicas ran at different prices."
+    )
+    requests = serializers.IntegerField(help_text="Requests the gateways answered for it in the window, any outcome.")
+    input_tokens = serializers.IntegerField()
+    energy_kwh = serializers.DecimalField(
+        max_digits=16, decimal_places=3, help_text="What its replicas' GPUs drew while they were active."
+    )
+    amount = _money(help_text="Its replicas' usage, added up exactly and rounded to cents once.")
+    amount_exact = serializers.DecimalField(
+        source="amount", max_digits=24, decimal_places=10, help_text="Charged, as the ledger holds it."
+    )
+
+
 class UsageSerializer(serializers.Serializer):
     currency = serializers.CharField()
     start = serializers.DateTimeField()
@@ -79,18 +102,42 @@ class UsageSerializer(serializers.Serializer):
     gpu_hours = serializers.DecimalField(max_digits=18, decimal_places=4)
     amount = _money(help_text="The exact total, rounded to cents once.")
     amount_exact = serializers.DecimalField(source="amount", max_digits=24, decimal_places=10)
-    lines = UsageLineSerializer(many=True, help_text="Per reservation: its rated usage overlapping the window.")
+    lines = UsageLineSerializer(
+        many=True, help_text="Per reservation: its rated usage overlapping the window (endpoints' replicas: below)."
+    )
+    endpoints = UsageEndpointSerializer(
+        many=True, help_text="Per inference endpoint: its replicas' rated usage overlapping the window, added up."
+    )
 
 
 class InvoiceLineSerializer(serializers.Serializer):
-    reservation = serializers.UUIDField(source="reservation_id")
+    reservation = serializers.UUIDField(
+        source="reservation_id", allow_null=True, help_text="Null on an endpoint's line."
+    )
+    endpoint = serializers.UUIDField(
+        source="endpoint_id", allow_null=True, help_text="The inference endpoint whose replicas this line adds up."
+    )
     description = serializers.CharField()
-    seconds = serializers.DecimalField(max_digits=16, decimal_places=6)
-    gpu_count = serializers.IntegerField()
+    seconds = serializers.DecimalField(
+        max_digits=16, decimal_places=6, help_text="Active seconds (an endpoint's: replica-seconds)."
+    )
+    gpu_count = serializers.IntegerField(help_text="GPUs held (an endpoint's: per replica).")
     gpu_hours = serializers.DecimalField(max_digits=16, decimal_places=4)
-    price_per_gpu_hour = serializers.DecimalField(max_digits=10, decimal_places=4)
+    price_per_gpu_hour = serializers.DecimalField(
+        max_digits=10,
+        decimal_places=4,
+        allow_null=True,
+        help_text="Null when an endpoint's replicas ran at different prices.",
+    )
     amount = _money()
     energy_kwh = serializers.DecimalField(max_digits=16, decimal_places=3)
+    replica_hours = serializers.DecimalField(
+        max_digits=16, decimal_places=4, allow_null=True, help_text="An endpoint's line only."
+    )
+    requests = serializers.IntegerField(
+        allow_null=True, help_text="An endpoint's line only: requests its gateways answered in the month, any outcome."
+    )
+    input_tokens = serializers.IntegerField(allow_null=True, help_text="An endpoint's line only.")
 
 
 class InvoiceSerializer(serializers.ModelSerializer):

@@ -57,10 +57,12 @@ class UsageView(TenantScopedMixin, APIView):
     throttle_classes = expensive_read_throttles()
 
     @extend_schema(
-        summary="Rated usage in a window, per reservation",
+        summary="Rated usage in a window, per reservation and per inference endpoint",
         description="Usage records overlapping [start, end), summed per reservation; a record is counted "
-        "whole (records never cross a month boundary, so whole months are exact). Usage is rated every minute "
-        "or so, and at once when a reservation ends.",
+        "whole (records never cross a month boundary, so whole months are exact). An inference endpoint's "
+        "replicas are summed per endpoint in `endpoints`, with their energy and the requests and input tokens "
+        "its gateways answered in the window. Usage is rated every minute or so, and at once when a "
+        "reservation ends.",
         parameters=[UsageQuerySerializer],
         responses={200: UsageSerializer, **error_responses(400, 403)},
     )
@@ -112,7 +114,8 @@ class InvoiceViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveMode
     @extend_schema(
         summary="A finalized invoice as CSV",
         description="Columns: reservation, description, gpu_count, gpu_hours, price_per_gpu_hour, amount, "
-        "energy_kwh; the last row holds the totals.",
+        "energy_kwh, endpoint, replica_hours, requests, input_tokens (a reservation's line leaves the last four "
+        "empty, an endpoint's the reservation); the last row holds the totals.",
         responses={
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="The invoice, one row per line."),
             **error_responses(403, 404),

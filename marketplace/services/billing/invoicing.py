@@ -2,7 +2,8 @@
 
 A month is invoiced once it has ended (and INVOICE_CLOSE_DELAY_MINUTES passed, so releases near
 midnight are rated): every tenant with usage in it gets one finalized invoice, a line per
-reservation, rounded to cents there and only there. Finalized invoices are immutable (a trigger)."""
+reservation and one per inference endpoint (all its replicas' slice reservations together), rounded to
+cents there and only there. Finalized invoices are immutable (a trigger)."""
 
 import logging
 from collections.abc import Callable
@@ -118,6 +119,7 @@ def _write(*, month: date, organization_ids: list) -> int:
             InvoiceLine(
                 invoice=invoice,
                 reservation_id=line["reservation_id"],
+                endpoint_id=line["endpoint_id"],
                 description=line["description"][:300],
                 seconds=line["seconds"],
                 gpu_count=line["gpu_count"],
@@ -125,6 +127,9 @@ def _write(*, month: date, organization_ids: list) -> int:
                 price_per_gpu_hour=line["price_per_gpu_hour"],
                 amount=line["amount"],
                 energy_kwh=line["energy_kwh"],
+                replica_hours=line["replica_hours"],
+                requests=line["requests"],
+                input_tokens=line["input_tokens"],
             )
             for line in org_lines
         ]
