@@ -1,10 +1,11 @@
 """`make demo`: the whole system on one machine, as real processes.
 
 Starts (or uses) PostgreSQL and Redis, migrates, seeds the demo world, then runs the ASGI server
-(daphne, or uvicorn with --server uvicorn), a Celery worker and Celery beat, each in its own process
+(daphne, or uvicorn with --server uvicorn), the inference gateway (uvicorn, --gateway-port, its URL
+given to everything as GATEWAY_URL), a Celery worker and Celery beat, each in its own process
 group. SIGINT/SIGTERM, or any child dying, stops every child it started, the embedded servers last.
 
-    python -m console.launcher [--host 127.0.0.1] [--port 8000] [--server daphne|uvicorn]
+    python -m console.launcher [--host 127.0.0.1] [--port 8000] [--gateway-port 8001] [--server daphne|uvicorn]
 """
 
 import argparse
@@ -47,10 +48,32 @@ def _server_command(server: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "console.asgi:application"]
 
 
-def _children(host: str, port: int, server: str, data_dir: Path) -> dict[str, list[str]]:
+def _gateway_command(host: str, port: int) -> list[str]:
+    """The gateway's own process (console.gateway): one, with uvicorn's fast loop and parser."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "console.gateway.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--lifespan",
+        "on",
+        "--no-access-log",
+    ]
+
+
+def _children(host: str, port: int, server: str, data_dir: Path, gateway_port: int) -> dict[str, list[str]]:
     celery = [sys.executable, "-m", "celery", "-A", "console"]
     return {
         server: _server_command(server, host, port),
+        "gateway": _gateway_command(host, gateway_port),
         "celery worker": [
             *celery,
             "worker",
@@ -114,17 +137,26 @@ def _start(processes: dict, name: str, command: list[str], env: dict) -> None:
 
 
 def _run(args: argparse.Namespace, stores: dict[str, str], processes: dict[str, subprocess.Popen]) -> None:
-    env = {"AGENT_HEARTBEAT_SECONDS": "5", **os.environ, **stores, "PYTHONUNBUFFERED": "1"}
+    gateway = f"http://{args.host}:{args.gateway_port}"
+    env = {
+        "AGENT_HEARTBEAT_SECONDS": "5",
+        "GATEWAY_URL": gateway,
+        **os.environ,
+        **stores,
+        "PYTHONUNBUFFERED": "1",
+    }
     os.environ.update(stores)  # this process reads settings too (the banner)
+    os.environ.setdefault("GATEWAY_URL", env["GATEWAY_URL"])
     data_dir = Path(args.dir).resolve()
     tokens = data_dir / "agent-tokens.json"
     _manage(env, "migrate", "--noinput")
     if not args.no_seed:
         _manage(env, "seed_demo", "--agent-tokens", str(tokens), "--agent-state", str(data_dir / "agents"))
-    for name, command in _children(args.host, args.port, args.server, data_dir).items():
+    for name, command in _children(args.host, args.port, args.server, data_dir, args.gateway_port).items():
         _start(processes, name, command, env)
     base = f"http://{args.host}:{args.port}"
     _wait_healthy(f"{base}/healthz", processes)
+    _wait_healthy(f"{gateway}/healthz", processes)
     if tokens.exists() and not args.no_agents:
         # One process hosting a simulated agent for every demo node, each with its own connection and
         # secret, so reservations made in the demo really go live.
@@ -164,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument(
+        "--gateway-port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8001")), help="The inference gateway."
+    )
     parser.add_argument("--server", choices=["daphne", "uvicorn"], default=os.environ.get("ASGI_SERVER", "daphne"))
     parser.add_argument("--dir", default=os.environ.get("DEMO_DIR", ".demo"), help="Data of embedded servers.")
     parser.add_argument("--no-seed", action="store_true", help="Do not seed the demo world.")

@@ -37,7 +37,7 @@ def gone(process: psutil.Process) -> bool:
 
 @pytest.mark.parametrize("server", ["daphne", "uvicorn"])
 def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, server):
-    port = free_port()
+    port, gateway_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
     log = open(tmp_path / "launcher.log", "wb")
     launcher = subprocess.Popen(
@@ -51,6 +51,8 @@ def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, 
             str(tmp_path / "demo"),
             "--server",
             server,
+            "--gateway-port",
+            str(gateway_port),
         ],
         cwd=settings.BASE_DIR,
         env=env,
@@ -80,6 +82,9 @@ def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, 
         assert any("redis-server" in c for c in commands), commands
         assert any(" worker" in c for c in commands) and any(" beat" in c for c in commands), commands
         assert any(server in c for c in commands), commands
+        assert any("console.gateway.asgi:application" in c for c in commands), commands
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/healthz", timeout=3) as response:
+            assert response.status == 200
         assert any("provisioning.agent.cli fleet" in c for c in commands), commands
         deadline_agents = time.monotonic() + 60
         while time.monotonic() < deadline_agents and "nodes enrolled, connecting" not in log_text(tmp_path):
