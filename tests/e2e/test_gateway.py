@@ -276,3 +276,29 @@ def test_every_answer_is_counted_for_its_endpoint_and_replica_without_a_write_pe
     assert sum(r.requests for r in rows if r.outcome == "client_error") == 1
     assert all(r.replica_id is not None for r in rows)
     assert all(sum(r.latency_buckets) == r.requests for r in rows)
+
+
+def test_a_streamed_answer_comes_through_as_it_is_sent(world, stack):
+    """Each event reaches the client when the replica sends it, not when the answer ends."""
+    port = free_port()
+    stack.start(
+        "streaming replica", [sys.executable, "-m", "uvicorn", "tests.e2e.streaming_replica:app", "--port", str(port)]
+    )
+    wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=30, what="the streaming replica")
+    Replica.objects.filter(endpoint=world["endpoint"]).update(address=f"127.0.0.1:{port}")
+    time.sleep(1)  # the gateway's routes (0.5 s) see the new address
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        f"{world['gateway']}/v1/chat/completions",
+        data=json.dumps({"model": "embed", "stream": True, "messages": []}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {world['key']}", "Content-Type": "application/json"},
+    )
+    events = []
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+        assert response.headers["content-type"] == "text/event-stream"
+        for line in response:
+            if line.startswith(b"data: {"):
+                events.append((time.time(), json.loads(line[6:])))
+    assert [event["index"] for _at, event in events] == [0, 1, 2]
+    for received, event in events:
+        assert received - event["sent"] < 0.2  # not held until the last event, 0.5 s later
