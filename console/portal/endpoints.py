@@ -11,7 +11,13 @@ from console.portal.access import tenant_required
 from console.portal.billing import money
 from console.portal.forms import EndpointForm, EndpointScaleForm, refused_field
 from marketplace.models import EndpointState
-from marketplace.selectors.endpoints import endpoint_cost, endpoint_get, endpoint_list, served_model_list
+from marketplace.selectors.endpoints import (
+    endpoint_cost,
+    endpoint_get,
+    endpoint_list,
+    endpoint_traffic_summary,
+    served_model_list,
+)
 from marketplace.services.endpoints.lifecycle import endpoint_base_url, endpoint_create, endpoint_delete, endpoint_scale
 from marketplace.services.idempotency import idempotent
 from provisioning.selectors.fleet import accelerator_type_list, site_list, site_regions
@@ -120,6 +126,7 @@ def endpoint_detail(request, endpoint_id):
             "base_url": endpoint_base_url(endpoint),
             "replicas": endpoint.current_replicas,
             "cost": money(endpoint_cost(endpoint=endpoint)),
+            "traffic": endpoint_traffic_summary(endpoint=endpoint),
             "scale_form": scale_form,
             "can_change": request.tenant.can_spend and not gone,
             "gone": gone,

@@ -12,7 +12,15 @@ from django.test import Client
 from django.utils import timezone
 
 from marketplace.choices import ReplicaState, Role
-from marketplace.models import Endpoint, EndpointState, Membership, Reservation
+from marketplace.models import (
+    LATENCY_BUCKETS_MS,
+    Endpoint,
+    EndpointState,
+    EndpointTraffic,
+    Membership,
+    Reservation,
+    TrafficOutcome,
+)
 from marketplace.selectors.reservations import reservation_billed
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.endpoints.lifecycle import endpoint_create
@@ -197,3 +205,21 @@ def test_another_tenants_endpoint_is_404(tenant, other_tenant, model):
     assert browser.post(f"/endpoints/{theirs.id}/", {"action": "delete"}).status_code == 404
     theirs.refresh_from_db()
     assert theirs.state == EndpointState.DEPLOYING
+
+
+def test_the_page_shows_the_requests_and_latency_so_far(tenant, model):
+    endpoint = endpoint_create(tenant=tenant, name="embed", model=model, region="eu-central")
+    minute = timezone.now().replace(second=0, microsecond=0)
+    EndpointTraffic.objects.create(
+        endpoint=endpoint,
+        replica=endpoint.replicas.first(),
+        minute=minute,
+        outcome=TrafficOutcome.OK,
+        requests=10,
+        input_tokens=120,
+        latency_ms_sum=80.0,
+        latency_buckets=[0, 10] + [0] * (len(LATENCY_BUCKETS_MS) - 1),
+    )
+    page = browser_for(tenant).get(f"/endpoints/{endpoint.id}/").content.decode()
+    assert "data-endpoint-requests>10<" in page and "120 input tokens" in page
+    assert re.search(r"data-endpoint-latency>\d+\.\d ms p50<", page)

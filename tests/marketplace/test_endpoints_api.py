@@ -4,11 +4,14 @@ rescaled and deleted over the API, each refusal in the one error shape."""
 from decimal import Decimal
 
 import pytest
+import redis
+from django.conf import settings
 
 from marketplace.choices import ReplicaState, Role
 from marketplace.models import Endpoint, EndpointState, Reservation
 from marketplace.services.catalog.offers import offer_create
 from marketplace.services.endpoints.models import served_model_create
+from marketplace.services.endpoints.traffic import TRAFFIC_KEY, TrafficCounter, traffic_collect
 from provisioning.choices import SiteKind
 from tests.conftest import key_client
 from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_node, make_tenant
@@ -197,3 +200,36 @@ def test_a_bad_item_of_a_list_is_named_in_the_one_error_shape(world):
     assert response.json()["error"]["fields"] == {
         "pinned_sites": ['[1] Enter a valid "slug" consisting of letters, numbers, underscores or hyphens.']
     }
+
+
+def test_the_detail_carries_what_the_gateways_counted_and_the_cost(world):
+    """Counts go the way the gateway hands them over (a TrafficCounter batch through Redis, merged by the
+    collector); a batch handed over twice counts once."""
+    created = deploy(world["api"]).json()
+    replica = created["replicas"][0]["id"]
+    counter = TrafficCounter()
+    for latency in (4.0, 8.0, 20.0, 40.0):
+        counter.record(endpoint_id=created["id"], replica_id=replica, status=200, latency_ms=latency, input_tokens=7)
+    counter.record(endpoint_id=created["id"], replica_id=replica, status=400, latency_ms=2.0)
+    counter.record(endpoint_id=created["id"], replica_id=None, status=503, latency_ms=1.0)
+    batch = counter.batch()
+    redis_client = redis.Redis.from_url(settings.REDIS_URL)
+    redis_client.delete(TRAFFIC_KEY)
+    redis_client.rpush(TRAFFIC_KEY, batch, batch)  # the second: as if the list was not trimmed last time
+    assert traffic_collect() == 6
+    assert redis_client.llen(TRAFFIC_KEY) == 0
+    traffic = world["api"].get(f"{URL}{created['id']}/").json()["traffic"]
+    assert traffic | {"mean_ms": None, "p50_ms": None, "p99_ms": None} == {
+        "requests": 6,
+        "ok": 4,
+        "client_errors": 1,
+        "server_errors": 1,
+        "input_tokens": 28,
+        "mean_ms": None,
+        "p50_ms": None,
+        "p99_ms": None,
+    }
+    assert traffic["mean_ms"] == pytest.approx(75 / 6)
+    assert 5 <= traffic["p50_ms"] <= 10 and 25 <= traffic["p99_ms"] <= 50
+    assert world["api"].get(f"{URL}{created['id']}/").json()["cost"] == "0.00"
+    assert "traffic" not in world["api"].get(URL).json()["results"][0]  # a list row stays cheap

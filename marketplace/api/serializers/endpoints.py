@@ -7,6 +7,8 @@ from rest_framework import serializers
 from marketplace.choices import ReplicaState
 from marketplace.models import Endpoint, EndpointState, ModelTask, PlacementPreference, Replica, ServedModel
 from marketplace.models.endpoints import MAX_REPLICAS
+from marketplace.money import cents
+from marketplace.selectors.endpoints import endpoint_cost, endpoint_traffic_summary
 from marketplace.services.endpoints.lifecycle import endpoint_base_url
 
 
@@ -148,3 +150,33 @@ class EndpointScaleSerializer(serializers.Serializer):
     min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
     max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
     target_concurrency = serializers.IntegerField(min_value=1, max_value=1000, required=False)
+
+
+class EndpointTrafficSerializer(serializers.Serializer):
+    requests = serializers.IntegerField(help_text="Requests the gateways answered for it, every outcome.")
+    ok = serializers.IntegerField(help_text="Answered (2xx).")
+    client_errors = serializers.IntegerField(help_text="Refused (4xx): a bad request, too large, ...")
+    server_errors = serializers.IntegerField(help_text="Failed (5xx): no replica ready, none answering.")
+    input_tokens = serializers.IntegerField()
+    mean_ms = serializers.FloatField(allow_null=True)
+    p50_ms = serializers.FloatField(allow_null=True, help_text="From the gateways' latency buckets.")
+    p99_ms = serializers.FloatField(allow_null=True)
+
+
+class EndpointDetailSerializer(EndpointSerializer):
+    """One endpoint, with what it answered and cost so far (a query or two more than a list row)."""
+
+    traffic = serializers.SerializerMethodField(help_text="What the gateways answered so far (collected every few s).")
+    cost = serializers.SerializerMethodField(help_text="Its replicas' rated usage so far, in USD.")
+
+    class Meta(EndpointSerializer.Meta):
+        fields = [*EndpointSerializer.Meta.fields, "traffic", "cost"]
+        read_only_fields = fields
+
+    @extend_schema_field(EndpointTrafficSerializer)
+    def get_traffic(self, endpoint: Endpoint) -> dict:
+        return endpoint_traffic_summary(endpoint=endpoint)
+
+    @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=2))
+    def get_cost(self, endpoint: Endpoint) -> str:
+        return str(cents(endpoint_cost(endpoint=endpoint)))

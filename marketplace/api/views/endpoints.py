@@ -11,6 +11,7 @@ from marketplace.api.filters import EndpointFilter
 from marketplace.api.idempotency import idempotent_response
 from marketplace.api.serializers.endpoints import (
     EndpointCreateSerializer,
+    EndpointDetailSerializer,
     EndpointScaleSerializer,
     EndpointSerializer,
     ServedModelSerializer,
@@ -48,14 +49,17 @@ class ServedModelViewSet(viewsets.ReadOnlyModelViewSet):
         responses={200: EndpointSerializer(many=True), **error_responses(400, 403)},
     ),
     retrieve=extend_schema(
-        summary="An endpoint: its state, base_url and replicas",
-        responses={200: EndpointSerializer, **error_responses(403, 404)},
+        summary="An endpoint: its state, base_url, replicas, requests and cost so far",
+        responses={200: EndpointDetailSerializer, **error_responses(403, 404)},
     ),
 )
 class EndpointViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = EndpointSerializer
     queryset = Endpoint.objects.none()  # the schema's model; requests read through endpoint_list
     filterset_class = EndpointFilter
+
+    def get_serializer_class(self):
+        return EndpointDetailSerializer if self.action == "retrieve" else EndpointSerializer
 
     def rows(self, tenant):
         # Deleted endpoints only when asked for by state (EndpointFilter validates it and documents it).

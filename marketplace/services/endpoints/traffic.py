@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from console.kernel.events import publish_on_commit, tenant_group
 from marketplace.models import LATENCY_BUCKETS_MS, Endpoint, EndpointTraffic, GatewayCursor, Replica, TrafficOutcome
 
 logger = logging.getLogger(__name__)
@@ -133,13 +134,16 @@ def _merge(batches: list[dict]) -> int:
             into[2] += values[2]
             into[3] = [a + b for a, b in zip(into[3], values[3], strict=True)]
     # Rows naming an endpoint or replica that does not exist are dropped, not a failed merge.
-    endpoints = set(map(str, Endpoint.objects.filter(pk__in={key[0] for key in merged}).values_list("pk", flat=True)))
+    owners = {
+        str(pk): organization_id
+        for pk, organization_id in Endpoint.objects.filter(pk__in={key[0] for key in merged}).values_list(
+            "pk", "organization_id"
+        )
+    }
     replicas = set(
         map(str, Replica.objects.filter(pk__in={key[1] for key in merged if key[1]}).values_list("pk", flat=True))
     )
-    rows = [
-        (key, values) for key, values in merged.items() if key[0] in endpoints and (not key[1] or key[1] in replicas)
-    ]
+    rows = [(key, values) for key, values in merged.items() if key[0] in owners and (not key[1] or key[1] in replicas)]
     if len(rows) < len(merged):
         logger.error("%d traffic row(s) for unknown endpoints or replicas were dropped", len(merged) - len(rows))
     with connection.cursor() as cursor:
@@ -163,6 +167,9 @@ def _merge(batches: list[dict]) -> int:
     for gateway, sequence in cursors.items():
         GatewayCursor.objects.update_or_create(gateway=gateway, defaults={"sequence": sequence, "updated_at": now})
     GatewayCursor.objects.filter(updated_at__lt=now - timedelta(days=CURSOR_RETENTION_DAYS)).delete()
+    # Live endpoint pages show the requests so far: tell each endpoint's tenant that they moved.
+    for endpoint in {key[0] for key, _values in rows}:
+        publish_on_commit(tenant_group(owners[endpoint]), "endpoint.traffic", {"id": endpoint})
     return sum(values[0] for _key, values in rows)
 
 
