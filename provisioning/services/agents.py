@@ -325,11 +325,21 @@ def _finish(command: NodeCommand, *, ok: bool, detail: dict, error: str) -> bool
             result=detail,
             error=(error or "")[:500],
             progress_percent=100 if ok else command.progress_percent,
+            params=without_secrets(command.params),
         )
     except IllegalTransition:
         return False
     hooks.command_finished(command)
     return True
+
+
+def without_secrets(params: dict) -> dict:
+    """A finished command's params as kept: a finished command is never sent again, so the secrets it
+    carried to the agent (a replica's ``serve.secret``, docs/agent-protocol.md) leave the database."""
+    serve = params.get("serve") if isinstance(params, dict) else None
+    if not isinstance(serve, dict) or "secret" not in serve:
+        return params
+    return {**params, "serve": {**serve, "secret": "[removed once the command finished]"}}
 
 
 def node_commands_expire(*, now: datetime | None = None) -> int:

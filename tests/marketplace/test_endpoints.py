@@ -156,6 +156,8 @@ def test_a_replicas_provision_command_carries_its_server_and_a_success_makes_it_
     node_command_finish(node_id=command.node_id, command_id=command.id, ok=True, detail={"address": "127.0.0.1:43111"})
     replica.refresh_from_db()
     assert replica.state == ReplicaState.READY and replica.address == "127.0.0.1:43111"
+    command.refresh_from_db()  # finished: never sent again, so the secret it carried is gone from the row
+    assert replica_secret(replica.pk) not in str(command.params) and command.params["serve"]["program"]
     endpoint_reconcile(endpoint_id=endpoint.pk)
     endpoint.refresh_from_db()
     assert endpoint.state == EndpointState.READY
