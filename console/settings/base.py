@@ -218,6 +218,8 @@ SPECTACULAR_SETTINGS = {
         "ReservationStateEnum": "marketplace.choices.ReservationState",
         "OfferShapeEnum": "marketplace.choices.OfferShape",
         "OfferKindEnum": "marketplace.choices.OfferKind",
+        "EndpointStateEnum": "marketplace.models.endpoints.EndpointState",
+        "ReplicaStateEnum": "marketplace.choices.ReplicaState",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
