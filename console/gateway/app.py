@@ -23,7 +23,7 @@ import redis.asyncio
 from django.conf import settings
 
 from console.gateway.directory import Directory, Grant, Route
-from console.gateway.limits import RateLimiter
+from console.gateway.limits import RateLimiter, limits_sync
 from console.gateway.upstream import Pool, UpstreamBroken, UpstreamUnavailable
 from marketplace.services.endpoints.traffic import TRAFFIC_KEY, TrafficCounter
 
@@ -316,19 +316,20 @@ class Gateway:
             await self.flush()
 
     async def flush(self) -> None:
-        """Hand what was counted to Redis; kept (up to MAX_PENDING_BATCHES) while Redis cannot take it."""
+        """Hand what was counted to Redis (kept, up to MAX_PENDING_BATCHES, while Redis cannot take it)
+        and share the keys' rate limits with the other gateway processes."""
         batch = self.counter.batch()
         if batch is not None:
             self._pending.append(batch)
-        if not self._pending:
-            return
         try:
             if self._redis is None:
                 self._redis = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
-            await self._redis.rpush(TRAFFIC_KEY, *self._pending)
-            self._pending.clear()
+            if self._pending:
+                await self._redis.rpush(TRAFFIC_KEY, *self._pending)
+                self._pending.clear()
+            await limits_sync(self.limiter, self._redis)
         except Exception:  # noqa: BLE001 - Redis away: keep the batches, try again next time
-            logger.exception("The gateway could not hand %d traffic batch(es) to Redis", len(self._pending))
+            logger.exception("The gateway could not reach Redis (%d traffic batch(es) kept)", len(self._pending))
             del self._pending[:-MAX_PENDING_BATCHES]
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
