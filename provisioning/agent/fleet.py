@@ -92,7 +92,18 @@ async def run_fleet(
         if member_dir is not None
     ]
     logger.info("fleet: %d of %d nodes enrolled, connecting", len(agents), len(members))
-    await asyncio.gather(*(_run_member(agent) for agent in agents))
+    running = [asyncio.create_task(_run_member(agent), name=f"agent {agent.node}") for agent in agents]
+    if not running:
+        return
+    try:
+        await asyncio.wait(running)
+    finally:
+        # Cancelled (a signal): every agent stops in full -- its applies cut off, its driver's servers
+        # stopped -- before the fleet returns. (gather would return once the first had stopped, and
+        # asyncio.run would then cancel the others again, in the middle of stopping, leaving servers.)
+        for task in running:
+            task.cancel()
+        await asyncio.wait(running)
 
 
 async def _run_member(agent: NodeAgent) -> None:

@@ -1,17 +1,23 @@
-"""The demo world: `make demo` on a database other than the one its agents enrolled with."""
+"""The demo world: `make demo` on a database other than the one its agents enrolled with, its past
+month, its slices, and its inference endpoint with the API key and the banner that say how to call it."""
 
 import csv
 import io
 import json
+import stat
 from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
-from django.test import Client
+from django.test import Client, override_settings
 
 from console.demo import DEMO_PASSWORD, DEMO_SLICES, demo_agent_tokens
 from console.kernel.tokens import new_token
-from marketplace.models import Allocation, Invoice, LedgerEntry, Offer, Reservation
+from console.launcher import API_KEY_FILE, _banner
+from marketplace.choices import ReplicaState, Role
+from marketplace.models import Allocation, Endpoint, Invoice, LedgerEntry, Offer, Reservation, ServedModel
+from marketplace.services.endpoints.replicas import serve_params
+from marketplace.services.tenancy.api_keys import api_key_authenticate
 from provisioning.agent.credentials import Credentials, has_credentials, load_credentials, store_credentials
 from provisioning.services.agents import NODE_SECRET_SCHEME, bootstrap_token_create, node_enrol
 from tests.factories import make_node
@@ -79,7 +85,7 @@ def test_the_demo_seeds_a_finished_past_month_with_its_invoice_once():
 
     entries = LedgerEntry.objects.count()
     call_command("seed_demo", stdout=io.StringIO())  # again: nothing more
-    assert Reservation.objects.count() == 1 + len(DEMO_SLICES)
+    assert Reservation.objects.count() == 1 + len(DEMO_SLICES) + 1  # the past month, the slices, the replica
     assert Invoice.objects.count() == 1 and LedgerEntry.objects.count() == entries
 
 
@@ -88,7 +94,8 @@ def test_the_demo_rents_slices_of_one_node_to_two_tenants_next_to_whole_nodes():
     h100 = Offer.objects.filter(site__slug="fra-hall-1", accelerator_type__slug="h100-sxm-80gb")
     assert sorted(o.kind + str(o.gpus_per_instance) for o in h100) == ["node8", "rack8", "slice1", "slice2", "slice4"]
     assert not Offer.objects.filter(accelerator_type__slug="gaudi3-128gb", gpus_per_instance__lt=8).exists()
-    slices = Reservation.objects.filter(offer__gpus_per_instance__lt=8, state="pending")
+    # the tenants' own rentals (the endpoint's replica holds a slice too, in Amsterdam)
+    slices = Reservation.objects.filter(offer__gpus_per_instance__lt=8, state="pending", replica__isnull=True)
     assert slices.count() == len(DEMO_SLICES)
     assert {r.organization.slug for r in slices} == {"acme", "globex"}
     allocations = Allocation.objects.filter(reservation__in=slices)
@@ -107,3 +114,81 @@ def test_the_demo_rents_slices_of_one_node_to_two_tenants_next_to_whole_nodes():
     assert operator.login(username="ops@neocloud.example", password=DEMO_PASSWORD)
     occupancy = operator.get(f"/admin/provisioning/node/{node.pk}/change/").content.decode()
     assert occupancy.count("<tr data-holding>") == len(DEMO_SLICES)
+
+
+def test_the_demo_seeds_acme_an_embeddings_endpoint_with_its_first_replica_placed_once():
+    call_command("seed_demo", stdout=io.StringIO())
+    call_command("seed_demo", stdout=io.StringIO())  # again: nothing more
+
+    model = ServedModel.objects.get()
+    endpoint = Endpoint.objects.select_related("organization", "created_by").get()
+    replica = endpoint.replicas.select_related("reservation__offer__site", "reservation__offer__accelerator_type").get()
+    offer = replica.reservation.offer
+    assert (model.slug, model.name, model.task, model.dimensions, model.gpus_per_replica) == (
+        "all-minilm-l6-v2",
+        "all-MiniLM-L6-v2",
+        "embeddings",
+        384,
+        1,
+    )
+    # The venv's python: the agent puts its own programs directory first on a server's PATH.
+    assert model.server_program[:5] == ["python", "-m", "provisioning.agent.serving", "--model-package", model.weights]
+    assert sorted(model.accelerator_types.values_list("slug", flat=True)) == [
+        "h100-sxm-80gb",
+        "h200-sxm-141gb",
+        "l40s-48gb",
+        "mi300x-192gb",
+    ], "every type the demo offers slices of"
+    assert (endpoint.organization.slug, endpoint.name, endpoint.min_replicas, endpoint.max_replicas) == (
+        "acme",
+        "minilm",
+        1,
+        2,
+    )
+    assert endpoint.created_by.email == "member@acme.example" and endpoint.state == "deploying"
+    assert replica.state == ReplicaState.STARTING
+    assert (offer.site.slug, offer.accelerator_type.slug, offer.gpus_per_instance) == ("ams-edge-1", "l40s-48gb", 1)
+    serve = serve_params(replica.reservation)["serve"]
+    assert serve["program"][-2:] == ["--served-name", "minilm"], "clients send the endpoint's name as model"
+
+
+def test_the_demo_writes_an_api_key_of_acme_to_a_file_only_its_owner_reads_and_keeps_it(tmp_path):
+    path = tmp_path / API_KEY_FILE
+    out = io.StringIO()
+    call_command("seed_demo", api_key_file=path, stdout=out)
+    first = path.read_text().strip()
+    key = api_key_authenticate(raw_key=first)
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert key.organization.slug == "acme" and key.role == Role.MEMBER and key.parent is None
+    assert f"Wrote a new API key of Acme AI to {path}" in out.getvalue() and first not in out.getvalue()
+
+    call_command("seed_demo", api_key_file=path, stdout=io.StringIO())
+    assert path.read_text().strip() == first, "a key this database accepts is kept"
+
+    path.write_text(new_token("nck").plaintext + "\n")  # from a demo on another database
+    path.chmod(0o644)
+    call_command("seed_demo", api_key_file=path, stdout=io.StringIO())
+    replaced = path.read_text().strip()
+    assert replaced != first and api_key_authenticate(raw_key=replaced).organization.slug == "acme"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@override_settings(GATEWAY_URL="http://127.0.0.1:8001")
+def test_the_banner_says_how_to_call_the_demo_endpoint_with_the_openai_client(tmp_path):
+    call_command("seed_demo", api_key_file=tmp_path / API_KEY_FILE, stdout=io.StringIO())
+    banner = _banner("http://127.0.0.1:8000", tmp_path)
+    lines = banner.splitlines()
+    start = lines.index("from openai import OpenAI")
+    snippet = "\n".join(lines[start : lines.index("", start)])
+
+    assert "  Base URL    http://127.0.0.1:8001/v1" in lines
+    assert "  Model       minilm  (all-MiniLM-L6-v2, embeddings)" in lines
+    assert "base_url='http://127.0.0.1:8001/v1'" in snippet and f"open({str(tmp_path / API_KEY_FILE)!r})" in snippet
+    assert "embeddings.create(model='minilm', input=['hello'])" in snippet
+    compile(snippet, "<banner>", "exec")  # pastes into Python as it is
+    assert (tmp_path / API_KEY_FILE).read_text().strip() not in banner, "the key's plaintext stays in its file"
+
+
+def test_the_banner_leaves_the_endpoint_out_when_there_is_none(tmp_path):
+    assert "Inference endpoint" not in _banner("http://127.0.0.1:8000", tmp_path)

@@ -1,5 +1,6 @@
 """`make demo`'s launcher as a user runs it: a real subprocess with embedded PostgreSQL and Redis,
-daphne, a Celery worker and beat. SIGTERM must leave nothing running."""
+daphne, a Celery worker and beat, the agents and the demo endpoint's model server. SIGTERM must leave
+nothing running."""
 
 import os
 import signal
@@ -90,6 +91,15 @@ def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, 
         while time.monotonic() < deadline_agents and "nodes enrolled, connecting" not in log_text(tmp_path):
             time.sleep(0.3)
         assert "fleet: 28 of 28 nodes enrolled, connecting" in log_text(tmp_path), log_text(tmp_path)[-3000:]
+        # The demo endpoint's replica: a real model server, started by the fleet's simulated agent.
+        server = None
+        while time.monotonic() < deadline_agents + 120 and server is None:
+            server = next(
+                (p for p in descendants(launcher.pid) if "provisioning.agent.serving" in " ".join(p.cmdline())), None
+            )
+            time.sleep(0.3)
+        assert server is not None, log_text(tmp_path)[-3000:]
+        started.append(server)
 
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=60) == 0
@@ -100,6 +110,7 @@ def test_the_demo_comes_up_and_sigterm_stops_every_process_it_started(tmp_path, 
         assert not left, f"still running after SIGTERM: {left}"
         output = (tmp_path / "launcher.log").read_text()
         assert "Neocloud Console is running." in output and "ops@neocloud.example" in output
+        assert "Inference endpoint of Acme AI" in output and "from openai import OpenAI" in output
     finally:
         if launcher.poll() is None:
             launcher.kill()

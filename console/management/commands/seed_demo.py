@@ -3,7 +3,14 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand
 
-from console.demo import demo_agent_tokens, demo_credentials, seed_demo, seed_past_month
+from console.demo import (
+    demo_agent_tokens,
+    demo_api_key_write,
+    demo_credentials,
+    seed_demo,
+    seed_demo_endpoint,
+    seed_past_month,
+)
 from console.kernel.errors import DomainError
 
 
@@ -13,8 +20,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--agent-tokens", type=Path, help="Write the simulated fleet host's tokens file here.")
         parser.add_argument("--agent-state", type=Path, help="The fleet host's state directory (with --agent-tokens).")
+        parser.add_argument(
+            "--api-key-file", type=Path, help="Write an API key of Acme AI here (mode 0600), to call its endpoint."
+        )
 
-    def handle(self, *args, agent_tokens=None, agent_state=None, **options):
+    def handle(self, *args, agent_tokens=None, agent_state=None, api_key_file=None, **options):
         created = seed_demo()
         self.stdout.write("Seeded the demo world." if created else "The database already has a fleet; left as is.")
         try:
@@ -22,6 +32,17 @@ class Command(BaseCommand):
                 self.stdout.write("Seeded a finished past month for Acme AI: its invoice is on the billing page.")
         except DomainError as error:  # an older demo database whose history is in the way: go on without
             self.stdout.write(f"Left out the finished past month: {error.message}")
+        try:
+            endpoint, made = seed_demo_endpoint()
+            if made:
+                self.stdout.write(
+                    f"Seeded Acme AI's inference endpoint {endpoint.name!r} ({endpoint.model}): its first replica "
+                    "starts once the agents connect."
+                )
+        except DomainError as error:  # no room or no balance left in an older demo database: go on without
+            self.stdout.write(f"Left out the demo's inference endpoint: {error.message}")
+        if api_key_file and demo_api_key_write(api_key_file):
+            self.stdout.write(f"Wrote a new API key of Acme AI to {api_key_file}.")
         for who, email, password in demo_credentials():
             self.stdout.write(f"  {who:<24} {email:<26} {password}")
         if agent_tokens:

@@ -9,7 +9,8 @@ knows how many GPUs its host has (``gpu_count``, from the backend's inventory, w
 (``holdings``) so the agent can tell the backend which GPUs are busy.
 
 A driver that runs servers (the process driver, with ``params.serve``) also says how each of them does
-(``check_workloads``), which the agent polls and reports to the console as ``workload`` frames."""
+(``check_workloads``), which the agent polls and reports to the console as ``workload`` frames; the
+agent calls ``shutdown`` as it stops."""
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -60,6 +61,12 @@ class HostDriver(ABC):
         started or stopped right now is left out (it is neither up nor down yet). A driver that runs no
         servers has none."""
         return {}
+
+    async def shutdown(self) -> None:
+        """The agent is stopping. A real host's workloads outlive their agent (an upgrade of the agent
+        must not stop tenants): nothing by default. A driver whose host is pretend but whose processes
+        are real (the simulated driver's servers) stops them here, so nothing is left running."""
+        return None
 
 
 def reservation_of(params: Params) -> str:

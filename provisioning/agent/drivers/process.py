@@ -123,6 +123,23 @@ class ProcessDriver(HostDriver):
     def holdings(self) -> dict[str, Gpus]:
         return self._live(self._registry())
 
+    def records(self, reservation: str) -> bool:
+        """Whether a workload of ``reservation`` is recorded here (running or not, until its release)."""
+        return reservation in self._registry()
+
+    async def stop_all(self) -> list[str]:
+        """Stop every recorded workload's process group now, all at once, keeping the records; returns
+        the reservations whose processes still ran. For a host whose workloads must not outlive its
+        agent (the simulated driver's servers): when the agent starts again, ``check_workloads``
+        reports them ``exited``, so the console replaces them, and their release forgets them."""
+        registry = self._registry()
+        stopped = await asyncio.gather(*(_stop_group(workload.group, self._grace) for workload in registry.values()))
+        for reservation in registry:
+            process = self._children.pop(reservation, None)
+            if process is not None:
+                await process.wait()
+        return [reservation for reservation, ran in zip(registry, stopped, strict=True) if ran]
+
     async def check_workloads(self) -> dict[str, WorkloadHealth]:
         """One health check of every recorded server at once (a hung one costs PROBE_TIMEOUT_S, not one
         per server). A single failed check is not yet ``unhealthy``: a replica busy with a large batch

@@ -4,10 +4,19 @@ exercised as in production. ``speed`` divides every duration (tests and load run
 Failures can be injected at random (``fail_rate``) or on a named step (``fail_step``); they hit
 provisioning only, since that is where real failures strand a reservation. It remembers which GPUs each
 provisioned reservation holds (in memory: a restarted simulated host holds nothing), so the simulated
-backend runs only those under load."""
+backend runs only those under load.
+
+With a state directory, a workload that is a server (``params.serve``: a replica of an inference
+endpoint) is not simulated: it is handed to the process driver, which runs it as a real process on a
+port of the loopback (``drivers.process``: the same code as on a real host, with its records under the
+state directory), so the demo's endpoints can really be called while everything else about the host is
+pretend. Its release stops the server. A pretend host's processes do not outlive its agent: ``shutdown``
+stops them, keeping their records, so an agent started again reports them exited and the console
+replaces them."""
 
 import asyncio
 import random
+from pathlib import Path
 from typing import Any
 
 from provisioning.agent.drivers.base import (
@@ -16,11 +25,13 @@ from provisioning.agent.drivers.base import (
     HostDriver,
     Params,
     ProgressCallback,
+    WorkloadHealth,
     ensure_free,
     gpu_vendor_of,
     gpus_of,
     reservation_of,
 )
+from provisioning.agent.drivers.process import ProcessDriver
 
 Steps = tuple[tuple[str, float], ...]
 PROVISION_STEPS: Steps = (
@@ -30,6 +41,9 @@ PROVISION_STEPS: Steps = (
     ("start runtime", 1.0),
 )
 RELEASE_STEPS: Steps = (("stop runtime", 0.5), ("wipe disks", 1.0))
+# How long a server (params.serve) has to exit on SIGTERM before SIGKILL: short, since the agent's own
+# stop waits for it (and whoever stops the agent does not wait long).
+SERVER_GRACE_S = 5.0
 
 
 class SimulatedDriver(HostDriver):
@@ -43,6 +57,8 @@ class SimulatedDriver(HostDriver):
         fail_rate: float = 0.0,
         fail_step: str | None = None,
         seed: int | str | None = None,
+        state_dir: Path | None = None,
+        server_grace_s: float = SERVER_GRACE_S,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be positive")
@@ -57,12 +73,19 @@ class SimulatedDriver(HostDriver):
         self._fail_step = fail_step
         self._rng = random.Random(seed)  # noqa: S311 - failure injection, not security
         self._held: dict[str, Gpus] = {}
+        self._servers: ProcessDriver | None = None
+        if state_dir is not None:
+            self._servers = ProcessDriver(state_dir=state_dir, gpu_count=gpu_count, grace_s=server_grace_s)
 
     async def provision(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
         reservation = reservation_of(params)
         gpus = gpus_of(params, gpu_count=self._gpu_count)
         vendor = gpu_vendor_of(params)
-        ensure_free(reservation=reservation, gpus=gpus, holdings=self._held)
+        if self._servers is not None and params.get("serve") is not None:
+            # Against the simulated workloads here; the process driver checks against its servers.
+            ensure_free(reservation=reservation, gpus=gpus, holdings=self._held)
+            return await self._servers.provision(params, progress)
+        ensure_free(reservation=reservation, gpus=gpus, holdings=self.holdings())
         failing = self._failing_step()
         await self._walk(PROVISION_STEPS, progress, failing)
         self._held[reservation] = gpus
@@ -77,12 +100,21 @@ class SimulatedDriver(HostDriver):
         """Walks the teardown even for a reservation it does not know: after an agent restart nothing
         is known, and tearing down twice leaves the host as tearing down once does."""
         reservation = reservation_of(params)
+        if self._servers is not None and self._servers.records(reservation):
+            return await self._servers.release(params, progress)
         await self._walk(RELEASE_STEPS, progress, failing=None)
         gpus = self._held.pop(reservation, None)
         return {"reservation": reservation, "was_provisioned": gpus is not None, "gpus": list(gpus or ())}
 
     def holdings(self) -> dict[str, Gpus]:
-        return dict(self._held)
+        return {**self._held, **(self._servers.holdings() if self._servers is not None else {})}
+
+    async def check_workloads(self) -> dict[str, WorkloadHealth]:
+        return {} if self._servers is None else await self._servers.check_workloads()
+
+    async def shutdown(self) -> None:
+        if self._servers is not None:
+            await self._servers.stop_all()
 
     def _failing_step(self) -> str | None:
         if self._fail_step is not None:
