@@ -1,13 +1,15 @@
 """Inference endpoints (issue 13): endpoints, their replicas on GPU slices, and their lifecycle."""
 
+import threading
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from console.kernel.errors import DomainError, Forbidden
-from marketplace.choices import ReplicaState, Role
-from marketplace.models import EndpointState, Replica, Reservation
+from marketplace.choices import LIVE_REPLICA_STATES, ReplicaState, Role
+from marketplace.models import Endpoint, EndpointState, Replica, Reservation
 from marketplace.services.billing.ledger import InsufficientBalance
 from marketplace.services.catalog.offers import offer_create
 from marketplace.services.endpoints.lifecycle import (
@@ -18,7 +20,12 @@ from marketplace.services.endpoints.lifecycle import (
     endpoint_scale,
 )
 from marketplace.services.endpoints.models import served_model_create
-from marketplace.services.endpoints.replicas import NoCapacityForReplica, candidate_offers, replica_secret
+from marketplace.services.endpoints.replicas import (
+    NoCapacityForReplica,
+    candidate_offers,
+    replica_secret,
+    replica_start,
+)
 from marketplace.services.reservations.lifecycle import reservation_begin, reservation_cancel, reservation_fail
 from marketplace.services.reservations.provisioning import reservation_provision_start
 from provisioning import hooks
@@ -245,3 +252,37 @@ def test_an_agent_reporting_a_replica_unhealthy_gets_it_replaced_and_only_for_it
     assert replica.state == ReplicaState.STOPPING
     live = endpoint.replicas.exclude(state__in=[ReplicaState.STOPPING, ReplicaState.STOPPED])
     assert live.count() == 1 and live.get().pk != replica.pk  # a replacement is starting
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconciles_side_by_side_top_up_a_gap_once(world):
+    """Beat's reconcile and one a hook enqueued run at once on two workers: one replica is started for one
+    missing, not two (the endpoint's row lock orders them)."""
+    endpoint = deploy(world, min_replicas=1, max_replicas=2)
+    Endpoint.objects.filter(pk=endpoint.pk).update(min_replicas=2)  # a gap of one, no row shared to stop
+    barrier = threading.Barrier(2)
+
+    def reconcile():
+        barrier.wait()
+        try:
+            endpoint_reconcile(endpoint_id=endpoint.pk)
+        finally:
+            connection.close()
+
+    racers = [threading.Thread(target=reconcile) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    live = Replica.objects.filter(endpoint=endpoint).exclude(state=ReplicaState.STOPPED)
+    assert live.count() == 2
+
+
+def test_more_live_replicas_than_the_maximum_are_stopped_newest_unready_first(world):
+    endpoint = deploy(world, min_replicas=1, max_replicas=1)
+    ready = endpoint.replicas.get()
+    Replica.objects.filter(pk=ready.pk).update(state=ReplicaState.READY, address="127.0.0.1:1")
+    replica_start(endpoint=endpoint)  # as a replacement racing the one it replaced would
+    endpoint_reconcile(endpoint_id=endpoint.pk)
+    live = Replica.objects.filter(endpoint=endpoint, state__in=LIVE_REPLICA_STATES)
+    assert [r.pk for r in live] == [ready.pk]

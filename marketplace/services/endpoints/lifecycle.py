@@ -214,13 +214,16 @@ def endpoint_refresh(*, endpoint_id) -> str:
     return target
 
 
+@transaction.atomic
 def endpoint_reconcile(*, endpoint_id) -> dict[str, int]:
     """Make the endpoint's replicas what it asks for: replicas whose reservation ended (released,
     failed) are stopped; a deleting endpoint's are stopped; fewer live than min_replicas are topped up,
     more than max_replicas stopped; leases ending within half a lease are renewed (or, when the GPUs are
     booked next by someone else, a replacement is started). Then its state follows."""
     counts = {"stopped": 0, "started": 0, "renewed": 0}
-    endpoint = Endpoint.objects.filter(pk=endpoint_id).first()
+    # One reconcile of an endpoint at a time (beat's and the ones hooks enqueue run side by side on the
+    # workers), in the lock endpoint_scale and endpoint_delete take: two would each top up the same gap.
+    endpoint = Endpoint.objects.select_for_update().filter(pk=endpoint_id).first()
     if endpoint is None or endpoint.state == EndpointState.DELETED:
         return counts
     for replica in endpoint.replicas.exclude(state=R.STOPPED).select_related("reservation"):
@@ -237,6 +240,15 @@ def endpoint_reconcile(*, endpoint_id) -> dict[str, int]:
             )
     if endpoint.state != EndpointState.DELETING:
         live = list(live_replicas(endpoint))
+        # More than the maximum (a replacement that raced the one it replaced): the newest that do not
+        # answer yet go first, then the newest.
+        extra = sorted(live, key=lambda r: (r.state == R.READY, r.created_at))[
+            : max(0, len(live) - endpoint.max_replicas)
+        ]
+        for replica in extra:
+            replica_stop(replica=replica, reason="more replicas than the endpoint's maximum")
+            live.remove(replica)
+            counts["stopped"] += 1
         for _ in range(endpoint.min_replicas - len(live)):
             try:
                 replica_start(endpoint=endpoint)
