@@ -11,13 +11,10 @@ Redis about once a second); errors are OpenAI's body, ``{"error": {"message", "t
 """
 
 import asyncio
-import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import redis.asyncio
 from django.conf import settings
@@ -26,12 +23,19 @@ from console.gateway.directory import Directory, Grant, Route
 from console.gateway.limits import RateLimiter, limits_sync
 from console.gateway.upstream import Pool, UpstreamBroken, UpstreamUnavailable
 from marketplace.services.endpoints.traffic import TRAFFIC_KEY, TrafficCounter
+from provisioning.agent.serving.openai_http import (
+    ApiError,
+    Receive,
+    Scope,
+    Send,
+    json_answer,
+    json_object,
+    read_body,
+    send_answer,
+)
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SECRET_HEADER = b"x-neocloud-replica-secret"
 TOKENS_HEADER = b"x-neocloud-input-tokens"  # the model server's count of the request's input tokens
@@ -46,34 +50,15 @@ NOT_READY_RETRY_AFTER = 5  # seconds, while an endpoint deploys
 MAX_PENDING_BATCHES = 600  # traffic batches kept while Redis is unreachable (ten minutes at one a second)
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",  # OpenAI's field name
-        code: str | None = None,
-        param: str | None = None,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _json(status: int, body: dict, headers=()) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    return (
-        status,
-        [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers],
-        payload,
+def _database_away(what: str) -> ApiError:
+    """The database does not answer: say so and when to come back, never fail open."""
+    return ApiError(
+        503,
+        f"The gateway cannot {what} right now; retry shortly.",
+        type="server_error",
+        code="service_unavailable",
+        headers=((b"retry-after", b"1"),),
     )
-
-
-async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -113,7 +98,7 @@ class Gateway:
         try:
             await self._handle(scope, receive, send)
         except ApiError as error:
-            await _send(send, *_json(error.status, error.body, error.headers))
+            await send_answer(send, *json_answer(error.status, error.body, error.headers))
 
     # --- One request ---
 
@@ -121,7 +106,7 @@ class Gateway:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
         if path in ("/healthz", "/v1/healthz"):
-            await _send(send, *_json(200, {"status": "ok"}))
+            await send_answer(send, *json_answer(200, {"status": "ok"}))
             return
         if not path.startswith("/v1/"):
             raise ApiError(404, f"Invalid URL ({method} {path}): the gateway answers under /v1/.")
@@ -131,11 +116,11 @@ class Gateway:
         if path == "/v1/models" or path.startswith("/v1/models/"):
             if method != "GET":
                 raise ApiError(405, f"{path} takes GET, not {method}.")
-            await _send(send, *self._models(grant, routes, path.removeprefix("/v1/models").strip("/")))
+            await send_answer(send, *self._models(grant, routes, path.removeprefix("/v1/models").strip("/")))
             return
         if method != "POST":
             raise ApiError(405, f"{path} takes POST, not {method}.")
-        body = await _read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
+        body = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES, who="the gateway")
         model = _model_of(body)
         route = routes.get(model)
         if route is None:
@@ -161,13 +146,7 @@ class Gateway:
             grant = await self.directory.grant(raw_key)
         except Exception:  # noqa: BLE001 - the database is unreachable: say so, do not fail open
             logger.exception("The gateway could not check an API key")
-            raise ApiError(
-                503,
-                "The gateway cannot check API keys right now; retry shortly.",
-                type="server_error",
-                code="service_unavailable",
-                headers=((b"retry-after", b"1"),),
-            ) from None
+            raise _database_away("check API keys") from None
         if grant is None:
             raise ApiError(
                 401,
@@ -199,13 +178,7 @@ class Gateway:
             return await self.directory.routes(grant.organization_id)
         except Exception:  # noqa: BLE001 - the database is unreachable
             logger.exception("The gateway could not read the endpoints of %s", grant.organization)
-            raise ApiError(
-                503,
-                "The gateway cannot read endpoints right now; retry shortly.",
-                type="server_error",
-                code="service_unavailable",
-                headers=((b"retry-after", b"1"),),
-            ) from None
+            raise _database_away("read endpoints") from None
 
     def _models(self, grant: Grant, routes: dict[str, Route], name: str):
         def model(route: Route) -> dict:
@@ -217,8 +190,8 @@ class Gateway:
                 raise ApiError(
                     404, f"The model `{name}` does not exist or you do not have access to it.", code="model_not_found"
                 )
-            return _json(200, model(route))
-        return _json(200, {"object": "list", "data": [model(r) for r in routes.values() if r.targets]})
+            return json_answer(200, model(route))
+        return json_answer(200, {"object": "list", "data": [model(r) for r in routes.values() if r.targets]})
 
     # --- To a replica and back ---
 
@@ -292,7 +265,7 @@ class Gateway:
         body = response.whole_body()
         if body is not None:
             headers.append((b"content-length", str(len(body)).encode()))
-            await _send(send, response.status, headers, body)
+            await send_answer(send, response.status, headers, body)
             return
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         async for chunk in response.body():
@@ -348,35 +321,8 @@ class Gateway:
                 return
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    too_large = ApiError(
-        413, f"The request body is larger than the gateway's limit of {limit} bytes.", code="request_too_large"
-    )
-    declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ApiError(400, "The client closed the connection before sending the whole body.")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 def _model_of(body: bytes) -> str:
-    try:
-        request = json.loads(body)
-    except ValueError:
-        request = None
-    if not isinstance(request, dict):
-        raise ApiError(400, "We could not parse the JSON body of your request: it must be a JSON object.")
-    model = request.get("model")
+    model = json_object(body).get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model must be given: the name of one of your endpoints.", param="model")
     return model

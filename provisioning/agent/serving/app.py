@@ -12,22 +12,28 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from provisioning.agent.serving import SECRET_HEADER
 from provisioning.agent.serving.batching import MAX_INPUTS, MAX_WAIT_S, MicroBatcher
+from provisioning.agent.serving.openai_http import (
+    ApiError,
+    Receive,
+    Scope,
+    Send,
+    json_answer,
+    json_object,
+    read_body,
+    send_answer,
+)
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SECRET_HEADER_KEY = SECRET_HEADER.lower().encode("latin-1")  # ASGI gives header names lower-cased
 TOKENS_HEADER = b"x-neocloud-input-tokens"
@@ -54,21 +60,6 @@ class Limits:
     max_inputs: int = 512
     max_input_chars: int = 16_384
     max_body_bytes: int = 2 * 1024 * 1024
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",  # OpenAI's field name
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class EmbeddingsApp:
@@ -197,7 +188,7 @@ class EmbeddingsApp:
             )
 
     async def _embeddings(self, scope: Scope, receive: Receive) -> dict[str, Any]:
-        request = _json_object(await _read_body(scope, receive, self.limits.max_body_bytes))
+        request = json_object(await read_body(scope, receive, self.limits.max_body_bytes))
         if not isinstance(request.get("model"), str):
             raise ApiError(400, "model must be given: the name of the model to use.", param="model")
         self._require_model(request["model"], param="model")
@@ -310,44 +301,8 @@ def _base64(vector: Any) -> str:
     return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request's body, refused (413) as soon as it is known to exceed ``limit``: from its declared
-    length before reading anything, or while reading a body sent in chunks."""
-    too_large = ApiError(
-        413, f"The request body is larger than this server's limit of {limit} bytes.", code="request_too_large"
-    )
-    declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ApiError(400, "The client closed the connection before sending the whole body.")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        request = json.loads(body)
-    except ValueError:
-        request = None
-    if not isinstance(request, dict):
-        raise ApiError(400, "We could not parse the JSON body of your request: it must be a JSON object.")
-    return request
-
-
 async def _respond(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     usage = body.get("usage")
-    if usage:  # the gateway counts tokens from this header instead of parsing every answer
-        headers.append((TOKENS_HEADER, str(usage["prompt_tokens"]).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    # The gateway counts tokens from this header instead of parsing every answer.
+    headers = [(TOKENS_HEADER, str(usage["prompt_tokens"]).encode())] if usage else []
+    await send_answer(send, *json_answer(status, body, headers))
