@@ -21,7 +21,7 @@ from django.conf import settings
 
 from console.gateway.directory import Directory, Grant, Route
 from console.gateway.limits import RateLimiter, limits_sync
-from console.gateway.upstream import Pool, UpstreamBroken, UpstreamUnavailable
+from console.gateway.upstream import PAUSE_BUFFERED_BYTES, Pool, UpstreamBroken, UpstreamUnavailable
 from marketplace.services.endpoints.traffic import TRAFFIC_KEY, TrafficCounter
 from provisioning.agent.serving.openai_http import (
     ApiError,
@@ -47,6 +47,9 @@ NOT_RELAYED = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"date", b"server", TOKENS_HEADER, b"content-length"}
 )
 NOT_READY_RETRY_AFTER = 5  # seconds, while an endpoint deploys
+# An answer whose declared length is at most this is relayed in one piece, once all of it is in, rather
+# than streamed (chunked): the size at which reading from a replica pauses anyway (upstream.py).
+WHOLE_BODY_BYTES = PAUSE_BUFFERED_BYTES
 MAX_PENDING_BATCHES = 600  # traffic batches kept while Redis is unreachable (ten minutes at one a second)
 
 
@@ -229,7 +232,18 @@ class Gateway:
                 relayed = [(name, value) for name, value in response.headers if name not in NOT_RELAYED]
                 relayed += [(REPLICA_HEADER, target.id.encode()), (b"x-request-id", request_id)]
                 try:
-                    await self._relay(response, relayed, send)
+                    answer = await response.whole_body_within(WHOLE_BODY_BYTES)
+                except UpstreamBroken as error:  # nothing sent to the client yet: it gets an error it can read
+                    connection.close()
+                    self._record(route, target.id, 502, started, 0)
+                    raise ApiError(
+                        502,
+                        f"The replica's answer broke off ({error}); retry.",
+                        type="server_error",
+                        code="upstream_broken",
+                    ) from None
+                try:
+                    await self._relay(response, answer, relayed, send)
                 except UpstreamBroken:
                     connection.close()
                     self._record(route, target.id, 502, started, 0)
@@ -259,10 +273,9 @@ class Gateway:
             headers=((b"retry-after", b"1"),),
         )
 
-    async def _relay(self, response, headers: list[tuple[bytes, bytes]], send: Send) -> None:
-        """The answer to the client: in one piece when it is all in already (the usual case for an
-        embedding), else streamed chunk by chunk as the replica sends it."""
-        body = response.whole_body()
+    async def _relay(self, response, body: bytes | None, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        """The answer to the client: in one piece, with its length, when ``body`` is all of it (the usual
+        case for an embedding), else streamed chunk by chunk as the replica sends it."""
         if body is not None:
             headers.append((b"content-length", str(len(body)).encode()))
             await send_answer(send, response.status, headers, body)

@@ -56,6 +56,18 @@ class Response:
         body, self._chunks, self._buffered = b"".join(self._chunks), deque(), 0
         return body
 
+    async def whole_body_within(self, limit: int) -> bytes | None:
+        """The whole body when all of it is in already, or when the replica declared a length of at most
+        ``limit`` bytes (waiting for the rest); None when it is to be streamed. Raises UpstreamBroken if
+        the body stops short. The replica's server writes an answer's head and its body apart, so the
+        head is often here first even for a small answer."""
+        if self._complete:
+            return self.whole_body()
+        declared = self.header(b"content-length")
+        if declared is None or not declared.isdigit() or int(declared) > limit:
+            return None
+        return b"".join([chunk async for chunk in self.body()])
+
     async def body(self) -> AsyncIterator[bytes]:
         """The body's chunks as they arrive (de-chunked); raises UpstreamBroken if it stops short."""
         while True:
