@@ -104,6 +104,7 @@ class ReplicaState(models.TextChoices):
     STARTING = "starting", "Starting"  # its slice is being placed and its server started
     READY = "ready", "Ready"  # the agent reported its address and its health route answers
     UNHEALTHY = "unhealthy", "Unhealthy"  # it stopped answering: being replaced
+    DRAINING = "draining", "Draining"  # chosen for removal: no new requests, those in flight finish
     STOPPING = "stopping", "Stopping"  # its slice is being released
     STOPPED = "stopped", "Stopped"
 

@@ -6,6 +6,7 @@ from marketplace.services.billing.invoicing import cost_tick
 from marketplace.services.billing.invoicing import invoices_close as close
 from marketplace.services.billing.metering import usage_rate as rate
 from marketplace.services.billing.pricing import prices_apply as apply
+from marketplace.services.endpoints.autoscaling import endpoints_autoscale as autoscale_endpoints
 from marketplace.services.endpoints.lifecycle import endpoint_reconcile as reconcile_endpoint
 from marketplace.services.endpoints.lifecycle import endpoints_reconcile as reconcile_endpoints
 from marketplace.services.endpoints.traffic import traffic_collect as collect_traffic
@@ -97,3 +98,9 @@ def endpoint_reconcile(endpoint_id: str) -> dict[str, int]:
 def traffic_collect() -> int:
     """The gateways' request counts, Redis to EndpointTraffic (exactly once per batch)."""
     return collect_traffic()
+
+
+@shared_task(ignore_result=True)
+def endpoints_autoscale() -> int:
+    """Every live endpoint's replicas asked for from the requests in flight the gateways saw."""
+    return autoscale_endpoints()

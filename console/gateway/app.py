@@ -22,6 +22,7 @@ from django.conf import settings
 from console.gateway.directory import Directory, Grant, Route
 from console.gateway.limits import RateLimiter, limits_sync
 from console.gateway.upstream import PAUSE_BUFFERED_BYTES, Pool, UpstreamBroken, UpstreamUnavailable
+from marketplace.services.endpoints.concurrency import ConcurrencyMeter, concurrency_add
 from marketplace.services.endpoints.traffic import TRAFFIC_KEY, TrafficCounter
 from provisioning.agent.serving.openai_http import (
     ApiError,
@@ -85,6 +86,7 @@ class Gateway:
             rate=settings.GATEWAY_KEY_REQUESTS_PER_SECOND, burst=settings.GATEWAY_KEY_BURST
         )
         self.counter = counter or TrafficCounter()
+        self.concurrency = ConcurrencyMeter()
         self._pools: dict[str, Pool] = {}
         self._flusher: asyncio.Task | None = None
         self._pending: list[bytes] = []
@@ -133,7 +135,11 @@ class Gateway:
                 code="model_not_found",
                 param="model",
             )
-        await self._forward(route, scope, body, send, started)
+        self.concurrency.begin(route.endpoint_id)
+        try:
+            await self._forward(route, scope, body, send, started)
+        finally:
+            self.concurrency.end(route.endpoint_id)
 
     async def _authenticate(self, scope: Scope) -> Grant:
         raw_key = _bearer(scope)
@@ -302,16 +308,22 @@ class Gateway:
             await self.flush()
 
     async def flush(self) -> None:
-        """Hand what was counted to Redis (kept, up to MAX_PENDING_BATCHES, while Redis cannot take it)
-        and share the keys' rate limits with the other gateway processes."""
+        """Hand what was counted to Redis (kept, up to MAX_PENDING_BATCHES, while Redis cannot take it),
+        add the second's requests in flight per endpoint (the autoscaler's signal), and share the keys'
+        rate limits with the other gateway processes."""
         batch = self.counter.batch()
         if batch is not None:
             self._pending.append(batch)
+        readings = self.concurrency.read()
         try:
             if self._redis is None:
                 self._redis = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
-            if self._pending:
-                await self._redis.rpush(TRAFFIC_KEY, *self._pending)
+            if self._pending or readings:
+                pipe = self._redis.pipeline(transaction=False)
+                if self._pending:
+                    pipe.rpush(TRAFFIC_KEY, *self._pending)
+                concurrency_add(pipe, readings)
+                await pipe.execute()
                 self._pending.clear()
             await limits_sync(self.limiter, self._redis)
         except Exception:  # noqa: BLE001 - Redis away: keep the batches, try again next time

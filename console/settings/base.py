@@ -343,6 +343,18 @@ CELERY_TASK_ROUTES["marketplace.tasks.billing_tick"] = {"queue": "telemetry"}
 REPLICA_LEASE_HOURS = env_int("REPLICA_LEASE_HOURS", 2)
 # How often beat reconciles endpoints: starts missing replicas, stops extra ones, renews leases.
 ENDPOINT_RECONCILE_SECONDS = env_int("ENDPOINT_RECONCILE_SECONDS", 5)
+# The autoscaler (services.endpoints.autoscaling, docs/autoscaling.md): how often it decides, its windows, the
+# share of target_concurrency a replica is run at, and how long a replica chosen for removal drains.
+AUTOSCALE_TICK_SECONDS = env_float("AUTOSCALE_TICK_SECONDS", 2.0)
+AUTOSCALE_STABLE_SECONDS = env_int("AUTOSCALE_STABLE_SECONDS", 60)
+AUTOSCALE_PANIC_SECONDS = env_int("AUTOSCALE_PANIC_SECONDS", 6)
+AUTOSCALE_TARGET_UTILIZATION = env_float("AUTOSCALE_TARGET_UTILIZATION", 0.7)
+ENDPOINT_DRAIN_SECONDS = env_int("ENDPOINT_DRAIN_SECONDS", 30)
+CELERY_BEAT_SCHEDULE["endpoints-autoscale"] = {
+    "task": "marketplace.tasks.endpoints_autoscale",
+    "schedule": AUTOSCALE_TICK_SECONDS,
+    "options": {"expires": AUTOSCALE_TICK_SECONDS},
+}
 # The URL OpenAI clients are given (an endpoint's base_url is this + "/v1"): the gateway's (console.gateway,
 # its own processes; the launcher sets it). The console's own ASGI server answers /v1/ with the same app too.
 GATEWAY_URL = env_str("GATEWAY_URL", "http://127.0.0.1:8000")

@@ -113,6 +113,12 @@ class Endpoint(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(1000)],
         help_text="Requests in flight per replica.",
     )
+    desired_replicas = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="What the autoscaler last asked for (within min and max); empty: min."
+    )
+    panic_until = models.DateTimeField(
+        null=True, blank=True, help_text="The autoscaler is in panic mode (no scaling down) until then."
+    )
     state = models.CharField(max_length=16, choices=EndpointState.choices, default=E.DEPLOYING)
     state_changed_at = models.DateTimeField(auto_now_add=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -136,6 +142,12 @@ class Endpoint(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.model})"
 
+    @property
+    def replica_target(self) -> int:
+        """How many replicas it should run now: the autoscaler's ask within the bounds."""
+        desired = self.min_replicas if self.desired_replicas is None else self.desired_replicas
+        return max(self.min_replicas, min(self.max_replicas, desired))
+
 
 class Replica(models.Model):
     """One model-server process of an endpoint, on the GPU slice its reservation holds."""
@@ -146,6 +158,7 @@ class Replica(models.Model):
     state = models.CharField(max_length=16, choices=ReplicaState.choices, default=ReplicaState.STARTING)
     address = models.CharField(max_length=100, blank=True, help_text="host:port the agent reported.")
     ready_at = models.DateTimeField(null=True, blank=True)
+    draining_since = models.DateTimeField(null=True, blank=True, help_text="Chosen for removal at.")
     stopped_at = models.DateTimeField(null=True, blank=True)
     failure_reason = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -159,6 +172,26 @@ class Replica(models.Model):
 
     def __str__(self) -> str:
         return f"{self.endpoint.name} replica {self.id.hex[:8]}"
+
+
+class EndpointScaleEvent(models.Model):
+    """One decision of the autoscaler that changed an endpoint's replicas: from how many to how many,
+    why, and what it saw (the windows' average concurrency, the target, panic)."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="scale_events")
+    at = models.DateTimeField()
+    from_replicas = models.PositiveSmallIntegerField()
+    to_replicas = models.PositiveSmallIntegerField()
+    reason = models.CharField(max_length=200)
+    panic = models.BooleanField(default=False)
+    inputs = models.JSONField(default=dict)
+
+    class Meta:
+        ordering = ["-at"]
+        indexes = [models.Index(fields=["endpoint", "at"], name="endpoint_scale_event_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {self.from_replicas} -> {self.to_replicas} at {self.at:%H:%M:%S}: {self.reason}"
 
 
 # Request latency buckets of EndpointTraffic, upper bounds in milliseconds; the last bucket is open.

@@ -25,7 +25,14 @@ from marketplace.models import (
     ServedModel,
 )
 from marketplace.models.endpoints import MAX_REPLICAS
-from marketplace.services.endpoints.replicas import acting_for, live_replicas, replica_start, replica_stop
+from marketplace.services.endpoints.replicas import (
+    acting_for,
+    live_replicas,
+    removal_order,
+    replica_start,
+    replica_stop,
+    replicas_drain,
+)
 from marketplace.services.reservations.lifecycle import reservation_extend
 from marketplace.tenant_context import TenantContext
 from provisioning.models import AcceleratorType, Site
@@ -156,10 +163,7 @@ def endpoint_scale(
     live = list(live_replicas(endpoint))
     for _ in range(low - len(live)):
         replica_start(endpoint=endpoint, tenant=tenant)
-    for replica in sorted(live, key=lambda r: (r.state == ReplicaState.READY, r.created_at))[
-        : max(0, len(live) - high)
-    ]:
-        replica_stop(replica=replica, reason="scaled down")
+    replicas_drain(removal_order(live)[: max(0, len(live) - high)])
     endpoint_refresh(endpoint_id=endpoint.pk)
     endpoint.refresh_from_db()
     _event(endpoint, "endpoint.scaled", min_replicas=low, max_replicas=high)
@@ -175,7 +179,7 @@ def endpoint_delete(*, tenant: TenantContext, endpoint: Endpoint) -> Endpoint:
     if endpoint.state in (E.DELETING, E.DELETED):
         return endpoint
     transition(endpoint, table=ENDPOINT_TRANSITIONS, target=E.DELETING)
-    for replica in live_replicas(endpoint):
+    for replica in endpoint.replicas.exclude(state__in=[ReplicaState.STOPPING, ReplicaState.STOPPED]):
         replica_stop(replica=replica, reason="endpoint deleted")
     endpoint_refresh(endpoint_id=endpoint.pk)
     endpoint.refresh_from_db()
@@ -220,7 +224,7 @@ def endpoint_reconcile(*, endpoint_id) -> dict[str, int]:
     failed) are stopped; a deleting endpoint's are stopped; fewer live than min_replicas are topped up,
     more than max_replicas stopped; leases ending within half a lease are renewed (or, when the GPUs are
     booked next by someone else, a replacement is started). Then its state follows."""
-    counts = {"stopped": 0, "started": 0, "renewed": 0}
+    counts = {"stopped": 0, "started": 0, "renewed": 0, "drained": 0}
     # One reconcile of an endpoint at a time (beat's and the ones hooks enqueue run side by side on the
     # workers), in the lock endpoint_scale and endpoint_delete take: two would each top up the same gap.
     endpoint = Endpoint.objects.select_for_update().filter(pk=endpoint_id).first()
@@ -239,23 +243,31 @@ def endpoint_reconcile(*, endpoint_id) -> dict[str, int]:
                 replica=replica, reason="endpoint deleted" if endpoint.state == EndpointState.DELETING else "unhealthy"
             )
     if endpoint.state != EndpointState.DELETING:
+        now = timezone.now()
         live = list(live_replicas(endpoint))
-        # More than the maximum (a replacement that raced the one it replaced): the newest that do not
-        # answer yet go first, then the newest.
-        extra = sorted(live, key=lambda r: (r.state == R.READY, r.created_at))[
-            : max(0, len(live) - endpoint.max_replicas)
-        ]
-        for replica in extra:
-            replica_stop(replica=replica, reason="more replicas than the endpoint's maximum")
-            live.remove(replica)
-            counts["stopped"] += 1
-        for _ in range(endpoint.min_replicas - len(live)):
+        draining = list(endpoint.replicas.filter(state=R.DRAINING).order_by("-draining_since"))
+        target = endpoint.replica_target  # the autoscaler's ask within min and max
+        # Too many (the autoscaler asked for fewer, or a replacement raced the one it replaced): drained.
+        extra = removal_order(live)[: max(0, len(live) - target)]
+        counts["drained"] = replicas_drain(extra, now=now)
+        live = [replica for replica in live if replica not in extra]
+        # Too few: a replica still draining is taken back first (no cold start), then new ones.
+        while len(live) < target and draining:
+            replica = draining.pop(0)
+            if Replica.objects.filter(pk=replica.pk, state=R.DRAINING).update(state=R.READY, draining_since=None):
+                live.append(replica)
+        for _ in range(target - len(live)):
             try:
                 replica_start(endpoint=endpoint)
                 counts["started"] += 1
             except Conflict as refusal:  # capacity, quota, balance: try again on the next run
                 logger.warning("Endpoint %s: cannot start a replica: %s", endpoint.pk, refusal.message)
                 break
+        drained = now - timedelta(seconds=settings.ENDPOINT_DRAIN_SECONDS)
+        for replica in draining:
+            if replica.draining_since is not None and replica.draining_since <= drained:
+                replica_stop(replica=replica, reason="scaled down (drained)")
+                counts["stopped"] += 1
         lease = timedelta(hours=settings.REPLICA_LEASE_HOURS)
         for replica in live:
             reservation = replica.reservation

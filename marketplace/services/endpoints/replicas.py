@@ -118,6 +118,25 @@ def replica_stop(*, replica: Replica, reason: str = "") -> Replica:
     return replica
 
 
+def replicas_drain(replicas: list[Replica], *, now=None) -> int:
+    """Take replicas out of service without failing a request: ``draining``, so the gateways stop
+    sending them new requests (they route to ready replicas only; their routes are a second old at
+    most) and those in flight finish; reconcile stops them after ENDPOINT_DRAIN_SECONDS. One that never
+    answered has nothing to drain and stops at once."""
+    now = now or timezone.now()
+    for replica in replicas:
+        if replica.state == R.READY:
+            Replica.objects.filter(pk=replica.pk, state=R.READY).update(state=R.DRAINING, draining_since=now)
+        else:
+            replica_stop(replica=replica, reason="scaled down before it answered")
+    return len(replicas)
+
+
+def removal_order(replicas: list[Replica]) -> list[Replica]:
+    """Which go first when there are too many: those not answering yet, then the newest."""
+    return sorted(replicas, key=lambda r: (r.state != R.READY, r.created_at), reverse=True)
+
+
 def serve_params(reservation: Reservation) -> dict | None:
     """services.reservations.provisioning (on_provision_params): what the agent needs to run a replica's
     server -- provision params ``serve`` -- or None when the reservation is no replica."""
