@@ -22,6 +22,7 @@ from django.conf import settings
 from console.gateway.directory import Directory, Grant, Route
 from console.gateway.limits import RateLimiter, limits_sync
 from console.gateway.upstream import PAUSE_BUFFERED_BYTES, Pool, UpstreamBroken, UpstreamUnavailable
+from marketplace.models import WAKING_STATES
 from marketplace.services.endpoints.concurrency import ConcurrencyMeter, concurrency_add
 from marketplace.services.endpoints.traffic import TRAFFIC_KEY, TrafficCounter
 from provisioning.agent.serving.openai_http import (
@@ -48,6 +49,7 @@ NOT_RELAYED = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"date", b"server", TOKENS_HEADER, b"content-length"}
 )
 NOT_READY_RETRY_AFTER = 5  # seconds, while an endpoint deploys
+WAKE_POLL_SECONDS = 0.25  # how often a request held for a cold start looks for a ready replica
 # An answer whose declared length is at most this is relayed in one piece, once all of it is in, rather
 # than streamed (chunked): the size at which reading from a replica pauses anyway (upstream.py).
 WHOLE_BODY_BYTES = PAUSE_BUFFERED_BYTES
@@ -135,11 +137,35 @@ class Gateway:
                 code="model_not_found",
                 param="model",
             )
-        self.concurrency.begin(route.endpoint_id)
+        self.concurrency.begin(route.endpoint_id)  # in flight from now: a wait for a cold start counts too
         try:
+            if not route.targets and route.state in WAKING_STATES:
+                route = await self._wake(grant, route, started)
             await self._forward(route, scope, body, send, started)
         finally:
             self.concurrency.end(route.endpoint_id)
+
+    async def _wake(self, grant: Grant, route: Route, started: float) -> Route:
+        """An idle endpoint (or one waking): hold the request while a replica starts -- its being in flight
+        is what the autoscaler wakes the endpoint for -- up to GATEWAY_COLD_START_TIMEOUT_SECONDS."""
+        deadline = time.monotonic() + settings.GATEWAY_COLD_START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            await asyncio.sleep(WAKE_POLL_SECONDS)
+            current = (await self._routes(grant)).get(route.name)
+            if current is None or current.endpoint_id != route.endpoint_id:
+                return route  # deleted meanwhile: answered as an endpoint with no replica
+            if current.targets:
+                return current
+            route = current
+        self._record(route, None, 503, started, 0)
+        raise ApiError(
+            503,
+            f"The endpoint `{route.name}` is starting a replica (from {route.state}) and none answered within "
+            f"{settings.GATEWAY_COLD_START_TIMEOUT_SECONDS:g} s; retry in {NOT_READY_RETRY_AFTER} seconds.",
+            type="server_error",
+            code="endpoint_waking",
+            headers=((b"retry-after", str(NOT_READY_RETRY_AFTER).encode()),),
+        )
 
     async def _authenticate(self, scope: Scope) -> Grant:
         raw_key = _bearer(scope)

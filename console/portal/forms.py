@@ -107,8 +107,8 @@ class ExtendForm(forms.Form):
         return data
 
 
-def _replicas_field(label: str, initial: int) -> forms.IntegerField:
-    return forms.IntegerField(min_value=1, max_value=MAX_REPLICAS, initial=initial, label=label)
+def _replicas_field(label: str, initial: int, least: int = 1) -> forms.IntegerField:
+    return forms.IntegerField(min_value=least, max_value=MAX_REPLICAS, initial=initial, label=label)
 
 
 def _concurrency_field() -> forms.IntegerField:
@@ -143,7 +143,7 @@ class EndpointForm(forms.Form):
         label="Allowed accelerator types",
         help_text="None chosen: any the model runs on.",
     )
-    min_replicas = _replicas_field("Min replicas", 1)
+    min_replicas = _replicas_field("Min replicas", 1, least=0)
     max_replicas = _replicas_field("Max replicas", 1)
     target_concurrency = _concurrency_field()
     idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
@@ -152,7 +152,7 @@ class EndpointForm(forms.Form):
 class EndpointScaleForm(forms.Form):
     """New scaling bounds; the service holds min to max and places or stops replicas."""
 
-    min_replicas = _replicas_field("Min replicas", 1)
+    min_replicas = _replicas_field("Min replicas", 1, least=0)
     max_replicas = _replicas_field("Max replicas", 1)
     target_concurrency = _concurrency_field()
 

@@ -369,6 +369,8 @@ GATEWAY_KEY_BURST = env_int("GATEWAY_KEY_BURST", 400)
 GATEWAY_RETRIES = env_int("GATEWAY_RETRIES", 2)
 GATEWAY_CONNECT_TIMEOUT_SECONDS = env_float("GATEWAY_CONNECT_TIMEOUT_SECONDS", 2.0)
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 300.0)
+# How long a request for an idle endpoint is held while a replica starts (then 503 with Retry-After).
+GATEWAY_COLD_START_TIMEOUT_SECONDS = env_float("GATEWAY_COLD_START_TIMEOUT_SECONDS", 120.0)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024)
 # How often a gateway hands its request counts over (Redis), and beat merges them (EndpointTraffic).
 GATEWAY_FLUSH_SECONDS = env_float("GATEWAY_FLUSH_SECONDS", 1.0)

@@ -16,6 +16,7 @@ from .endpoints import (
     ENDPOINT_TRANSITIONS,
     LATENCY_BUCKETS_MS,
     SERVING_STATES,
+    WAKING_STATES,
     Endpoint,
     EndpointScaleEvent,
     EndpointState,
@@ -41,6 +42,7 @@ from .tenancy import ApiKey, Membership, Organization, User
 __all__ = [
     "ENDPOINT_TRANSITIONS",
     "SERVING_STATES",
+    "WAKING_STATES",
     "Endpoint",
     "EndpointScaleEvent",
     "EndpointState",

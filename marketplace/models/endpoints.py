@@ -62,19 +62,21 @@ class EndpointState(models.TextChoices):
     READY = "ready", "Ready"  # at least min_replicas ready
     DEGRADED = "degraded", "Degraded"  # some ready, fewer than min_replicas
     SCALING = "scaling", "Scaling"  # replicas being added or removed
+    IDLE = "idle", "Idle"  # scaled to zero (min_replicas 0, no traffic): the next request wakes it
     DELETING = "deleting", "Deleting"  # replicas being stopped
     DELETED = "deleted", "Deleted"
 
 
 E = EndpointState
 # The endpoint lifecycle. Every move goes through marketplace.services.endpoints, which checks this table.
-_UP = (E.DEPLOYING, E.READY, E.DEGRADED, E.SCALING)  # derived from the replicas: any of these to another
+_UP = (E.DEPLOYING, E.READY, E.DEGRADED, E.SCALING, E.IDLE)  # derived from the replicas: any of these to another
 ENDPOINT_TRANSITIONS: dict[str, frozenset[str]] = {
     **{state: frozenset({*_UP, E.DELETING} - {state}) for state in _UP},
     E.DELETING: frozenset({E.DELETED}),
     E.DELETED: frozenset(),
 }
 SERVING_STATES = frozenset({E.READY, E.DEGRADED, E.SCALING})  # the gateway forwards to their ready replicas
+WAKING_STATES = frozenset({E.IDLE, E.SCALING})  # with no replica ready the gateway holds a request a while
 
 
 class PlacementPreference(models.TextChoices):
@@ -104,7 +106,9 @@ class Endpoint(models.Model):
         max_length=16, choices=PlacementPreference.choices, default=PlacementPreference.NEAREST
     )
     pinned_sites = models.ManyToManyField(Site, blank=True, related_name="pinned_endpoints")
-    min_replicas = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
+    min_replicas = models.PositiveSmallIntegerField(
+        default=1, help_text="0: scale to zero when idle (the next request waits for a replica to start)."
+    )
     max_replicas = models.PositiveSmallIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(MAX_REPLICAS)]
     )
@@ -132,7 +136,10 @@ class Endpoint(models.Model):
             models.CheckConstraint(condition=Q(state__in=EndpointState.values), name="endpoint_state_valid"),
             models.CheckConstraint(
                 condition=Q(
-                    min_replicas__gte=1, min_replicas__lte=models.F("max_replicas"), max_replicas__lte=MAX_REPLICAS
+                    min_replicas__gte=0,
+                    max_replicas__gte=1,
+                    min_replicas__lte=models.F("max_replicas"),
+                    max_replicas__lte=MAX_REPLICAS,
                 ),
                 name="endpoint_replica_bounds",
             ),

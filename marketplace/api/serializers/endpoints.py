@@ -137,7 +137,9 @@ class EndpointCreateSerializer(serializers.Serializer):
     placement = serializers.ChoiceField(choices=PlacementPreference.choices, default=PlacementPreference.NEAREST)
     accelerator_types = _slugs("Allowed accelerator types (slugs); none: any the model runs on.")
     pinned_sites = _slugs("Site slugs, for pinned placement only.")
-    min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, default=1)
+    min_replicas = serializers.IntegerField(
+        min_value=0, max_value=MAX_REPLICAS, default=1, help_text="0: scale to zero when idle."
+    )
     max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, default=1)
     target_concurrency = serializers.IntegerField(
         min_value=1, max_value=1000, default=8, help_text="Requests in flight per replica."
@@ -147,7 +149,7 @@ class EndpointCreateSerializer(serializers.Serializer):
 class EndpointScaleSerializer(serializers.Serializer):
     """New scaling bounds; what is omitted stays."""
 
-    min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
+    min_replicas = serializers.IntegerField(min_value=0, max_value=MAX_REPLICAS, required=False)
     max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
     target_concurrency = serializers.IntegerField(min_value=1, max_value=1000, required=False)
 

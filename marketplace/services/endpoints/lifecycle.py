@@ -48,11 +48,11 @@ def endpoint_base_url(endpoint: Endpoint) -> str:
 
 
 def _bounds(min_replicas: int, max_replicas: int, target_concurrency: int) -> None:
-    if not 1 <= min_replicas <= max_replicas <= MAX_REPLICAS:
+    if not (0 <= min_replicas <= max_replicas <= MAX_REPLICAS and max_replicas >= 1):
         raise DomainError(
-            f"Replicas: at least 1, at most {MAX_REPLICAS}, and min_replicas no more than max_replicas.",
+            f"Replicas: min_replicas 0 (scale to zero) to max_replicas, and max_replicas 1 to {MAX_REPLICAS}.",
             code="invalid_scaling",
-            fields={"min_replicas": [f"1 to max_replicas (at most {MAX_REPLICAS})."]},
+            fields={"min_replicas": [f"0 to max_replicas (at most {MAX_REPLICAS})."]},
         )
     if not 1 <= target_concurrency <= 1000:
         raise DomainError(
@@ -193,6 +193,8 @@ def desired_state(*, endpoint: Endpoint, ready: int, starting: int, live: int, e
     degraded with fewer answering than it needs; deploying until one ever answered."""
     if endpoint.state in (E.DELETING, E.DELETED):
         return E.DELETED if live == 0 else E.DELETING
+    if endpoint.replica_target == 0 and ready == 0 and starting == 0:
+        return E.IDLE
     if ready >= endpoint.min_replicas:
         return E.SCALING if starting else E.READY
     if ready == 0 and not ever_ready:
