@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from console.devservers import free_port, stop_process
 from marketplace.choices import ReplicaState
-from marketplace.models import EndpointTraffic, Replica
+from marketplace.models import Endpoint, EndpointState, EndpointTraffic, Replica
 from marketplace.services.endpoints.lifecycle import endpoint_create
 from marketplace.services.endpoints.replicas import replica_secret
 from marketplace.services.endpoints.traffic import traffic_collect
@@ -302,3 +302,26 @@ def test_a_streamed_answer_comes_through_as_it_is_sent(world, stack):
     assert [event["index"] for _at, event in events] == [0, 1, 2]
     for received, event in events:
         assert received - event["sent"] < 0.2  # not held until the last event, 0.5 s later
+
+
+def test_a_request_for_an_idle_endpoint_is_held_until_a_replica_answers_or_answers_503_in_time(stack, world):
+    stack.kill("gateway")
+    gateway = stack.start_gateway({"GATEWAY_ROUTES_CACHE_SECONDS": "0.5", "GATEWAY_COLD_START_TIMEOUT_SECONDS": "3"})
+    world = {**world, "gateway": gateway}
+    ready = {r.pk: r.address for r in world["endpoint"].replicas.all()}
+    Replica.objects.filter(endpoint=world["endpoint"]).update(state=ReplicaState.STOPPED)
+    Endpoint.objects.filter(pk=world["endpoint"].pk).update(state=EndpointState.IDLE, min_replicas=0)
+    time.sleep(1)
+    status, headers, body = embed(world)  # nothing starts it here: held 3 s, then told when to come back
+    assert status == 503 and body["error"]["code"] == "endpoint_waking" and int(headers["retry-after"]) > 0
+
+    answered = {}
+    caller = threading.Thread(
+        target=lambda: answered.update(zip(("status", "headers", "body"), embed(world), strict=True))
+    )
+    caller.start()
+    time.sleep(1)
+    replica_id, address = next(iter(ready.items()))  # "a replica started": as the agent reports it
+    Replica.objects.filter(pk=replica_id).update(state=ReplicaState.READY, address=address)
+    caller.join(10)
+    assert answered["status"] == 200 and answered["headers"]["x-neocloud-replica"] == str(replica_id)
