@@ -1,4 +1,4 @@
-"""OpenAI's HTTP manners over plain ASGI, shared by the model server (serving.app) and the console's
+"""OpenAI's HTTP manners over plain ASGI, used by both the model server (serving.app) and the console's
 gateway (console.gateway.app), which speak the same API to the same clients: the error body
 ``{"error": {"message", "type", "param", "code"}}`` the official clients turn into their exceptions, a
 JSON answer, and a request body read no further than its limit."""
