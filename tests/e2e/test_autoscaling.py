@@ -74,7 +74,16 @@ def test_a_step_scales_up_in_the_panic_window_back_down_without_a_failure_and_to
     served_model_create(
         slug="trivial",
         name="Trivial",
-        server_program=[sys.executable, "-m", "provisioning.agent.serving", "--trivial", "8"],
+        # 40 ms a batch, as a small model's compute: requests stay in flight long enough to be counted.
+        server_program=[
+            sys.executable,
+            "-m",
+            "provisioning.agent.serving",
+            "--trivial",
+            "8",
+            "--trivial-latency-ms",
+            "40",
+        ],
         weights="none",
         gpus_per_replica=1,
         dimensions=8,

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIMS",
         help="no model: hash-derived unit vectors of DIMS dimensions, answered at once (the gateway's ceiling)",
     )
+    parser.add_argument(
+        "--trivial-latency-ms", type=float, default=0.0, help="with --trivial: how long each batch takes (0)"
+    )
     parser.add_argument("--served-name", required=True, help="the model name requests must give (all-MiniLM-L6-v2)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -122,7 +125,7 @@ def _serve(args: argparse.Namespace, folder: Path | str, secret: str) -> int:
         if args.trivial is not None:
             from provisioning.agent.serving.trivial import TrivialEncoder  # numpy only, no torch
 
-            return TrivialEncoder(args.trivial)
+            return TrivialEncoder(args.trivial, latency_s=args.trivial_latency_ms / 1000)
         # Imported here, in the loader's thread: torch takes seconds to import, and meanwhile the health
         # route already answers "loading".
         from provisioning.agent.serving.encoder import SentenceEncoder
