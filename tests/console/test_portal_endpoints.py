@@ -137,7 +137,7 @@ def test_scaling_from_the_page_places_and_stops_replicas(tenant, model):
     refused = browser.post(
         url, {"action": "scale", "min_replicas": "4", "max_replicas": "2", "target_concurrency": "8"}
     )
-    assert refused.status_code == 400 and "min_replicas no more than max_replicas" in refused.content.decode()
+    assert refused.status_code == 400 and "min_replicas 0 (scale to zero) to max_replicas" in refused.content.decode()
     endpoint.refresh_from_db()
     assert (endpoint.min_replicas, endpoint.max_replicas) == (3, 4)
 

@@ -122,8 +122,9 @@ def test_no_room_anywhere_is_a_409_naming_the_sites_tried(world):
     ("fields", "message"),
     [
         ({"region": "mars-1"}, "Unknown region"),
-        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas no more than max_replicas"),
-        ({"min_replicas": 0}, "at least 1"),
+        ({"min_replicas": 3, "max_replicas": 2}, "scale to zero"),
+        ({"min_replicas": 0, "max_replicas": 0}, "max_replicas 1 to 16"),
+        ({"min_replicas": -1}, "min_replicas 0"),
         ({"placement": "pinned"}, "Pinned placement names its sites"),
         ({"name": "Not A Slug!"}, "name"),
     ],

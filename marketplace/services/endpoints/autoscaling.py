@@ -95,11 +95,11 @@ def decide(
         panic_until = None
         desired = want_stable
         if desired > current:
-            reason = f"{stable:.1f} requests in flight over the last {policy.stable_seconds} s need {desired}"
+            reason = f"{stable:.2f} requests in flight over the last {policy.stable_seconds} s need {desired}"
         elif desired < current and stable == 0:
             reason = f"no request in flight for {policy.stable_seconds} s"
         elif desired < current:
-            reason = f"{stable:.1f} requests in flight over the last {policy.stable_seconds} s need only {desired}"
+            reason = f"{stable:.2f} requests in flight over the last {policy.stable_seconds} s need only {desired}"
         else:
             reason = "steady"
     bounded = max(policy.min_replicas, min(policy.max_replicas, desired))
