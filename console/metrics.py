@@ -1,11 +1,16 @@
 """/metrics for Prometheus, behind the operators' METRICS_TOKEN (Authorization: Bearer …).
 
 GPU readings under dcgm-exporter's names with node, gpu, uuid, site and modelName labels, from each
-node's latest batch; each GPU's occupancy (rented now or not: a node can be partly rented); and the
+node's latest batch; each GPU's occupancy (rented now or not: a node can be partly rented); the
 control plane: reservations by state, agents connected, telemetry batches accepted and rejected
-(counters: take their rate())."""
+(counters: take their rate()); and inference endpoints, labelled by endpoint (its id), endpoint_name and
+tenant (the organization's slug): requests by outcome and a latency histogram (what the gateways
+counted, as collected into PostgreSQL every few seconds), replicas by state, cold starts (replicas that
+came to answer) with a histogram of how long they took, and the requests in flight now (the gateways'
+Redis counts)."""
 
 import hmac
+import logging
 from datetime import timedelta
 
 from django.conf import settings
@@ -13,15 +18,20 @@ from django.db.models import Count
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from redis import RedisError
 
 from console.kernel.errors import error_body
-from marketplace.models import Reservation
+from marketplace.choices import ReplicaState
+from marketplace.models import LATENCY_BUCKETS_MS, Reservation, TrafficOutcome
 from marketplace.selectors.capacity import gpus_held_now
+from marketplace.selectors.endpoints import COLD_START_BUCKETS_S, LIVE_IN_FLIGHT_SECONDS, endpoint_metrics_totals
+from marketplace.services.endpoints.concurrency import concurrency_series
 from provisioning.models import Node
 from provisioning.selectors import telemetry as telemetry_reads
 from provisioning.services import telemetry
 
+logger = logging.getLogger(__name__)
 GPU_FIELDS = {  # dcgm-exporter name: help
     telemetry.UTIL: "GPU utilization (in %).",
     telemetry.FB_USED: "Framebuffer memory used (in MiB).",
@@ -63,6 +73,7 @@ class ConsoleCollector:
         for result in ("accepted", "rejected"):
             batches.add_metric([result], counters.get(result, 0))
         yield batches
+        yield from _endpoints()
 
     def _gpus(self, nodes):
         families = {
@@ -101,6 +112,75 @@ class ConsoleCollector:
             totals.add_metric([state], value)
         yield rented
         yield totals
+
+
+ENDPOINT_LABELS = ["endpoint", "endpoint_name", "tenant"]
+
+
+def _cumulative(counts: list[int]) -> list[int]:
+    running, out = 0, []
+    for count in counts:
+        running += count
+        out.append(running)
+    return out
+
+
+def _endpoints():
+    endpoints = endpoint_metrics_totals()
+    requests = CounterMetricFamily(
+        "neocloud_endpoint_requests",
+        "Requests the gateways answered, by outcome.",
+        labels=[*ENDPOINT_LABELS, "outcome"],
+    )
+    latency = HistogramMetricFamily(
+        "neocloud_endpoint_request_latency_ms",
+        "Request latency at the gateway (in ms), every outcome.",
+        labels=ENDPOINT_LABELS,
+    )
+    replicas = GaugeMetricFamily(
+        "neocloud_endpoint_replicas", "Replicas by state (stopped ones left out).", labels=[*ENDPOINT_LABELS, "state"]
+    )
+    cold_starts = CounterMetricFamily(
+        "neocloud_endpoint_cold_starts", "Replicas that came to answer (placed, then ready).", labels=ENDPOINT_LABELS
+    )
+    cold_start_seconds = HistogramMetricFamily(
+        "neocloud_endpoint_cold_start_seconds",
+        "How long a replica took from placed to answering (in s).",
+        labels=ENDPOINT_LABELS,
+    )
+    in_flight = GaugeMetricFamily(
+        "neocloud_endpoint_in_flight",
+        f"Requests in flight at the gateways, all processes (the last {LIVE_IN_FLIGHT_SECONDS} s' average).",
+        labels=ENDPOINT_LABELS,
+    )
+    try:
+        series = concurrency_series([e["id"] for e in endpoints], seconds=LIVE_IN_FLIGHT_SECONDS)
+    except RedisError:  # the rest is PostgreSQL's: leave only this gauge out
+        logger.warning("/metrics: the gateways' concurrency could not be read", exc_info=True)
+        series = None
+    states = [state for state in ReplicaState.values if state != ReplicaState.STOPPED]
+    latency_bounds = [str(float(bound)) for bound in LATENCY_BUCKETS_MS] + ["+Inf"]
+    cold_bounds = [str(float(bound)) for bound in COLD_START_BUCKETS_S] + ["+Inf"]
+    for e in endpoints:
+        labels = [str(e["id"]), e["name"], e["tenant"]]
+        for outcome in TrafficOutcome.values:
+            requests.add_metric([*labels, outcome], e["requests"][outcome])
+        counts = _cumulative(e["latency_buckets"])
+        latency.add_metric(labels, list(zip(latency_bounds, counts, strict=True)), sum_value=e["latency_ms_sum"])
+        for state in states:
+            replicas.add_metric([*labels, state], e["replicas"].get(state, 0))
+        cold_starts.add_metric(labels, e["cold_starts"])
+        cold_start_seconds.add_metric(
+            labels,
+            list(zip(cold_bounds, [*e["cold_start_buckets"], e["cold_starts"]], strict=True)),
+            sum_value=e["cold_start_seconds"],
+        )
+        if series is not None:
+            values = series[str(e["id"])].concurrency
+            in_flight.add_metric(labels, round(sum(values) / len(values), 3) if values else 0.0)
+    yield from (requests, latency, replicas, cold_starts, cold_start_seconds)
+    if series is not None:
+        yield in_flight
 
 
 def _count(values) -> dict[str, int]:

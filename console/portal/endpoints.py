@@ -1,5 +1,6 @@
 """Portal pages of inference endpoints: the list, deploying one (the form), and one endpoint (how to
-call it, its replicas, what it has cost; rescale and delete)."""
+call it, its replicas, what it has cost; rescale and delete; its last hour, live: static/js/endpoint.js
+draws GET /api/v1/endpoints/<id>/metrics/)."""
 
 import uuid
 
@@ -12,7 +13,7 @@ from console.portal.billing import money
 from console.portal.forms import EndpointForm, EndpointScaleForm, refused_field
 from marketplace.models import EndpointState
 from marketplace.selectors.endpoints import (
-    endpoint_cost,
+    endpoint_cost_now,
     endpoint_get,
     endpoint_list,
     endpoint_traffic_summary,
@@ -118,6 +119,7 @@ def endpoint_detail(request, endpoint_id):
             status = error.status_code
         endpoint = endpoint_get(tenant=request.tenant, endpoint_id=endpoint_id)
     gone = endpoint.state in (EndpointState.DELETING, EndpointState.DELETED)
+    cost = endpoint_cost_now(endpoint=endpoint)
     return render(
         request,
         "portal/endpoint.html",
@@ -125,7 +127,7 @@ def endpoint_detail(request, endpoint_id):
             "endpoint": endpoint,
             "base_url": endpoint_base_url(endpoint),
             "replicas": endpoint.current_replicas,
-            "cost": money(endpoint_cost(endpoint=endpoint)),
+            "cost": money(cost["so_far"]),
             "traffic": endpoint_traffic_summary(endpoint=endpoint),
             "scale_form": scale_form,
             "can_change": request.tenant.can_spend and not gone,

@@ -106,6 +106,16 @@ def gpus_of_nodes(*, gpus: dict[int, range]) -> list[dict]:
     return [{"uuid": g.uuid, "index": g.index, "node": g.node.hostname} for g in rows]
 
 
+def gpus_held(*, holdings: list[Holding]) -> dict[str, dict]:
+    """{uuid: {"node_id", "node", "index"}} of the GPUs the holdings name (several holdings may name
+    GPUs of one node, or the same GPU at other times): to tell whose a rollup or a reading of theirs is."""
+    if not holdings:
+        return {}
+    held = reduce(or_, (Q(node_id=h.node_id, index__gte=h.gpus.start, index__lt=h.gpus.stop) for h in holdings))
+    rows = Gpu.objects.filter(held).values_list("uuid", "node_id", "node__hostname", "index")
+    return {uuid: {"node_id": node_id, "node": hostname, "index": index} for uuid, node_id, hostname, index in rows}
+
+
 def rollups_held(*, holdings: list[Holding], since: datetime) -> list[dict]:
     """One-minute rollups of the held GPUs from ``since`` on, whole minutes inside the holdings only."""
     held = _held(holdings)

@@ -223,3 +223,14 @@ def test_the_page_shows_the_requests_and_latency_so_far(tenant, model):
     page = browser_for(tenant).get(f"/endpoints/{endpoint.id}/").content.decode()
     assert "data-endpoint-requests>10<" in page and "120 input tokens" in page
     assert re.search(r"data-endpoint-latency>\d+\.\d ms p50<", page)
+
+
+def test_the_page_has_the_last_hours_charts_fed_by_the_metrics_api(tenant, model):
+    endpoint = endpoint_create(tenant=tenant, name="embed", model=model, region="eu-central")
+    page = browser_for(tenant).get(f"/endpoints/{endpoint.id}/").content.decode()
+    assert f'data-endpoint-metrics="{endpoint.id}"' in page
+    assert f'data-metrics-url="/api/v1/endpoints/{endpoint.id}/metrics/?minutes=60"' in page
+    for chart in ("requests", "latency", "in_flight", "replicas", "gpus"):
+        assert f'data-chart="{chart}"' in page
+    assert "data-cold-starts" in page and "data-scale-events" in page
+    assert "vendor/uplot/uPlot.iife.min.js" in page and "js/endpoint.js" in page

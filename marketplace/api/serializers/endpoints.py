@@ -8,7 +8,7 @@ from marketplace.choices import ReplicaState
 from marketplace.models import Endpoint, EndpointState, ModelTask, PlacementPreference, Replica, ServedModel
 from marketplace.models.endpoints import MAX_REPLICAS
 from marketplace.money import cents
-from marketplace.selectors.endpoints import endpoint_cost, endpoint_traffic_summary
+from marketplace.selectors.endpoints import TIMELINE_MAX_MINUTES, endpoint_cost, endpoint_traffic_summary
 from marketplace.services.endpoints.lifecycle import endpoint_base_url
 
 
@@ -182,3 +182,125 @@ class EndpointDetailSerializer(EndpointSerializer):
     @extend_schema_field(serializers.DecimalField(max_digits=14, decimal_places=2))
     def get_cost(self, endpoint: Endpoint) -> str:
         return str(cents(endpoint_cost(endpoint=endpoint)))
+
+
+# --- The last hour of an endpoint (GET /api/v1/endpoints/{id}/metrics/) --------------------------------
+
+
+class EndpointMetricsQuerySerializer(serializers.Serializer):
+    minutes = serializers.IntegerField(
+        min_value=1,
+        max_value=TIMELINE_MAX_MINUTES,
+        default=60,
+        help_text="How many minutes back, the current one included.",
+    )
+
+
+class EndpointMinuteSerializer(EndpointTrafficSerializer):
+    minute = serializers.DateTimeField(
+        help_text="The minute's start (UTC); requests count in the minute they finished."
+    )
+    seconds = serializers.FloatField(help_text="Seconds of the minute counted: 60, or those gone in the current one.")
+    requests_per_s = serializers.FloatField()
+    errors_per_s = serializers.FloatField(help_text="Refused and failed requests per second.")
+    in_flight = serializers.FloatField(
+        help_text="Average requests in flight over the minute: their latencies at the gateway over its seconds."
+    )
+
+
+class EndpointSecondsSerializer(serializers.Serializer):
+    start = serializers.DateTimeField(help_text="The first second's start; one value a second from it, oldest first.")
+    in_flight = serializers.ListField(child=serializers.FloatField(), help_text="Average requests in flight.")
+    arrivals = serializers.ListField(child=serializers.IntegerField(), help_text="Requests that arrived.")
+
+
+class EndpointLiveSerializer(serializers.Serializer):
+    in_flight = serializers.FloatField(help_text="Requests in flight now (the last 5 s' average, all gateways).")
+    requests_per_s = serializers.FloatField(help_text="Requests arriving per second (the last 10 s).")
+    seconds = EndpointSecondsSerializer(help_text="The last 5 minutes, per second, as the gateways report them.")
+
+
+class ReplicaStepSerializer(serializers.Serializer):
+    at = serializers.DateTimeField()
+    ready = serializers.IntegerField(help_text="Replicas answering.")
+    running = serializers.IntegerField(help_text="Replicas holding their slice: starting, answering or draining.")
+    asked = serializers.IntegerField(help_text="Replicas the autoscaler asked for.")
+
+
+class EndpointReplicasTimelineSerializer(serializers.Serializer):
+    ready = serializers.IntegerField()
+    running = serializers.IntegerField()
+    target = serializers.IntegerField(help_text="Replicas it should run now: the autoscaler's ask within the bounds.")
+    min = serializers.IntegerField()
+    max = serializers.IntegerField()
+    reservations = serializers.ListField(
+        child=serializers.UUIDField(),
+        help_text="The reservations of its replicas not stopped (their events move them).",
+    )
+    steps = ReplicaStepSerializer(many=True, help_text="At the window's start, at each change, and now.")
+
+
+class ScaleEventSerializer(serializers.Serializer):
+    at = serializers.DateTimeField()
+    from_replicas = serializers.IntegerField()
+    to_replicas = serializers.IntegerField()
+    reason = serializers.CharField()
+    panic = serializers.BooleanField(help_text="The autoscaler was in panic mode (a burst: no scaling down).")
+
+
+class ColdStartSerializer(serializers.Serializer):
+    replica = serializers.UUIDField()
+    created_at = serializers.DateTimeField(help_text="Placed (its slice reserved).")
+    ready_at = serializers.DateTimeField(allow_null=True, help_text="Answering.")
+    seconds = serializers.FloatField(
+        allow_null=True, help_text="Placed to answering; while starting, so far; null when it stopped before answering."
+    )
+    outcome = serializers.ChoiceField(choices=["ready", "starting", "failed"])
+    state = serializers.ChoiceField(choices=ReplicaState.choices)
+    reason = serializers.CharField(allow_blank=True, help_text="Why it stopped, when it never answered.")
+
+
+class GpuUtilizationPointSerializer(serializers.Serializer):
+    minute = serializers.DateTimeField()
+    util = serializers.FloatField(help_text="Mean utilization of its GPUs over the minute (%).")
+
+
+class GpuUtilizationLatestSerializer(serializers.Serializer):
+    at = serializers.DateTimeField()
+    util = serializers.FloatField(help_text="Mean utilization of its GPUs in the latest reading (%).")
+
+
+class ReplicaGpuUtilizationSerializer(serializers.Serializer):
+    replica = serializers.UUIDField()
+    node = serializers.CharField(allow_null=True, help_text="The node's hostname.")
+    gpu_label = serializers.CharField(allow_null=True)
+    minutes = GpuUtilizationPointSerializer(many=True, help_text="Whole minutes its reservation was active only.")
+    latest = GpuUtilizationLatestSerializer(allow_null=True)
+
+
+class EndpointCostNowSerializer(serializers.Serializer):
+    so_far = serializers.DecimalField(
+        max_digits=24,
+        decimal_places=10,
+        help_text="Its replicas' slices at their price for the time they were active, rated or not yet (USD).",
+    )
+    per_hour = serializers.DecimalField(
+        max_digits=14, decimal_places=4, help_text="What the slices active now cost an hour."
+    )
+    as_of = serializers.DateTimeField()
+
+
+class EndpointMetricsSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=EndpointState.choices)
+    now = serializers.DateTimeField()
+    since = serializers.DateTimeField(help_text="The first minute's start.")
+    minutes = EndpointMinuteSerializer(many=True, help_text="Every minute of the window, oldest first.")
+    totals = EndpointTrafficSerializer(help_text="The window's requests and latency.")
+    recent = EndpointTrafficSerializer(help_text="The last 5 minutes' requests and latency.")
+    live = EndpointLiveSerializer(allow_null=True, help_text="null when the gateways' counts cannot be read now.")
+    replicas = EndpointReplicasTimelineSerializer()
+    scale_events = ScaleEventSerializer(many=True, help_text="The autoscaler's changed asks in the window.")
+    cold_starts = ColdStartSerializer(many=True, help_text="Replicas placed in the window, newest first.")
+    gpus = ReplicaGpuUtilizationSerializer(many=True, help_text="Its replicas' GPUs, sealed in time and per GPU.")
+    cost = EndpointCostNowSerializer()

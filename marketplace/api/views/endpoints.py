@@ -1,17 +1,23 @@
 """REST endpoints of inference endpoints: the served models, and an organization's endpoints made,
 read, rescaled and deleted. Thin: parse, call one service or selector, render."""
 
+import logging
+
+import redis
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.response import Response
 
-from console.kernel.api import error_responses, idempotency_key_parameter
+from console.kernel.api import error_responses, expensive_read_action, idempotency_key_parameter
 from marketplace.api.boundary import TenantRowsMixin
 from marketplace.api.filters import EndpointFilter
 from marketplace.api.idempotency import idempotent_response
 from marketplace.api.serializers.endpoints import (
     EndpointCreateSerializer,
     EndpointDetailSerializer,
+    EndpointMetricsQuerySerializer,
+    EndpointMetricsSerializer,
     EndpointScaleSerializer,
     EndpointSerializer,
     ServedModelSerializer,
@@ -21,11 +27,15 @@ from marketplace.selectors.endpoints import (
     accelerator_types_by_slug,
     endpoint_get,
     endpoint_list,
+    endpoint_timeline,
     served_model_for_endpoint,
     served_model_list,
     sites_by_slug,
 )
+from marketplace.services.endpoints.concurrency import KEEP_SECONDS, concurrency_series
 from marketplace.services.endpoints.lifecycle import endpoint_create, endpoint_delete, endpoint_scale
+
+logger = logging.getLogger(__name__)
 
 
 @extend_schema_view(
@@ -124,3 +134,31 @@ class EndpointViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.RetrieveMod
     def destroy(self, request, pk=None):
         endpoint = endpoint_delete(tenant=self.tenant, endpoint=self.get_object())
         return Response(self._rendered(endpoint), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Its last hour, live: requests, latency, in flight, replicas and scale events, cold starts, GPUs, cost",
+        description="Per minute (from what the gateways counted, collected every few seconds): requests by "
+        "outcome and per second, input tokens, p50/p99 and mean latency at the gateway, and the average in "
+        "flight. `live`: the last 5 minutes per second as the gateways report them (null while they cannot be "
+        "read). Replicas ready and running and the autoscaler's ask at each change, with its scale events; each "
+        "replica placed in the window and how long it took to answer; its replicas' GPU utilization, only "
+        "the GPUs they held while they were active; the cost so far and per hour now. The portal's endpoint "
+        "page draws it and fetches it again on the tenant feed's `endpoint.*` events.",
+        parameters=[EndpointMetricsQuerySerializer],
+        responses={200: EndpointMetricsSerializer, **error_responses(400, 403, 404)},
+    )
+    @expensive_read_action()
+    def metrics(self, request, pk=None):
+        query = EndpointMetricsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        endpoint = self.get_object()
+        now = timezone.now()
+        try:
+            concurrency = concurrency_series([endpoint.pk], seconds=KEEP_SECONDS, now=now.timestamp())[str(endpoint.pk)]
+        except redis.RedisError:  # Redis holds nothing that matters: the minutes are PostgreSQL's
+            logger.warning("Endpoint %s: the gateways' concurrency could not be read", endpoint.pk, exc_info=True)
+            concurrency = None
+        data = endpoint_timeline(
+            endpoint=endpoint, minutes=query.validated_data["minutes"], now=now, concurrency=concurrency
+        )
+        return Response(EndpointMetricsSerializer(data).data)
