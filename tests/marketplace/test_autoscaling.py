@@ -9,7 +9,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from marketplace.choices import LIVE_REPLICA_STATES, ReplicaState
-from marketplace.models import EndpointScaleEvent, Replica
+from marketplace.models import Endpoint, EndpointScaleEvent, Replica
 from marketplace.services.endpoints.autoscaling import Policy, decide, endpoint_autoscale, endpoints_autoscale
 from marketplace.services.endpoints.concurrency import (
     ConcurrencyMeter,
@@ -188,3 +188,15 @@ def test_beat_decides_for_every_live_endpoint_from_redis(endpoint):
     assert endpoints_autoscale(now=now) == 1
     endpoint.refresh_from_db()
     assert endpoint.desired_replicas == 4  # 30 in flight at 8 x 0.7 per replica: panic, bounded by max 4
+
+
+def test_an_ask_that_quota_or_capacity_refuses_is_held_and_says_why_once(endpoint):
+    """One 8-GPU node: an ask of nine 1-GPU replicas gets eight; a scale event says what held it, once."""
+    Endpoint.objects.filter(pk=endpoint.pk).update(max_replicas=9, desired_replicas=9)
+    endpoint_reconcile(endpoint_id=endpoint.pk)
+    endpoint_reconcile(endpoint_id=endpoint.pk)
+    assert Replica.objects.filter(endpoint=endpoint, state__in=LIVE_REPLICA_STATES).count() == 8
+    held_events = list(EndpointScaleEvent.objects.filter(endpoint=endpoint).values_list("reason", flat=True))
+    assert len(held_events) == 1, held_events
+    (held,) = EndpointScaleEvent.objects.filter(endpoint=endpoint)
+    assert held.reason.startswith("held at 8 of 9:") and (held.from_replicas, held.to_replicas) == (8, 8)

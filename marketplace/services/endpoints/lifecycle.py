@@ -19,6 +19,7 @@ from marketplace.choices import FINISHED_STATES, ReplicaState, Role
 from marketplace.models import (
     ENDPOINT_TRANSITIONS,
     Endpoint,
+    EndpointScaleEvent,
     EndpointState,
     PlacementPreference,
     Replica,
@@ -264,6 +265,7 @@ def endpoint_reconcile(*, endpoint_id) -> dict[str, int]:
                 counts["started"] += 1
             except Conflict as refusal:  # capacity, quota, balance: try again on the next run
                 logger.warning("Endpoint %s: cannot start a replica: %s", endpoint.pk, refusal.message)
+                _held_at(endpoint, len(live) + counts["started"], target, refusal.message, now)
                 break
         drained = now - timedelta(seconds=settings.ENDPOINT_DRAIN_SECONDS)
         for replica in draining:
@@ -286,6 +288,23 @@ def endpoint_reconcile(*, endpoint_id) -> dict[str, int]:
                 logger.info("Endpoint %s: replica %s not renewed: %s", endpoint.pk, replica.pk, refusal.message)
     endpoint_refresh(endpoint_id=endpoint.pk)
     return counts
+
+
+def _held_at(endpoint: Endpoint, running: int, target: int, why: str, now) -> None:
+    """The ask could not be met (quota, balance, capacity): a scale event says so, once per reason in a
+    row, so the tenant sees what holds the endpoint where it is."""
+    reason = f"held at {running} of {target}: {why}"[:200]
+    last = EndpointScaleEvent.objects.filter(endpoint=endpoint).order_by("-at").values_list("reason", flat=True).first()
+    if last != reason:
+        EndpointScaleEvent.objects.create(
+            endpoint=endpoint,
+            at=now,
+            from_replicas=running,
+            to_replicas=running,
+            reason=reason,
+            inputs={"asked": target},
+        )
+        _event(endpoint, "endpoint.scaled", held=reason)
 
 
 def endpoints_reconcile() -> int:
