@@ -68,6 +68,10 @@ DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/neocloud_bench"
 HUGE_QUOTA = "100000000"  # DEFAULT_GPU_QUOTA for the benchmark: quotas are not what is measured
 HUGE_CREDIT = "99999999999.99"  # each tenant's credit: holds are not what refuses here either
 SITES, NODES_PER_RACK = 10, 8
+# Racks' power budgets: 64 H100 or H200 GPUs at 700 W draw 44.8 kW, so most racks' budget covers them
+# all running (as a hall's racks are built); one rack in seven has less, and power limits what it runs
+# at once (57 GPUs), so some placements meet it.
+RACK_BUDGET_KW, LIMITED_RACK_BUDGET_KW, LIMITED_RACK_EVERY = Decimal("48"), Decimal("40"), 7
 RUN = f"{time.time_ns():x}"  # this run's tenants, beside those of the runs before on a reused fleet
 BACKGROUND_DAYS = 35  # pre-existing allocations cover this much of the future
 API_HORIZON_DAYS = 360  # API reservations start at random within this (the limit is 366)
@@ -184,7 +188,8 @@ def slice_blocks(rng: random.Random, first: int = 0, size: int = 8, top: bool = 
 def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
     """10 sites × N racks × 8 nodes of 8 GPUs, racks alternating H100 and H200; offers of 1-, 2- and
     4-GPU slices and of whole nodes per (site, type), all sharing the type's nodes, and a rack offer for
-    H100 at each site. Racks: a quarter fully busy, a quarter free, half with 4 busy nodes. A busy node
+    H100 at each site. Racks: a quarter fully busy, a quarter free, half with 4 busy nodes; one in seven
+    power-limited (RACK_BUDGET_KW, LIMITED_RACK_BUDGET_KW: the background below ignores it). A busy node
     is rented whole (70 %: back-to-back whole-node allocations, gaps of up to 8 h) or as slices (30 %:
     its GPUs cut into aligned blocks of 4, 2 and 1, each block rented back to back for 8-96 h with gaps
     of up to 12 h, and now and then a block left idle), over the next 35 days: a window in the next
@@ -206,7 +211,13 @@ def fleet_seed(*, nodes: int, rng: random.Random, now: datetime) -> Fleet:
         for s in range(SITES)
     )
     racks = Rack.objects.bulk_create(
-        Rack(site=site, name=f"r{r:03d}", power_budget_kw=Decimal("44"))
+        Rack(
+            site=site,
+            name=f"r{r:03d}",
+            power_budget_kw=LIMITED_RACK_BUDGET_KW
+            if r % LIMITED_RACK_EVERY == LIMITED_RACK_EVERY - 1
+            else RACK_BUDGET_KW,
+        )
         for site in sites
         for r in range(racks_per_site)
     )

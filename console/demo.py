@@ -1,5 +1,6 @@
-"""The demo world that `make demo` seeds: a small fleet at three sites, a catalog of whole nodes, racks
-and 1-, 2- and 4-GPU instances, two tenants, three instances rented on one node, and an inference
+"""The demo world that `make demo` seeds: a small fleet at three sites, the round trips from each region's
+users to each site (measured ones: console/demo_data), a catalog of whole nodes, racks and 1-, 2- and
+4-GPU instances, two tenants, three instances rented on one node, and an inference
 endpoint of Acme AI's (an embedding model whose replicas are real model servers on simulated GPUs) with
 an API key to call it.
 
@@ -7,6 +8,7 @@ Everything is created through the services, so the demo exercises the same write
 production. Seeding is idempotent: a database that already has sites is left alone, and the finished
 past month (so the first visit has an invoice) is written once."""
 
+import csv
 import os
 import uuid
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from marketplace.services.tenancy.members import membership_set, organization_cr
 from marketplace.tenant_context import TenantContext
 from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
-from provisioning.models import AcceleratorType, Node, Site
+from provisioning.models import AcceleratorType, Node, RegionSiteLatency, Site
 from provisioning.selectors.fleet import node_hardware_hints
 from provisioning.services.agents import bootstrap_token_create, node_secret_known
 from provisioning.services.fleet import (
@@ -46,6 +48,7 @@ from provisioning.services.fleet import (
     node_set_inventory,
     node_transition,
     rack_create,
+    region_latency_set,
     site_create,
 )
 
@@ -127,6 +130,22 @@ SITES = [
         ],
     ),
 ]
+
+# Round trips between ten cities, measured by WonderProxy (console/demo_data/README.md). The region <->
+# site table is seeded from them: each region's users stand at one measured city, each site at the
+# measured city it is in or nearest to, and a pair's figure is those two cities' round trip.
+CITY_RTT_CSV = Path(__file__).resolve().parent / "demo_data" / "city-rtt-ms.csv"
+DEMO_REGION_CITIES = {
+    "eu-central": "Zurich",  # central Europe (Frankfurt, Zurich, Munich): Zurich is the measured city there
+    "eu-west": "Paris",
+    "us-central": "Dallas",
+}
+DEMO_SITE_CITIES = {
+    "fra-hall-1": "Zurich",  # Frankfurt: the nearest measured city (~300 km; Paris ~480 km, Milan ~520 km)
+    "dal-hall-1": "Dallas",  # in it
+    "ams-edge-1": "Paris",  # Amsterdam: the nearest measured city (~430 km; Zurich ~610 km)
+}
+MEASURED_BY = "WonderProxy ping, 2011"
 
 PRICES = {  # on-demand $/GPU-hour; edge sites cost a little more (close to users, small scale)
     "h100-sxm-80gb": Decimal("2.49"),
@@ -252,8 +271,49 @@ def seed_demo() -> bool:
             tenant=TenantContext(organization=acme, user=users["owner@acme.example"], role=Role.OWNER),
             threshold=threshold,
         )
+    seed_demo_latencies()
     _seed_slices()
     return True
+
+
+def measured_rtts(path: Path = CITY_RTT_CSV) -> dict[tuple[str, str], Decimal]:
+    """{(from city, to city): round trip in ms}, as measured (one entry per direction measured)."""
+    with path.open(newline="") as rows:
+        return {(row["from"], row["to"]): Decimal(row["rtt_ms"]) for row in csv.DictReader(rows)}
+
+
+def city_rtt_ms(users: str, site: str, measured: dict[tuple[str, str], Decimal]) -> tuple[Decimal, str]:
+    """The round trip from users in city ``users`` to a site in city ``site``, and where it comes from: the
+    pair as measured that way; else the other way (Sydney and Zurich were measured only as destinations);
+    for one city, the smallest round trip measured at all (Milan -> Zurich, 11.17 ms, two cities 220 km
+    apart): no same-city pair was measured, and that figure is at least what a hop inside one metro
+    takes, so a site in the users' city still comes before every other."""
+    if users == site:
+        (source, target), rtt = min(measured.items(), key=lambda item: item[1])
+        return rtt, f"same city ({users}): the smallest measured, {source} → {target} ({MEASURED_BY})"
+    if (users, site) in measured:
+        return measured[(users, site)], f"{users} → {site} ({MEASURED_BY})"
+    if (site, users) in measured:
+        return measured[(site, users)], f"{site} → {users}, the only way measured ({MEASURED_BY})"
+    raise KeyError(f"No round trip between {users} and {site} was measured.")
+
+
+@transaction.atomic
+def seed_demo_latencies() -> int:
+    """The round trip from each demo region's users to each demo site, from the measured city pairs:
+    each pair the table lacks is added (one an operator has set stays as it is). Returns how many were
+    added; none without the demo's sites."""
+    measured = measured_rtts()
+    known = set(RegionSiteLatency.objects.values_list("region", "site__slug"))
+    added = 0
+    for site in Site.objects.filter(slug__in=DEMO_SITE_CITIES).order_by("slug"):
+        for region, users in DEMO_REGION_CITIES.items():
+            if (region, site.slug) in known:
+                continue
+            rtt, source = city_rtt_ms(users, DEMO_SITE_CITIES[site.slug], measured)
+            region_latency_set(region=region, site=site, rtt_ms=rtt, source=source)
+            added += 1
+    return added
 
 
 def _seed_slices() -> None:

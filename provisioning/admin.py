@@ -12,7 +12,16 @@ from console.kernel.admin import ReadOnlyAdmin, ServiceAdmin, ServiceInline, val
 from console.kernel.admin_columns import annotated_column
 from console.kernel.errors import DomainError
 from provisioning.choices import NodeState
-from provisioning.models import AcceleratorType, Gpu, Node, NodeCommand, NodeStateChange, Rack, Site
+from provisioning.models import (
+    AcceleratorType,
+    Gpu,
+    Node,
+    NodeCommand,
+    NodeStateChange,
+    Rack,
+    RegionSiteLatency,
+    Site,
+)
 from provisioning.selectors.fleet import node_gpu_occupancy
 from provisioning.services.agents import bootstrap_token_create, node_delete, node_secret_revoke, node_secret_rotate
 from provisioning.services.fleet import (
@@ -25,6 +34,9 @@ from provisioning.services.fleet import (
     rack_create,
     rack_delete,
     rack_update,
+    region_latency_delete,
+    region_latency_set,
+    region_latency_update,
     site_create,
     site_delete,
     site_update,
@@ -33,6 +45,7 @@ from provisioning.services.fleet import (
 ACCELERATOR_FIELDS = ["slug", "vendor", "model", "memory_gib", "tdp_watts", "interconnect", "purpose", "device_name"]
 SITE_FIELDS = ["slug", "name", "region", "kind", "location", "power_capacity_mw"]
 RACK_FIELDS = ["site", "name", "power_budget_kw", "nvlink_domain_size"]
+LATENCY_FIELDS = ["region", "site", "rtt_ms", "source"]
 
 
 @admin.register(AcceleratorType)
@@ -153,6 +166,30 @@ class RackAdmin(ServiceAdmin):
 
     def delete(self, request, obj):
         rack_delete(rack=obj)
+
+
+@admin.register(RegionSiteLatency)
+class RegionSiteLatencyAdmin(ServiceAdmin):
+    """The round trips an endpoint's ``nearest`` placement orders sites by: from each region's users to
+    each site. A site with no row for a region comes after those with one."""
+
+    list_display = ["region", "site", "site_kind", "rtt_ms", "source"]
+    list_filter = ["region", "site__kind", "site"]
+    search_fields = ["region", "site__name", "site__slug", "source"]
+    list_select_related = ["site"]
+
+    @admin.display(description="kind", ordering="site__kind")
+    def site_kind(self, obj):
+        return obj.site.get_kind_display()
+
+    def create(self, request, form):
+        return region_latency_set(**values(None, form, LATENCY_FIELDS))
+
+    def update(self, request, obj, form):
+        return region_latency_update(latency=obj, **values(obj, form, LATENCY_FIELDS))
+
+    def delete(self, request, obj):
+        region_latency_delete(latency=obj)
 
 
 class GpuInline(admin.TabularInline):

@@ -18,10 +18,19 @@ period), each allocation carrying its reservation's offer. That is a few hundred
 window's allocations reads the allocations of the whole fleet. An allocation is found through its
 offer, so one left on a node after the node changed site, type or GPU count would be missed: the
 ``exact`` form of each question asks every node itself instead, and placement re-checks the nodes it
-picked that way (and falls back to it), so a miss costs a retry, never a GPU given twice."""
+picked that way (and falls back to it), so a miss costs a retry, never a GPU given twice.
+
+Power (ARCHITECTURE invariant 8): a rack never has more GPUs committed at once than its budget covers
+at their rated power -- the most that the live allocations on its nodes hold at any one moment of a
+window, each GPU at its type's TDP, plus what is asked, stays within ``power_budget_kw``. Only racks
+whose GPUs, all running, would draw more than the budget can be limited by it (power-limited).
+``rack_power`` answers for the racks placement picked, once it holds their locks; with ``power``, the
+candidate queries also leave out the site's power-limited racks without room for what is asked (asking
+their nodes themselves, always) -- dearer, so placement asks for it only after a pick fell short."""
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.db import connection
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
@@ -33,13 +42,15 @@ from console.kernel.errors import DomainError
 from marketplace.models import Allocation, Offer
 from provisioning.choices import NodeState
 from provisioning.hooks import GpuHolding
-from provisioning.models import Node, Rack
+from provisioning.models import AcceleratorType, Node, Rack, Site
 from provisioning.selectors.fleet import fleet_overview
 
 NODE = Node._meta.db_table
 RACK = Rack._meta.db_table
 ALLOCATION = Allocation._meta.db_table
 OFFER = Offer._meta.db_table
+TYPE = AcceleratorType._meta.db_table
+SITE = Site._meta.db_table
 
 # Nodes of the offer's kind at its site that can take work. Parameters: site, type, gpus. (The site's
 # racks as an array: PostgreSQL then reads their nodes through the rack index, not every node of the
@@ -118,21 +129,115 @@ def _held(exact: bool) -> str:
         WHERE a.node_id = m.id AND a.live AND a.period && tstzrange(%(start)s, %(end)s, '[)')) h ON true"""
 
 
+def _held_cte(exact: bool) -> str:
+    return "" if exact else f"held AS MATERIALIZED ({POOL_HELD})"  # once per query, not per rack
+
+
 def _with_held(exact: bool) -> str:
-    return "" if exact else f"WITH held AS MATERIALIZED ({POOL_HELD})"  # once per query, not per rack
+    return _with(_held_cte(exact))
+
+
+# --- Power ---------------------------------------------------------------------------------------
+
+# SQL: the offer's accelerator type's TDP (W): what each GPU placed for it may draw.
+OFFER_TDP = f"(SELECT t.tdp_watts FROM {TYPE} t WHERE t.id = %(type)s)"
+# SQL: the watts rack ``r`` would draw with every GPU of its nodes running at its type's TDP.
+RACK_MOST_W = f"""(SELECT coalesce(sum(n.gpu_count * (SELECT t.tdp_watts FROM {TYPE} t
+                                                      WHERE t.id = n.accelerator_type_id)), 0)
+                   FROM {NODE} n WHERE n.rack_id = r.id)"""
+RACK_BUDGET_W = "(r.power_budget_kw * 1000)::bigint"  # two decimals of kW: whole watts
+# SQL: the most the live allocations on rack ``r``'s nodes draw at any one moment of [start, end), each
+# GPU at its node's type's TDP. A sweep: each allocation adds its watts at its start (or the window's)
+# and takes them away at its end; at one instant ends come before starts (periods are half-open), and
+# the highest running sum is the peak. Asked of each node of the rack (its allocations through the
+# exclusion constraint's index), never through the offers' pools: power counts every pool's GPUs.
+RACK_COMMITTED_W = f"""(SELECT coalesce(max(s.load), 0)::bigint FROM (
+        SELECT sum(e.watts) OVER (ORDER BY e.at, e.watts ROWS UNBOUNDED PRECEDING) AS load
+        FROM {NODE} n JOIN {TYPE} t ON t.id = n.accelerator_type_id JOIN {ALLOCATION} a ON a.node_id = n.id
+             CROSS JOIN LATERAL (VALUES
+                 (greatest(lower(a.period), %(start)s::timestamptz), (upper(a.gpus) - lower(a.gpus)) * t.tdp_watts),
+                 (upper(a.period), -(upper(a.gpus) - lower(a.gpus)) * t.tdp_watts)) e(at, watts)
+        WHERE n.rack_id = r.id AND a.live AND a.period && tstzrange(%(start)s, %(end)s, '[)')) s)"""
+# The offer's site's power-limited racks, with their budget and (a CTE named ``power``) the peak
+# committed over the window. Parameters: site, start, end.
+SITE_POWER = f"""
+    SELECT r.id AS rack_id, {RACK_BUDGET_W} AS budget_w, {RACK_COMMITTED_W} AS committed_w
+    FROM {RACK} r WHERE r.site_id = %(site)s AND {RACK_MOST_W} > {RACK_BUDGET_W}
+"""
+# The offer's site's power-limited racks alone (a wholly free rack has nothing committed). Parameter: site.
+SITE_POWER_LIMITED = f"SELECT r.id FROM {RACK} r WHERE r.site_id = %(site)s AND {RACK_MOST_W} > {RACK_BUDGET_W}"
+
+
+@dataclass(frozen=True)
+class RackPower:
+    """A rack's power over a window, in watts: its budget, what all of its GPUs would draw running at
+    their TDP (``most_w``), and the most its live allocations draw at once in the window
+    (``committed_w``; 0 for a rack whose budget covers all of its GPUs: nothing can exceed it)."""
+
+    rack_id: int
+    label: str  # site/rack, as operators name it
+    budget_w: int
+    most_w: int
+    committed_w: int
+
+    @property
+    def limited(self) -> bool:
+        return self.most_w > self.budget_w
+
+    def fits(self, watts: int) -> bool:
+        return not self.limited or self.committed_w + watts <= self.budget_w
+
+
+def rack_power(*, racks: list[int], start: datetime, end: datetime) -> dict[int, RackPower]:
+    """{rack id: RackPower over [start, end)} for ``racks``, asked of their nodes themselves: placement's
+    re-check once it holds the racks' locks, and what a refusal says. One small statement when every
+    rack's budget covers all of its GPUs (the common case: nothing to sum; such a rack has no ``label``,
+    as nothing refuses for it), a second for the power-limited ones."""
+    sql = f"SELECT r.id, {RACK_BUDGET_W}, {RACK_MOST_W} FROM {RACK} r WHERE r.id = ANY(%(racks)s)"
+    rows = _rows(sql, {"racks": racks})
+    limited = [rack for rack, budget_w, most_w in rows if most_w > budget_w]
+    named: dict[int, tuple[str, int]] = {}  # rack: (label, committed W)
+    if limited:
+        sql = f"""SELECT r.id, s.slug || '/' || r.name, {RACK_COMMITTED_W}
+                  FROM {RACK} r JOIN {SITE} s ON s.id = r.site_id WHERE r.id = ANY(%(racks)s)"""
+        named = {rack: (label, w) for rack, label, w in _rows(sql, {"racks": limited, "start": start, "end": end})}
+    powers = {}
+    for rack, budget_w, most_w in rows:
+        label, committed_w = named.get(rack, ("", 0))
+        powers[rack] = RackPower(rack, label, budget_w, most_w, committed_w)
+    return powers
+
+
+def _with(*ctes: str) -> str:
+    """``WITH`` and the named CTEs given (``name AS MATERIALIZED (...)``), or nothing."""
+    ctes = [cte for cte in ctes if cte]
+    return "WITH " + ", ".join(ctes) if ctes else ""
 
 
 def free_nodes_per_rack(
-    *, offer: Offer, start: datetime, end: datetime, exclude_nodes=(), exact: bool = False
+    *, offer: Offer, start: datetime, end: datetime, exclude_nodes=(), exact: bool = False, power: bool = False
 ) -> dict[int, int]:
-    """{rack id: nodes free for the whole of [start, end)} for a node offer."""
-    sql = f"""
-        {_with_held(exact)}
-        SELECT m.rack_id, count(*) FROM ({MATCHING_NODES}) m {_held(exact)}
-        WHERE h.mask IS NULL AND m.id <> ALL(%(exclude)s)
-        GROUP BY m.rack_id
-    """
-    return dict(_rows(sql, _params(offer, start=start, end=end, exclude=list(exclude_nodes))))
+    """{rack id: nodes free for the whole of [start, end)} for a node offer; with ``power``, no more of a
+    rack's than its power budget has room for running at once (racks with room for none left out)."""
+    if not power:
+        sql = f"""
+            {_with_held(exact)}
+            SELECT m.rack_id, count(*) FROM ({MATCHING_NODES}) m {_held(exact)}
+            WHERE h.mask IS NULL AND m.id <> ALL(%(exclude)s)
+            GROUP BY m.rack_id
+        """
+    else:
+        sql = f"""
+            {_with(_held_cte(exact), f"power AS MATERIALIZED ({SITE_POWER})")}
+            SELECT f.rack_id, least(f.free, coalesce(
+                       floor((p.budget_w - p.committed_w) / (%(gpus)s * {OFFER_TDP})::numeric)::int, f.free)) AS n
+            FROM (SELECT m.rack_id, count(*)::int AS free FROM ({MATCHING_NODES}) m {_held(exact)}
+                  WHERE h.mask IS NULL AND m.id <> ALL(%(exclude)s)
+                  GROUP BY m.rack_id) f
+            LEFT JOIN power p ON p.rack_id = f.rack_id
+        """
+    rows = _rows(sql, _params(offer, start=start, end=end, exclude=list(exclude_nodes)))
+    return {rack: free for rack, free in rows if free > 0}
 
 
 def free_nodes_in_racks(*, offer: Offer, start: datetime, end: datetime, racks: list[int]) -> list[tuple[int, int]]:
@@ -154,9 +259,12 @@ def free_racks(
     limit: int | None = None,
     racks: list[int] | None = None,
     exact: bool = False,
+    power: bool = False,
 ) -> list[int]:
-    """Racks whose every node can take the rack offer for the whole of [start, end), in id order. With
-    ``racks``: only those, asked of each of their nodes (exact; the re-check of the rack picked)."""
+    """Racks whose every node can take the rack offer for the whole of [start, end), in id order; with
+    ``power``, only those whose budget covers all of their GPUs running (a rack rented whole runs them
+    all). With ``racks``: only those, asked of each of their nodes (exact; the re-check of the rack
+    picked, whose power placement asks with rack_power)."""
     exact = exact or racks is not None
     free = (
         f"NOT EXISTS (SELECT 1 FROM {NODE} m {_held(exact=True)} WHERE m.rack_id = w.id AND h.mask IS NOT NULL)"
@@ -164,9 +272,10 @@ def free_racks(
         else f"w.id NOT IN (SELECT n.rack_id FROM held JOIN {NODE} n ON n.id = held.node_id)"  # hashed, once
     )
     only = "AND r.id = ANY(%(racks)s)" if racks is not None else ""  # one more condition of WHOLE_RACKS
+    powered = f"AND w.id NOT IN ({SITE_POWER_LIMITED})" if power and racks is None else ""
     sql = f"""
         {_with_held(exact)}
-        SELECT w.id FROM ({WHOLE_RACKS} {only}) w WHERE {free}
+        SELECT w.id FROM ({WHOLE_RACKS} {only}) w WHERE {free} {powered}
         ORDER BY w.id
     """ + (" LIMIT %(limit)s" if limit else "")
     return [row[0] for row in _rows(sql, _params(offer, start=start, end=end, limit=limit, racks=racks))]
@@ -180,18 +289,25 @@ def held_masks(
     limit: int,
     nodes: list[int] | None = None,
     exact: bool = False,
+    power: bool = False,
 ):
-    """(node id, held mask) of matching nodes with a free slot of the offer's size for the whole of
-    [start, end), fullest first (then in id order): the candidates of a slice placement. The mask has
-    bit i set when GPU i is held by a live allocation overlapping the period. ``nodes``: only these,
-    whether or not a slot is free, asked of each node (exact; the re-check after locking them)."""
+    """(node id, held mask, rack id) of matching nodes with a free slot of the offer's size for the whole
+    of [start, end), fullest first (then in id order): the candidates of a slice placement; with
+    ``power``, only on racks whose power budget has room for the slice. The mask has bit i set when GPU i
+    is held by a live allocation overlapping the period. ``nodes``: only these, whether or not a slot is
+    free, asked of each node (exact; the re-check after locking them, whose power placement asks with
+    rack_power)."""
     exact = exact or nodes is not None
     slot_free = """EXISTS (SELECT 1 FROM generate_series(0, %(gpus)s - %(size)s, %(size)s) s
                            WHERE coalesce(h.mask, 0) & (((1::bigint << %(size)s) - 1) << s) = 0)"""
     where = "m.id = ANY(%(nodes)s)" if nodes is not None else slot_free
+    power = power and nodes is None
+    if power:
+        where += f""" AND m.rack_id NOT IN (
+            SELECT p.rack_id FROM power p WHERE p.committed_w + %(size)s * {OFFER_TDP} > p.budget_w)"""
     sql = f"""
-        {_with_held(exact)}
-        SELECT m.id, coalesce(h.mask, 0) FROM ({MATCHING_NODES}) m {_held(exact)}
+        {_with(_held_cte(exact), f"power AS MATERIALIZED ({SITE_POWER})" if power else "")}
+        SELECT m.id, coalesce(h.mask, 0), m.rack_id FROM ({MATCHING_NODES}) m {_held(exact)}
         WHERE {where}
         ORDER BY bit_count(coalesce(h.mask, 0)::bit(64)) DESC, m.id
         LIMIT %(limit)s
@@ -415,18 +531,27 @@ def node_gpu_holdings(*, node_id: int, start: datetime, end: datetime) -> list[G
 
 def fleet_occupancy() -> dict:
     """The operators' fleet overview (provisioning.selectors.fleet) with each node's GPUs marked rented
-    or free now (a node can be partly rented), and the GPUs rented per site and in all: the fleet is
-    provisioning's, who rents it is marketplace's, so they meet here."""
+    or free now (a node can be partly rented), the GPUs rented per site and in all, and each rack's
+    committed power: the GPUs held on it now at their type's TDP, in kW (``committed_kw``) and as a share
+    of its budget (``committed_percent``, at most 100) -- what placement keeps within the budget. The
+    fleet is provisioning's, who rents it is marketplace's, so they meet here."""
     overview, held = fleet_overview(), gpus_held_now()
     overview["totals"]["rented"] = 0
     for site in overview["sites"]:
         site["counts"]["rented"] = 0
         for rack in site["racks"]:
+            committed_w = 0
             for entry in rack["nodes"]:
                 node = entry["node"]
                 taken = held.get(node.pk, set())
                 entry["gpus"] = [{"index": i, "rented": i in taken} for i in range(node.gpu_count)]
                 entry["rented"] = sum(1 for i in taken if i < node.gpu_count)
                 site["counts"]["rented"] += entry["rented"]
+                if node.accelerator_type is not None:
+                    committed_w += len(taken) * node.accelerator_type.tdp_watts
+            budget_w = rack["rack"].power_budget_kw * 1000
+            rack["committed_kw"] = Decimal(committed_w) / 1000  # exact: 2100 W is 2.1, 350 W 0.35
+            rack["committed_percent"] = min(100.0, round(float(100 * committed_w / budget_w), 1)) if budget_w else 100.0
+            rack["committed_over"] = committed_w > budget_w
         overview["totals"]["rented"] += site["counts"]["rented"]
     return overview

@@ -1,5 +1,5 @@
 from .agents import COMMAND_TRANSITIONS, UNFINISHED, BootstrapToken, NodeCommand, NodeCredential
-from .fleet import NODE_TRANSITIONS, Gpu, Node, NodeStateChange, Rack, Site
+from .fleet import NODE_TRANSITIONS, Gpu, Node, NodeStateChange, Rack, RegionSiteLatency, Site
 from .hardware import AcceleratorType
 from .telemetry import GpuRollup
 
@@ -16,5 +16,6 @@ __all__ = [
     "NodeCredential",
     "NodeStateChange",
     "Rack",
+    "RegionSiteLatency",
     "Site",
 ]

@@ -42,6 +42,36 @@ class Rack(models.Model):
         return f"{self.site.slug}/{self.name}"
 
 
+class RegionSiteLatency(models.Model):
+    """How far a site is from the users of a region, as the round-trip time the operator measured (or
+    took from a measurement): what an endpoint's ``nearest`` placement orders sites by
+    (marketplace.services.endpoints.replicas.candidate_offers). A region with no row for a site is not
+    known to be near it; placement puts such sites after the measured ones."""
+
+    region = models.CharField(max_length=32, db_index=True, help_text="Where the users are, e.g. eu-central.")
+    site = models.ForeignKey(Site, on_delete=models.CASCADE, related_name="latencies")
+    rtt_ms = models.DecimalField(
+        "round trip (ms)", max_digits=7, decimal_places=2, help_text="From the region's users to the site and back."
+    )
+    source = models.CharField(max_length=200, blank=True, help_text="Where the figure comes from.")
+
+    class Meta:
+        ordering = ["region", "rtt_ms", "site"]
+        verbose_name = "region ↔ site latency"
+        verbose_name_plural = "region ↔ site latencies"
+        constraints = [
+            models.UniqueConstraint(fields=["region", "site"], name="latency_unique_per_region_site"),
+            models.CheckConstraint(
+                condition=models.Q(rtt_ms__gte=0),
+                name="latency_rtt_not_negative",
+                violation_error_message="A round trip cannot be negative.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.region} ↔ {self.site.slug}: {self.rtt_ms} ms"
+
+
 # The node lifecycle (ARCHITECTURE "Lifecycles"). Every move goes through
 # provisioning.services.fleet.node_transition, which checks this table.
 NODE_TRANSITIONS: dict[str, frozenset[str]] = {

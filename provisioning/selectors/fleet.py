@@ -3,12 +3,12 @@ nodes and GPUs are for operators."""
 
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from provisioning import hooks
 from provisioning.choices import NodeState
-from provisioning.models import AcceleratorType, Node, Rack, Site
+from provisioning.models import AcceleratorType, Node, Rack, RegionSiteLatency, Site
 from provisioning.selectors.telemetry import latest_summaries
 
 
@@ -26,6 +26,13 @@ def accelerator_type_list() -> QuerySet[AcceleratorType]:
 
 def site_regions() -> list[str]:
     return list(Site.objects.order_by("region").values_list("region", flat=True).distinct())
+
+
+def region_rtt_ms(*, region: str, site: str = "site") -> Subquery:
+    """To annotate a query of things at sites (offers: ``site``; sites: ``pk``): the round trip in ms from
+    ``region``'s users to each row's site, as the operator recorded it; null where none is recorded."""
+    rows = RegionSiteLatency.objects.filter(region=region, site=OuterRef(site))
+    return Subquery(rows.values("rtt_ms")[:1])
 
 
 def fleet_overview() -> dict:

@@ -1,5 +1,5 @@
-"""Writes to the fleet inventory: accelerator types, sites, racks, enrolment, GPU inventory, and every
-node lifecycle move."""
+"""Writes to the fleet inventory: accelerator types, sites, racks, enrolment, GPU inventory, every node
+lifecycle move, and the region <-> site latency table placement orders sites by."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,7 +11,16 @@ from console.kernel.errors import DomainError, clean_or_refuse, delete_or_refuse
 from console.kernel.events import FLEET_GROUP, publish_on_commit
 from console.kernel.lifecycle import transition
 from provisioning.choices import NodeState, Purpose
-from provisioning.models import NODE_TRANSITIONS, AcceleratorType, Gpu, Node, NodeStateChange, Rack, Site
+from provisioning.models import (
+    NODE_TRANSITIONS,
+    AcceleratorType,
+    Gpu,
+    Node,
+    NodeStateChange,
+    Rack,
+    RegionSiteLatency,
+    Site,
+)
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,26 @@ def rack_update(*, rack: Rack, site: Site, name: str, power_budget_kw: Decimal, 
 def rack_delete(*, rack: Rack) -> None:
     """Only a rack with no nodes (and no rack reservation)."""
     delete_or_refuse(rack, noun="rack")
+
+
+def region_latency_set(*, region: str, site: Site, rtt_ms: Decimal, source: str = "") -> RegionSiteLatency:
+    """The round trip from ``region``'s users to ``site``: recorded, or replacing the pair's figure."""
+    latency = RegionSiteLatency.objects.filter(region=region, site=site).first()
+    latency = latency or RegionSiteLatency(region=region, site=site)
+    latency.rtt_ms, latency.source = rtt_ms, source
+    return _saved(latency)
+
+
+def region_latency_update(
+    *, latency: RegionSiteLatency, region: str, site: Site, rtt_ms: Decimal, source: str
+) -> RegionSiteLatency:
+    latency.region, latency.site, latency.rtt_ms, latency.source = region, site, rtt_ms, source
+    return _saved(latency)
+
+
+def region_latency_delete(*, latency: RegionSiteLatency) -> None:
+    """The pair is no longer known to be near: placement ranks the site after the measured ones."""
+    latency.delete()
 
 
 def node_enrol(*, rack: Rack, hostname: str) -> Node:

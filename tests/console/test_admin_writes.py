@@ -38,7 +38,7 @@ from marketplace.services.reservations.lifecycle import MAX_DURATION_HOURS, Quot
 from marketplace.services.tenancy.api_keys import api_key_create
 from marketplace.services.tenancy.members import organization_delete
 from provisioning.choices import NodeState
-from provisioning.models import Gpu, Node, NodeCommand, NodeCredential, Rack, Site
+from provisioning.models import Gpu, Node, NodeCommand, NodeCredential, Rack, RegionSiteLatency, Site
 from provisioning.services.agents import agent_group, bootstrap_token_create, node_command_issue, node_enrol
 from tests.factories import (
     AcceleratorTypeFactory,
@@ -241,6 +241,23 @@ def test_sites_and_their_racks_are_made_and_changed_through_the_fleet_service(op
     edited = form_of(operator_client, change_url(site), name="Lisboa edge", **{"racks-0-name": "r02"})
     assert operator_client.post(change_url(site), edited).status_code == 302
     assert Site.objects.get(pk=site.pk).name == "Lisboa edge" and Rack.objects.get(pk=rack.pk).name == "r02"
+
+
+def test_the_region_site_latency_table_is_kept_through_the_fleet_service(operator_client):
+    site = RackFactory().site
+    url = reverse("admin:provisioning_regionsitelatency_add")
+    data = form_of(operator_client, url, region="eu-west", site=site.pk, rtt_ms="21.61", source="Milan → Paris")
+    assert operator_client.post(url, data).status_code == 302
+    latency = RegionSiteLatency.objects.get(region="eu-west", site=site)
+    assert (latency.rtt_ms, latency.source) == (Decimal("21.61"), "Milan → Paris")
+    page = operator_client.post(change_url(latency), form_of(operator_client, change_url(latency), rtt_ms="-1"))
+    assert page.status_code == 200 and "A round trip cannot be negative." in page.content.decode()
+    assert RegionSiteLatency.objects.get(pk=latency.pk).rtt_ms == Decimal("21.61")  # refused: nothing saved
+    again = operator_client.post(url, data)  # the same pair twice: refused on the form
+    assert again.status_code == 200 and RegionSiteLatency.objects.count() == 1
+    delete = reverse("admin:provisioning_regionsitelatency_delete", args=[latency.pk])
+    assert operator_client.post(delete, {"post": "yes"}).status_code == 302
+    assert not RegionSiteLatency.objects.exists()
 
 
 def test_an_accelerator_type_in_use_is_not_deleted_and_the_admin_says_why(operator_client):

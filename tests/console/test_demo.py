@@ -11,15 +11,17 @@ import pytest
 from django.core.management import call_command
 from django.test import Client, override_settings
 
-from console.demo import DEMO_PASSWORD, DEMO_SLICES, demo_agent_tokens
+from console.demo import DEMO_PASSWORD, DEMO_SLICES, demo_agent_tokens, seed_demo_latencies
 from console.kernel.tokens import new_token
 from console.launcher import API_KEY_FILE, _banner
 from marketplace.choices import ReplicaState, Role
 from marketplace.models import Allocation, Endpoint, Invoice, LedgerEntry, Offer, Reservation, ServedModel
-from marketplace.services.endpoints.replicas import serve_params
+from marketplace.services.endpoints.replicas import candidate_offers, serve_params
 from marketplace.services.tenancy.api_keys import api_key_authenticate
 from provisioning.agent.credentials import Credentials, has_credentials, load_credentials, store_credentials
+from provisioning.models import RegionSiteLatency
 from provisioning.services.agents import NODE_SECRET_SCHEME, bootstrap_token_create, node_enrol
+from provisioning.services.fleet import region_latency_set
 from tests.factories import make_node
 
 pytestmark = pytest.mark.django_db
@@ -150,6 +152,38 @@ def test_the_demo_seeds_acme_an_embeddings_endpoint_with_its_first_replica_place
     assert (offer.site.slug, offer.accelerator_type.slug, offer.gpus_per_instance) == ("ams-edge-1", "l40s-48gb", 1)
     serve = serve_params(replica.reservation)["serve"]
     assert serve["program"][-2:] == ["--served-name", "minilm"], "clients send the endpoint's name as model"
+
+
+def test_the_demo_seeds_measured_round_trips_from_its_regions_to_its_sites_once():
+    call_command("seed_demo", stdout=io.StringIO())
+    table = {(row.region, row.site.slug): row for row in RegionSiteLatency.objects.select_related("site")}
+    assert {pair: row.rtt_ms for pair, row in table.items()} == {
+        # users in Zurich (eu-central), Paris (eu-west), Dallas (us-central); Frankfurt's site counts as
+        # Zurich's, Amsterdam's as Paris's; one city: the smallest round trip measured (Milan -> Zurich)
+        ("eu-central", "fra-hall-1"): Decimal("11.17"),
+        ("eu-central", "ams-edge-1"): Decimal("108.06"),  # Paris -> Zurich, the only way measured
+        ("eu-central", "dal-hall-1"): Decimal("127.74"),  # Dallas -> Zurich, the only way measured
+        ("eu-west", "ams-edge-1"): Decimal("11.17"),
+        ("eu-west", "fra-hall-1"): Decimal("108.06"),
+        ("eu-west", "dal-hall-1"): Decimal("131.79"),
+        ("us-central", "dal-hall-1"): Decimal("11.17"),
+        ("us-central", "fra-hall-1"): Decimal("127.74"),
+        ("us-central", "ams-edge-1"): Decimal("130.94"),
+    }
+    assert table[("eu-west", "dal-hall-1")].source == "Paris → Dallas (WonderProxy ping, 2011)"
+    assert table[("eu-central", "ams-edge-1")].source.startswith("Paris → Zurich, the only way measured")
+    # Again (an older demo database, or an operator's own figure): nothing added, nothing overwritten.
+    region_latency_set(region="eu-west", site=table[("eu-west", "fra-hall-1")].site, rtt_ms=Decimal("15"))
+    call_command("seed_demo", stdout=io.StringIO())
+    assert seed_demo_latencies() == 0 and RegionSiteLatency.objects.count() == 9
+    assert RegionSiteLatency.objects.get(region="eu-west", site__slug="fra-hall-1").rtt_ms == Decimal("15")
+    # The demo endpoint's users are in eu-west: Amsterdam's edge first, then Frankfurt, then Dallas.
+    endpoint = Endpoint.objects.get()
+    assert list(dict.fromkeys(o.site.slug for o in candidate_offers(endpoint))) == [
+        "ams-edge-1",
+        "fra-hall-1",
+        "dal-hall-1",
+    ]
 
 
 def test_the_demo_writes_an_api_key_of_acme_to_a_file_only_its_owner_reads_and_keeps_it(tmp_path):

@@ -67,6 +67,28 @@ def test_the_fleet_heatmap_marks_each_rented_gpu_of_a_partly_rented_node(partly_
     assert re.search(r"<dt>GPUs rented</dt><dd data-rented-total>3</dd>", page)
 
 
+def test_the_fleet_page_shows_each_racks_committed_power_against_its_budget(partly_rented):
+    """The GPUs held now (3 H100, at 700 W) against the rack's 44 kW; the 4-GPU slice of tomorrow is not
+    committed now. A budget an operator lowered below what is held shows as over it."""
+    operator = make_user(is_staff=True)
+    staff = Client()
+    staff.login(username=operator.email, password=PASSWORD)
+    rack = partly_rented["rented"].rack
+
+    def committed():
+        page = staff.get("/fleet/").content.decode()
+        block = re.search(rf'<div class="rack" data-rack="{rack.name}".*?<ul class="cells"', page, re.S).group(0)
+        line = re.search(
+            r'<div class="rack-committed([^"]*)"[^>]*>.*?<span class="rack-committed-text">([^<]*)</span>', block, re.S
+        )
+        bar = re.search(r'<div class="rack-bar rack-bar-committed"[^>]*><span style="width: ([\d.]+)%"', block)
+        return line.group(1).strip(), line.group(2), bar.group(1)
+
+    assert committed() == ("", "2.1 / 44 kW", "4.8")
+    type(rack).objects.filter(pk=rack.pk).update(power_budget_kw=Decimal("2"))
+    assert committed() == ("over-budget", "2.1 / 2 kW", "100.0")
+
+
 def test_metrics_report_each_gpus_occupancy(partly_rented, settings):
     settings.METRICS_TOKEN = "s3cret-metrics-token"
     text = Client().get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-metrics-token").content.decode()

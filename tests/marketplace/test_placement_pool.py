@@ -66,7 +66,7 @@ def test_the_pool_is_every_offer_sharing_the_nodes():
     for exact in (False, True):
         assert free_racks(offer=offers["rack"], exact=exact, **window) == []
         assert sum(free_nodes_per_rack(offer=offers[8], exact=exact, **window).values()) == 1
-        masks = dict(held_masks(offer=offers[1], limit=16, exact=exact, **window))
+        masks = {node: mask for node, mask, _rack in held_masks(offer=offers[1], limit=16, exact=exact, **window)}
         assert sorted(masks.values()) == [0, 0b1]  # the sliced node (GPU 0 held) and the free one
     assert {node.pk for node in nodes} >= set(masks)
 

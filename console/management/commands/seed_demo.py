@@ -9,6 +9,7 @@ from console.demo import (
     demo_credentials,
     seed_demo,
     seed_demo_endpoint,
+    seed_demo_latencies,
     seed_past_month,
 )
 from console.kernel.errors import DomainError
@@ -27,6 +28,8 @@ class Command(BaseCommand):
     def handle(self, *args, agent_tokens=None, agent_state=None, api_key_file=None, **options):
         created = seed_demo()
         self.stdout.write("Seeded the demo world." if created else "The database already has a fleet; left as is.")
+        if not created and seed_demo_latencies():  # an older demo database: its sites' round trips
+            self.stdout.write("Seeded the round trips from the demo's regions to its sites (measured ones).")
         try:
             if seed_past_month():
                 self.stdout.write("Seeded a finished past month for Acme AI: its invoice is on the billing page.")

@@ -2,7 +2,9 @@
 Replica rows.
 
 A replica is started by reserving a slice of the best offer its endpoint's preference allows
-(``candidate_offers``: the users' region first, edge sites first, or only pinned sites), leased for
+(``candidate_offers``: the sites nearest the users first -- by the round trips the operator records,
+provisioning.RegionSiteLatency -- or edge sites first, or only pinned sites), the next offer when one
+has no room (no free slice, or its rack's power budget spent), leased for
 REPLICA_LEASE_HOURS and renewed while the endpoint lives; the reservation's provision command carries
 ``serve`` (docs/agent-protocol.md) so the node's agent starts the server on those GPUs and reports its
 address. Everything after that -- replacing a replica whose reservation ended or failed, topping up to
@@ -15,7 +17,8 @@ import logging
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Case, IntegerField, QuerySet, Value, When
+from django.db.models import Case, F, IntegerField, QuerySet, Value, When
+from django.db.models.functions import Floor
 from django.utils import timezone
 
 from console.kernel.errors import Conflict
@@ -23,9 +26,10 @@ from console.kernel.tasks import enqueue_on_commit
 from marketplace.choices import LIVE_REPLICA_STATES, OfferShape, ReplicaState, Role
 from marketplace.models import Endpoint, Offer, PlacementPreference, Replica, Reservation
 from marketplace.services.reservations.lifecycle import reservation_create, reservation_end
-from marketplace.services.reservations.placement import CapacityUnavailable
+from marketplace.services.reservations.placement import CapacityUnavailable, PowerBudgetExceeded
 from marketplace.tenant_context import TenantContext
 from provisioning.choices import CommandKind, CommandState, SiteKind
+from provisioning.selectors.fleet import region_rtt_ms
 
 logger = logging.getLogger(__name__)
 R = ReplicaState
@@ -46,25 +50,49 @@ def replica_secret(replica_id) -> str:
     return hmac.new(key, f"neocloud-replica:{replica_id}".encode(), hashlib.sha256).hexdigest()
 
 
+# Round trips in one bucket of this many milliseconds are as near as each other: among them an edge
+# site comes first, then the cheaper offer. (A few ms are noise between two sites both near the users;
+# an edge site there is the one built for them.)
+NEAR_MS = 5
+
+
 def candidate_offers(endpoint: Endpoint) -> QuerySet[Offer]:
-    """Slice offers a replica of ``endpoint`` may take, best first by its placement preference: the
-    model's slice size on an accelerator type it runs on (and the endpoint allows); then the users'
-    region first (nearest), or edge sites first, or only the pinned sites; then the cheapest."""
+    """Slice offers a replica of ``endpoint`` may take, best first: the model's slice size on an
+    accelerator type it runs on (and the endpoint allows), ordered by the endpoint's placement.
+
+    How near a site is: sites with a recorded round trip from the endpoint's region first, by that round
+    trip in NEAR_MS buckets; then sites without one in the endpoint's region, then the rest. ``nearest``
+    (and ``pinned``, among the pinned sites): by nearness, then edge before hall, then price.
+    ``edge_first``: edge sites by nearness, then halls by nearness, each then by price. The caller takes
+    the first with room, so a full site (or a rack at its power budget) spills to the next."""
     model = endpoint.model
     allowed = list(endpoint.accelerator_types.values_list("pk", flat=True)) or list(
         model.accelerator_types.values_list("pk", flat=True)
     )
-    offers = Offer.objects.filter(
-        is_active=True, shape=OfferShape.NODE, gpus_per_instance=model.gpus_per_replica, accelerator_type__in=allowed
-    ).select_related("site", "accelerator_type")
-    in_region = Case(When(site__region=endpoint.region, then=Value(0)), default=Value(1), output_field=IntegerField())
+    offers = (
+        Offer.objects.filter(
+            is_active=True,
+            shape=OfferShape.NODE,
+            gpus_per_instance=model.gpus_per_replica,
+            accelerator_type__in=allowed,
+        )
+        .select_related("site", "accelerator_type")
+        .annotate(rtt_ms=region_rtt_ms(region=endpoint.region))
+    )
+    measured = Case(
+        When(rtt_ms__isnull=False, then=Value(0)),
+        When(site__region=endpoint.region, then=Value(1)),
+        default=Value(2),
+        output_field=IntegerField(),
+    )
+    near = [measured, Floor(F("rtt_ms") / NEAR_MS)]
     at_edge = Case(When(site__kind=SiteKind.EDGE, then=Value(0)), default=Value(1), output_field=IntegerField())
     if endpoint.placement == PlacementPreference.PINNED:
-        offers, ranks = offers.filter(site__in=endpoint.pinned_sites.all()), [in_region]
+        offers, ranks = offers.filter(site__in=endpoint.pinned_sites.all()), [*near, at_edge]
     elif endpoint.placement == PlacementPreference.EDGE_FIRST:
-        ranks = [at_edge, in_region]
+        ranks = [at_edge, *near]
     else:
-        ranks = [in_region, at_edge]
+        ranks = [*near, at_edge]
     return offers.order_by(*ranks, "price_per_gpu_hour", "pk")
 
 
@@ -80,9 +108,10 @@ def acting_for(endpoint: Endpoint, tenant: TenantContext | None) -> TenantContex
 def replica_start(*, endpoint: Endpoint, tenant: TenantContext | None = None) -> Replica:
     """Place one more replica: a slice of the first candidate offer with room, leased for
     REPLICA_LEASE_HOURS. Quota and balance refusals are the tenant's (raised as they are); no room at
-    any candidate is NoCapacityForReplica (409)."""
+    any candidate is NoCapacityForReplica (409), saying which sites were tried and, where a rack's power
+    budget and not its GPUs refused, that."""
     acting = acting_for(endpoint, tenant)
-    tried = []
+    tried, power = [], {}
     for offer in candidate_offers(endpoint):
         try:
             with transaction.atomic():
@@ -95,13 +124,17 @@ def replica_start(*, endpoint: Endpoint, tenant: TenantContext | None = None) ->
                     duration_hours=settings.REPLICA_LEASE_HOURS,
                 )
                 return Replica.objects.create(endpoint=endpoint, reservation=reservation)
-        except CapacityUnavailable:
+        except CapacityUnavailable as refusal:
             tried.append(offer.site.name)
+            if isinstance(refusal, PowerBudgetExceeded):
+                power.setdefault(offer.site.name, refusal.message)
     where = ", ".join(dict.fromkeys(tried)) or "no site offers it"
+    why = "".join(f" {site}: {message}" for site, message in power.items())
     raise NoCapacityForReplica(
         f"No room for a {endpoint.model.gpus_per_replica}-GPU replica of {endpoint.model} where this endpoint may "
-        f"run ({where}).",
+        f"run ({where}).{why}",
         sites_tried=list(dict.fromkeys(tried)),
+        power_budget_sites=list(power) or None,
     )
 
 

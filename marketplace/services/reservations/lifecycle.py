@@ -34,9 +34,12 @@ from marketplace.services.billing.ledger import hold_check, hold_place
 from marketplace.services.reservations.placement import (
     CapacityUnavailable,
     Placement,
+    PowerBudgetExceeded,
     nodes_lock,
     placement_check,
     placement_pick,
+    power_refusal,
+    power_short,
 )
 from marketplace.services.tenancy.members import organization_lock
 from marketplace.tenant_context import TenantContext
@@ -239,7 +242,10 @@ def _check_quota(
 
 
 def _capacity_refusal(error: CapacityUnavailable, quote: Quote) -> CapacityUnavailable:
-    """The refusal, with the earliest window that would fit."""
+    """The refusal, with the earliest window that would fit -- by GPUs: a refusal for power is left as it
+    is (that search does not weigh racks' budgets, and would name a window power refuses too)."""
+    if isinstance(error, PowerBudgetExceeded):
+        return error
     earliest = earliest_fit(
         offer=quote.offer, quantity=quote.quantity, start=quote.start, duration=quote.end - quote.start
     )
@@ -483,8 +489,10 @@ def reservation_extend(
         end=end,
         excluding=reservation,
     )
-    held = list(reservation.allocations.filter(live=True))
-    nodes_lock([allocation.node_id for allocation in held])
+    held = list(reservation.allocations.filter(live=True).select_related("node"))
+    rack_of = {allocation.node_id: allocation.node.rack_id for allocation in held}
+    if not nodes_lock(node_ids=list(rack_of), rack_ids=list(set(rack_of.values()))):
+        raise CapacityUnavailable("A node of this reservation moved to another rack meanwhile; try again.")
     later = DateTimeTZRange(old_end, end, "[)")
     clashes = Q()
     for allocation in held:
@@ -503,6 +511,18 @@ def reservation_extend(
             f"{clash.gpu_label} of node {clash.node.hostname} are reserved by someone else from "
             f"{clash.period.lower.isoformat()}; the latest end possible is {clash.period.lower.isoformat()}.",
             latest_end=clash.period.lower.isoformat(),
+        )
+    gpus_by_rack: dict[int, int] = {}
+    for allocation in held:  # its racks are locked: what they commit from old_end on stays as read
+        rack = rack_of[allocation.node_id]
+        gpus_by_rack[rack] = gpus_by_rack.get(rack, 0) + len(allocation.gpu_indices)
+    short = power_short(offer=offer, gpus_by_rack=gpus_by_rack, start=old_end, end=end)
+    if short is not None:
+        raise power_refusal(
+            short,
+            gpus=gpus_by_rack[short.rack_id],
+            offer=offer,
+            when=f"between {old_end.isoformat()} and {end.isoformat()}",
         )
     period = DateTimeTZRange(reservation.start, end, "[)")
     more = cost(
