@@ -29,7 +29,8 @@ def database_recreate(database_url: str) -> None:
 
 
 def accelerator_types_create() -> list:
-    """The benchmarks' two accelerator types (H100 and H200 SXM). Needs Django set up."""
+    """The benchmarks' two accelerator types (H100 and H200 SXM), with the names NVML gives their GPUs (an
+    agent's report is matched by them). Needs Django set up."""
     from provisioning.choices import Vendor
     from provisioning.models import AcceleratorType
 
@@ -41,6 +42,7 @@ def accelerator_types_create() -> list:
             memory_gib=80,
             tdp_watts=700,
             interconnect="NVLink 4 (900 GB/s)",
+            device_name="NVIDIA H100 80GB HBM3",
         ),
         AcceleratorType.objects.create(
             slug="h200-sxm-141gb",
@@ -49,5 +51,6 @@ def accelerator_types_create() -> list:
             memory_gib=141,
             tdp_watts=700,
             interconnect="NVLink 4 (900 GB/s)",
+            device_name="NVIDIA H200",
         ),
     ]

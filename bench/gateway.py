@@ -52,24 +52,19 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections import Counter
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
 from database import accelerator_types_create, bench_database_url, database_recreate  # bench/database.py
+from stack import ROOT, Child, edge_site_create, machine_facts, machine_facts_end, median, tenant_create
 
-ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/neocloud_gateway_bench"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
@@ -80,18 +75,10 @@ REPLICAS = {"trivial": "trivial", "model": "all-MiniLM-L6-v2"}  # replica kind -
 TARGETS = ("direct", "gateway")
 DISTURBED_CORES = 0.3  # other processes above this in a run: the run is marked disturbed
 
-if str(ROOT) not in sys.path:  # run as a script: the project is importable
-    sys.path.insert(0, str(ROOT))
-from console.devservers import free_port, stop_process  # noqa: E402
+from console.devservers import free_port  # noqa: E402 - bench/stack.py made the project importable
 from console.kernel.progress import Progress, say  # noqa: E402 - the bar the management commands show
 from console.launcher import _gateway_command  # noqa: E402 - the gateway exactly as the launcher runs it
 from provisioning.agent.serving import SECRET_ENV, SECRET_HEADER  # noqa: E402 - the replica's (no Django)
-
-
-def median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
 
 # --- Environment and the world -------------------------------------------------------------------
 
@@ -123,36 +110,12 @@ def world_build() -> dict:
     """A tenant with two endpoints of one replica each (one for the model, one for the trivial
     server), and its API key; through the services."""
     # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
-    from marketplace.choices import Role
-    from marketplace.services.billing.credits import credits_grant
-    from marketplace.services.catalog.offers import offer_create
     from marketplace.services.endpoints.lifecycle import endpoint_create
     from marketplace.services.endpoints.models import served_model_create
     from marketplace.services.tenancy.api_keys import api_key_create
-    from marketplace.services.tenancy.members import organization_create, user_create
-    from marketplace.tenant_context import TenantContext
-    from provisioning.choices import NodeState, SiteKind
-    from provisioning.services.fleet import (
-        GpuSpec,
-        node_enrol,
-        node_set_inventory,
-        node_transition,
-        rack_create,
-        site_create,
-    )
 
     h100, _h200 = accelerator_types_create()
-    site = site_create(
-        slug="bench-edge", name="Bench edge", region="eu-central", kind=SiteKind.EDGE, location="Frankfurt, DE"
-    )
-    rack = rack_create(site=site, name="r01", power_budget_kw=Decimal("44"))
-    node = node_enrol(rack=rack, hostname="bench-gateway-node")
-    gpus = [
-        GpuSpec(index=i, uuid=f"GPU-{uuid.uuid4()}", accelerator_type=h100, memory_mib=h100.memory_gib * 1024)
-        for i in range(8)
-    ]
-    node_transition(node=node_set_inventory(node=node, gpus=gpus), target=NodeState.AVAILABLE)
-    offer_create(site=site, accelerator_type=h100, price_per_gpu_hour=Decimal("1.00"), gpus_per_instance=1)
+    edge_site_create(h100, hostnames=["bench-gateway-node"], inventory=True)
     model = served_model_create(
         slug="all-minilm-l6-v2",
         name="all-MiniLM-L6-v2",
@@ -162,10 +125,7 @@ def world_build() -> dict:
         dimensions=DIMENSIONS,
         accelerator_types=[h100],
     )
-    owner = user_create(email="bench@gateway.bench.invalid")
-    organization = organization_create(name="Gateway bench", owner=owner)
-    credits_grant(organization=organization, amount="100000", memo="benchmark credit")
-    tenant = TenantContext(organization=organization, user=owner, role=Role.OWNER)
+    tenant = tenant_create(name="Gateway bench", email="bench@gateway.bench.invalid")
     replicas = {}
     for kind, name in REPLICAS.items():
         # Both endpoints serve the same model row; which server answers is the process started for it.
@@ -191,52 +151,6 @@ def replicas_mark_ready(addresses: dict[str, str], world: dict) -> None:
 
 
 # --- Processes -------------------------------------------------------------------------------------
-
-
-class Child:
-    """A server as a subprocess in its own process group, its output in a log file."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path, port: int):
-        self.name, self.port, self.log_path = name, port, log_path
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.ps = psutil.Process(self.process.pid)
-        self.base = f"http://127.0.0.1:{port}"
-
-    def wait_healthy(self, timeout: float) -> float:
-        started = time.monotonic()
-        while time.monotonic() < started + timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/healthz", timeout=5) as response:  # noqa: S310 - loopback
-                    if response.status == 200:
-                        return time.monotonic() - started
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.name} was not healthy within {timeout:.0f} s: {self.log_tail()}")
-
-    def served(self) -> dict[str, int]:
-        """A replica's counters from its health route: requests answered, inputs and encode batches."""
-        with urllib.request.urlopen(f"{self.base}/healthz", timeout=5) as response:  # noqa: S310 - loopback
-            return json.loads(response.read())["served"]
-
-    def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        stop_process(self.process, timeout=15)
-        self.log.close()
 
 
 def replica_start(kind: str, endpoint: str, replica_id: str, env: dict[str, str], workdir: Path) -> Child:
@@ -584,19 +498,9 @@ def run_profile(args, wrk: str, world: dict, children: dict[str, Child], secrets
 
 
 def machine_info(wrk: str) -> dict:
-    from importlib.metadata import version
-
-    from machine import describe_machine
-
     wrk_v = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10, check=False)
     packages = ["django", "uvicorn", "uvloop", "httptools", "torch", "sentence-transformers", "psutil"]
-    return {
-        **describe_machine(),
-        "load_average_at_start": os.getloadavg(),
-        "uptime_at_start": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip(),
-        "wrk": (wrk_v.stdout + wrk_v.stderr).strip().splitlines()[0],
-        "packages": {p: version(p) for p in packages},
-    }
+    return machine_facts(packages) | {"wrk": (wrk_v.stdout + wrk_v.stderr).strip().splitlines()[0]}
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -753,10 +657,7 @@ def main(argv=None) -> int:
         for child in children.values():
             child.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    results["machine"]["uptime_at_end"] = subprocess.run(
-        ["uptime"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    machine_facts_end(results["machine"])
     output = args.output or BENCH / "results" / f"gateway-{datetime.now(UTC):%Y-%m-%d}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2, default=str) + "\n")
