@@ -151,7 +151,7 @@ class Gateway:
         deadline = time.monotonic() + settings.GATEWAY_COLD_START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             await asyncio.sleep(WAKE_POLL_SECONDS)
-            current = (await self._routes(grant)).get(route.name)
+            current = (await self._routes(grant, max_age=WAKE_POLL_SECONDS)).get(route.name)
             if current is None or current.endpoint_id != route.endpoint_id:
                 return route  # deleted meanwhile: answered as an endpoint with no replica
             if current.targets:
@@ -198,7 +198,7 @@ class Gateway:
             raise ApiError(
                 429,
                 f"Rate limit reached for API key {grant.prefix}…: {limit} requests a second "
-                f"(bursts of {self.limiter.burst}). Retry after {wait:.2f} s.",
+                f"(bursts of {self.limiter.burst}). Retry after {max(wait, 0.01):.2f} s.",
                 type="requests",
                 code="rate_limit_exceeded",
                 headers=(
@@ -208,9 +208,9 @@ class Gateway:
                 ),
             )
 
-    async def _routes(self, grant: Grant) -> dict[str, Route]:
+    async def _routes(self, grant: Grant, *, max_age: float | None = None) -> dict[str, Route]:
         try:
-            return await self.directory.routes(grant.organization_id)
+            return await self.directory.routes(grant.organization_id, max_age=max_age)
         except Exception:  # noqa: BLE001 - the database is unreachable
             logger.exception("The gateway could not read the endpoints of %s", grant.organization)
             raise _database_away("read endpoints") from None

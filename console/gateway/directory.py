@@ -89,11 +89,12 @@ class _Cache:
         self._entries: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
         self._loading: dict[Any, asyncio.Future] = {}
 
-    async def get(self, key: Any, argument: Any) -> Any:
+    async def get(self, key: Any, argument: Any, *, max_age: float | None = None) -> Any:
+        """The value; ``max_age`` (below the TTL) asks for one no older than that."""
         entry = self._entries.get(key)
         if entry is not None:
             age = time.monotonic() - entry[0]
-            if age < self.ttl:
+            if age < (self.ttl if max_age is None else min(self.ttl, max_age)):
                 if age > self.ttl / 2 and key not in self._loading:
                     self._start(key, argument)
                 return entry[1]
@@ -181,8 +182,8 @@ class Directory:
 
     # Routes
 
-    async def routes(self, organization_id: str) -> dict[str, Route]:
-        return await self._routes.get(organization_id, organization_id)
+    async def routes(self, organization_id: str, *, max_age: float | None = None) -> dict[str, Route]:
+        return await self._routes.get(organization_id, organization_id, max_age=max_age)
 
     def _lookup_routes(self, organization_id: str) -> dict[str, Route]:
         routes = {}

@@ -89,7 +89,13 @@ def test_a_step_scales_up_in_the_panic_window_back_down_without_a_failure_and_to
         dimensions=8,
         accelerator_types=[whole.accelerator_type],
     )
-    gateway = stack.start_gateway({"GATEWAY_ROUTES_CACHE_SECONDS": "0.5"})
+    gateway = stack.start_gateway(
+        {
+            "GATEWAY_ROUTES_CACHE_SECONDS": "0.5",
+            "GATEWAY_KEY_REQUESTS_PER_SECOND": "100000",
+            "GATEWAY_KEY_BURST": "100000",
+        }
+    )
     stack.env["GATEWAY_URL"] = gateway
     stack.start_daphne()
     stack.start_worker()
@@ -125,9 +131,9 @@ def test_a_step_scales_up_in_the_panic_window_back_down_without_a_failure_and_to
     try:
         load.clients(1)
         time.sleep(3)
-        # The step: 16 clients. Over twice the capacity: panic, and four replicas (the maximum) soon.
+        # The step: 32 clients. Over twice the capacity: panic, and four replicas (the maximum) soon.
         stepped = time.monotonic()
-        load.clients(16)
+        load.clients(32)
         wait_for(
             lambda: counts(endpoint_id).get(ReplicaState.READY, 0) == 4,
             timeout=60,
