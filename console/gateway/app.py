@@ -89,6 +89,7 @@ class Gateway:
         )
         self.counter = counter or TrafficCounter()
         self.concurrency = ConcurrencyMeter()
+        self._in_flight: dict[str, int] = {}  # per API key, at this process
         self._pools: dict[str, Pool] = {}
         self._flusher: asyncio.Task | None = None
         self._pending: list[bytes] = []
@@ -127,6 +128,27 @@ class Gateway:
             return
         if method != "POST":
             raise ApiError(405, f"{path} takes POST, not {method}.")
+        # A key's requests in flight are bounded before its body is read: held requests (a cold start, a
+        # slow replica) keep their bodies, and a tenant must not be able to fill the gateway's memory.
+        held = self._in_flight.get(grant.key_id, 0)
+        if held >= settings.GATEWAY_KEY_MAX_IN_FLIGHT:
+            raise ApiError(
+                429,
+                f"API key {grant.prefix}… has {held} requests in flight at this gateway, its limit; wait for some "
+                "to finish.",
+                type="requests",
+                code="too_many_requests_in_flight",
+                headers=((b"retry-after", b"1"),),
+            )
+        self._in_flight[grant.key_id] = held + 1
+        try:
+            await self._proxy(grant, routes, scope, receive, send, started)
+        finally:
+            left = self._in_flight.pop(grant.key_id, 1) - 1
+            if left:
+                self._in_flight[grant.key_id] = left
+
+    async def _proxy(self, grant: Grant, routes, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         body = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES, who="the gateway")
         model = _model_of(body)
         route = routes.get(model)

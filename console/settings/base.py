@@ -365,6 +365,8 @@ GATEWAY_ROUTES_CACHE_SECONDS = env_float("GATEWAY_ROUTES_CACHE_SECONDS", 1.0)
 # Per API key, per gateway process: requests a second, and the burst above it (a token bucket).
 GATEWAY_KEY_REQUESTS_PER_SECOND = env_float("GATEWAY_KEY_REQUESTS_PER_SECOND", 200.0)
 GATEWAY_KEY_BURST = env_int("GATEWAY_KEY_BURST", 400)
+# And requests in flight per API key, per gateway process (held for a cold start or a slow replica included).
+GATEWAY_KEY_MAX_IN_FLIGHT = env_int("GATEWAY_KEY_MAX_IN_FLIGHT", 512)
 # Other replicas tried for a request that failed before any byte of the answer came back.
 GATEWAY_RETRIES = env_int("GATEWAY_RETRIES", 2)
 GATEWAY_CONNECT_TIMEOUT_SECONDS = env_float("GATEWAY_CONNECT_TIMEOUT_SECONDS", 2.0)

@@ -325,3 +325,25 @@ def test_a_request_for_an_idle_endpoint_is_held_until_a_replica_answers_or_answe
     Replica.objects.filter(pk=replica_id).update(state=ReplicaState.READY, address=address)
     caller.join(10)
     assert answered["status"] == 200 and answered["headers"]["x-neocloud-replica"] == str(replica_id)
+
+
+def test_a_keys_requests_in_flight_are_bounded_before_their_bodies_are_read(stack, world):
+    """Requests held (here: an idle endpoint's cold start that never comes) keep their bodies; past the
+    key's bound the next is refused at once, so no tenant fills the gateway's memory."""
+    stack.kill("gateway")
+    gateway = stack.start_gateway({"GATEWAY_KEY_MAX_IN_FLIGHT": "2", "GATEWAY_COLD_START_TIMEOUT_SECONDS": "4"})
+    world = {**world, "gateway": gateway}
+    Replica.objects.filter(endpoint=world["endpoint"]).update(state=ReplicaState.STOPPED)
+    Endpoint.objects.filter(pk=world["endpoint"].pk).update(state=EndpointState.IDLE, min_replicas=0)
+    time.sleep(1)
+    held = [threading.Thread(target=embed, args=(world,)) for _ in range(2)]
+    for thread in held:
+        thread.start()
+    time.sleep(1)
+    status, headers, body = embed(world)
+    assert status == 429 and body["error"]["code"] == "too_many_requests_in_flight" and headers["retry-after"] == "1"
+    _row, other_key = api_key_create(tenant=world["tenant"], name="another key")
+    assert call(gateway, other_key, "/v1/models")[0] == 200  # per key, and reads are not held
+    for thread in held:
+        thread.join(10)
+    assert embed(world)[0] == 503  # the held ones finished (no replica came): the key may send again
