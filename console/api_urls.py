@@ -8,7 +8,7 @@ from marketplace.api.views.billing import BalanceView, BillingNoticeView, Invoic
 from marketplace.api.views.catalog import OfferViewSet
 from marketplace.api.views.endpoints import EndpointViewSet, ServedModelViewSet
 from marketplace.api.views.reservations import ReservationViewSet
-from marketplace.api.views.tenancy import ApiKeyViewSet, MeView
+from marketplace.api.views.tenancy import ApiKeyViewSet, MeView, SshKeyViewSet
 from provisioning.api.views import AcceleratorTypeViewSet, SiteViewSet
 
 router = DefaultRouter(trailing_slash=True)
@@ -17,6 +17,7 @@ router.register("sites", SiteViewSet, basename="site")
 router.register("accelerator-types", AcceleratorTypeViewSet, basename="accelerator-type")
 router.register("offers", OfferViewSet, basename="offer")
 router.register("api-keys", ApiKeyViewSet, basename="api-key")
+router.register("ssh-keys", SshKeyViewSet, basename="ssh-key")
 router.register("reservations", ReservationViewSet, basename="reservation")
 router.register("invoices", InvoiceViewSet, basename="invoice")
 router.register("spend-alerts", SpendAlertViewSet, basename="spend-alert")

@@ -160,3 +160,14 @@ class EndpointScaleForm(forms.Form):
 def refused_field(form: forms.Form, error: DomainError) -> str | None:
     """The form's field a refusal names, so it is shown there; None (the whole form) if none."""
     return next((name for name in error.fields or {} if name in form.fields), None)
+
+
+class SshKeyForm(forms.Form):
+    public_key = forms.CharField(
+        label="Public key",
+        max_length=20_000,
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
+        help_text="The one line of your .pub file (cat ~/.ssh/id_ed25519.pub).",
+    )
+    name = forms.CharField(label="Name", max_length=100, required=False, help_text="Default: the key's comment.")
+    shared = forms.BooleanField(label="Shared by the organization", required=False)

@@ -4,7 +4,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from console.kernel.throttling import signin_throttled
-from console.portal import api_keys, billing, catalog, endpoints, fleet, home, reservations
+from console.portal import api_keys, billing, catalog, endpoints, fleet, home, reservations, ssh_keys
 
 urlpatterns = [
     path("", home.home, name="home"),
@@ -32,4 +32,6 @@ urlpatterns = [
     path("fleet/", fleet.fleet, name="fleet"),
     path("api-keys/", api_keys.api_keys, name="api-keys"),
     path("api-keys/<uuid:key_id>/revoke/", api_keys.api_key_revoke_view, name="api-key-revoke"),
+    path("ssh-keys/", ssh_keys.ssh_keys, name="ssh-keys"),
+    path("ssh-keys/<uuid:key_id>/remove/", ssh_keys.ssh_key_remove_view, name="ssh-key-remove"),
 ]

@@ -37,7 +37,7 @@ from .reservations import (
     Reservation,
     billed_interval,
 )
-from .tenancy import ApiKey, Membership, Organization, User
+from .tenancy import ApiKey, Membership, Organization, SshKey, User
 
 __all__ = [
     "ENDPOINT_TRANSITIONS",
@@ -76,6 +76,7 @@ __all__ = [
     "Quota",
     "RESERVATION_ON_ENTER",
     "Reservation",
+    "SshKey",
     "billed_interval",
     "User",
 ]

@@ -126,3 +126,37 @@ class ApiKey(models.Model):
         if self.is_expired():
             return "expired"
         return "active"
+
+
+class SshKey(models.Model):
+    """An OpenSSH public key a member added (``owner``), or one shared by the organization (no owner),
+    installed on what its reservations run. Only the public half is ever given to the console."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="ssh_keys")
+    owner = models.ForeignKey(
+        User,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="ssh_keys",
+        help_text="Empty: shared by the organization.",
+    )
+    name = models.CharField(max_length=100)
+    key_type = models.CharField(max_length=32, help_text="e.g. ssh-ed25519, ecdsa-sha2-nistp256, ssh-rsa.")
+    bits = models.PositiveSmallIntegerField()
+    public_key = models.TextField(help_text='"<type> <base64>", as authorized_keys takes it (no comment).')
+    fingerprint = models.CharField(max_length=60, help_text="SHA256:…, as ssh-keygen -l shows it.")
+    created_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "owner", "fingerprint"], name="ssh_key_once_per_owner", nulls_distinct=False
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.fingerprint})"

@@ -3,11 +3,11 @@
 import uuid
 
 from django.core.exceptions import ValidationError
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from console.kernel.errors import NotFound
 from marketplace.choices import weaker_role
-from marketplace.models import ApiKey, Membership, Organization, User
+from marketplace.models import ApiKey, Membership, Organization, SshKey, User
 from marketplace.tenant_context import TenantContext
 
 
@@ -69,3 +69,19 @@ def organization_find(*, ref: str) -> Organization | None:
 
 def user_find(*, email: str) -> User | None:
     return User.objects.filter(email__iexact=email.strip()).first()
+
+
+def ssh_key_list(*, tenant: TenantContext) -> QuerySet[SshKey]:
+    """The keys a member's reservations get: their own and the organization's shared ones; admins and
+    owners see every member's too."""
+    keys = SshKey.objects.filter(organization=tenant.organization).select_related("owner")
+    if not tenant.is_admin:
+        keys = keys.filter(Q(owner=tenant.user) | Q(owner__isnull=True))
+    return keys.order_by("name", "created_at")
+
+
+def ssh_key_get(*, tenant: TenantContext, key_id) -> SshKey:
+    try:
+        return ssh_key_list(tenant=tenant).get(pk=key_id)
+    except (SshKey.DoesNotExist, ValidationError, ValueError):
+        raise NotFound("No such SSH key in this organization.") from None

@@ -3,7 +3,7 @@
 from rest_framework import serializers
 
 from marketplace.choices import Role
-from marketplace.models import ApiKey
+from marketplace.models import ApiKey, SshKey
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
@@ -50,3 +50,24 @@ class MeSerializer(serializers.Serializer):
     organization = serializers.DictField()
     role = serializers.ChoiceField(choices=Role.choices)
     api_key_prefix = serializers.CharField(allow_null=True)
+
+
+class SshKeySerializer(serializers.ModelSerializer):
+    owner = serializers.EmailField(source="owner.email", read_only=True, allow_null=True, default=None)
+    shared = serializers.SerializerMethodField(help_text="Shared by the whole organization (no owner).")
+
+    class Meta:
+        model = SshKey
+        fields = ["id", "name", "key_type", "bits", "fingerprint", "public_key", "owner", "shared", "created_at"]
+        read_only_fields = fields
+
+    def get_shared(self, key: SshKey) -> bool:
+        return key.owner_id is None
+
+
+class SshKeyCreateSerializer(serializers.Serializer):
+    public_key = serializers.CharField(
+        max_length=20_000, trim_whitespace=True, help_text="One line of a .pub file: <type> <base64> [comment]."
+    )
+    name = serializers.CharField(max_length=100, required=False, allow_blank=True, help_text="Default: its comment.")
+    shared = serializers.BooleanField(default=False, help_text="For the whole organization (admins and owners).")
