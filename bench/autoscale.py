@@ -126,6 +126,7 @@ def served_program(*served: str) -> list[str]:
 def world_build(args) -> dict:
     """Two enrolling nodes (their agent reports their GPUs), a 1-GPU slice offer, the served models, a
     tenant with credit and its API key; through the services."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.services.endpoints.models import served_model_create
     from marketplace.services.tenancy.api_keys import api_key_create
     from provisioning.services.agents import bootstrap_token_create
@@ -178,6 +179,7 @@ def world_build(args) -> dict:
 
 def endpoints_create(args, world: dict) -> dict[str, str]:
     """The step endpoint (its first replica placed now) and the cold-start ones (min 0: idle at once)."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.services.endpoints.lifecycle import endpoint_create
 
     made = {
@@ -351,6 +353,7 @@ class Watch:
         self._last: dict[str, tuple] = {}
 
     def poll(self) -> dict[str, dict]:
+        # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
         from django.db.models import Count
 
         from marketplace.choices import ReplicaState
@@ -469,6 +472,7 @@ def latency_of(requests: list[tuple[float, float, int]], start: float, end: floa
 
 
 def scale_events(endpoint_id: str, since: float) -> list[dict]:
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.models import EndpointScaleEvent
 
     return [
@@ -486,6 +490,7 @@ def scale_events(endpoint_id: str, since: float) -> list[dict]:
 
 
 def replica_rows(endpoint_id: str) -> list[dict]:
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.models import Replica
 
     return [
@@ -642,6 +647,7 @@ def request_once(gateway: Child, key: str, model: str, text: str) -> tuple[int, 
 def cold_start(name: str, endpoint_id: str, stack: Stack, watch: Watch, key: str, *, timeout: float) -> dict:
     """Wait until the endpoint is idle with no replica left (the last one drained and stopped), then one
     request; its latency and the split of the replica's start from the rows."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.choices import ReplicaState
     from marketplace.models import Replica
     from provisioning.choices import CommandKind
@@ -878,6 +884,7 @@ def main(argv=None) -> int:
     try:
         say("Starting daphne, the gateway, a Celery worker and beat, and the agents (process driver)")
         results["startup_s"] = stack.start(world["tokens"])
+        # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
         from provisioning.choices import NodeState
         from provisioning.models import Node
 

@@ -139,6 +139,7 @@ def world_build() -> dict:
 
 def replicas_mark_ready(addresses: dict[str, str], world: dict) -> None:
     """What the agent's report of a started server does (on_command_finished): READY, with its address."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.utils import timezone
 
     from marketplace.choices import ReplicaState
@@ -154,6 +155,7 @@ def replicas_mark_ready(addresses: dict[str, str], world: dict) -> None:
 
 
 def replica_start(kind: str, endpoint: str, replica_id: str, env: dict[str, str], workdir: Path) -> Child:
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.services.endpoints.replicas import replica_secret
 
     port = free_port()
@@ -605,6 +607,7 @@ def main(argv=None) -> int:
     say(f"Recreating {urlsplit(database_url).path.lstrip('/')} and migrating")
     database_recreate(database_url)
     django_setup()
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from django.core.management import call_command
     from django.db import connection
 

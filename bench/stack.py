@@ -133,6 +133,7 @@ def edge_site_create(accelerator, *, hostnames: list[str], inventory: bool, slug
     """An edge site in eu-central with one rack of ``hostnames`` (8 GPUs each) and a 1-GPU slice offer of
     ``accelerator``; returns (site, nodes, offer). ``inventory``: the nodes get their GPUs and are made
     available here (no agent will report them); else they stay enrolling until their agent says hello."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.services.catalog.offers import offer_create
     from provisioning.choices import NodeState, SiteKind
     from provisioning.services.fleet import GpuSpec, node_enrol, node_set_inventory, node_transition, rack_create
@@ -164,6 +165,7 @@ def edge_site_create(accelerator, *, hostnames: list[str], inventory: bool, slug
 
 def tenant_create(*, name: str, email: str, credit: str = "100000"):
     """An organization with its owner and ``credit`` granted; returns the owner's TenantContext."""
+    # Here, not at the top: these need django.setup(), done once the bench has chosen its database.
     from marketplace.choices import Role
     from marketplace.services.billing.credits import credits_grant
     from marketplace.services.tenancy.members import organization_create, user_create

