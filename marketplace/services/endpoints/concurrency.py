@@ -14,8 +14,7 @@ adds is what wakes the endpoint from zero.
 import time
 from dataclasses import dataclass
 
-import redis
-from django.conf import settings
+from console.kernel.stores import redis_client
 
 KEY_PREFIX = "neocloud:endpoint-concurrency:"
 KEEP_SECONDS = 300
@@ -90,10 +89,6 @@ def concurrency_add(pipe, readings: dict[str, tuple[float, int]], *, now: float 
         pipe.expire(key, KEEP_SECONDS)
 
 
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
-
-
 @dataclass(frozen=True)
 class Series:
     """An endpoint's last seconds, oldest first, one value a second (0 where no gateway reported)."""
@@ -108,7 +103,7 @@ def concurrency_series(endpoint_ids, *, seconds: int, now: float | None = None, 
     if not endpoint_ids:
         return {}
     last = int(time.time() if now is None else now) - 1
-    client = client or _redis()
+    client = client or redis_client()
     pipe = client.pipeline(transaction=False)
     for endpoint_id in endpoint_ids:
         pipe.hgetall(concurrency_key(endpoint_id))

@@ -18,12 +18,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import redis
-from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
 from console.kernel.events import publish_on_commit, tenant_group
+from console.kernel.stores import redis_client
 from marketplace.models import LATENCY_BUCKETS_MS, Endpoint, EndpointTraffic, GatewayCursor, Replica, TrafficOutcome
 
 logger = logging.getLogger(__name__)
@@ -88,10 +87,6 @@ class TrafficCounter:
             for (endpoint, replica, minute, outcome), cell in cells.items()
         ]
         return json.dumps({"gateway": self.gateway, "sequence": self.sequence, "rows": rows}).encode()
-
-
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
 
 
 def _decode(raw: bytes) -> dict | None:
@@ -176,7 +171,7 @@ def _merge(batches: list[dict]) -> int:
 def traffic_collect(*, limit: int = 1000) -> int:
     """Beat: merge up to ``limit`` waiting batches into EndpointTraffic, exactly once each; returns the
     requests added. One collector at a time (a Redis lock); the list is trimmed only after the commit."""
-    client = _redis()
+    client = redis_client()
     token = secrets.token_hex(8)
     if not client.set(COLLECT_LOCK_KEY, token, nx=True, ex=120):
         return 0
