@@ -16,7 +16,7 @@ what it saw, shown to the tenant; reconcile makes the replicas follow (draining 
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -55,6 +55,7 @@ class Decision:
     reason: str
     panic_until: datetime | None
     inputs: dict = field(default_factory=dict)
+    changed: bool = False  # the ask moved (set by endpoint_autoscale, which knows what it was)
 
 
 def decide(
@@ -139,6 +140,7 @@ def endpoint_autoscale(*, endpoint_id, series: Series, now: datetime | None = No
         panic_until=endpoint.panic_until,
     )
     changed = decision.desired != current
+    decision = replace(decision, changed=changed)
     if changed or decision.panic_until != endpoint.panic_until or endpoint.desired_replicas is None:
         Endpoint.objects.filter(pk=endpoint.pk).update(
             desired_replicas=decision.desired, panic_until=decision.panic_until
@@ -175,7 +177,6 @@ def endpoints_autoscale(*, now: datetime | None = None) -> int:
     series = concurrency_series(ids, seconds=settings.AUTOSCALE_STABLE_SECONDS, now=wall)
     changed = 0
     for endpoint_id in ids:
-        before = Endpoint.objects.filter(pk=endpoint_id).values_list("desired_replicas", flat=True).first()
         decision = endpoint_autoscale(endpoint_id=endpoint_id, series=series[str(endpoint_id)], now=now)
-        changed += decision is not None and decision.desired != before
+        changed += decision is not None and decision.changed
     return changed
