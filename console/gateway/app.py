@@ -179,14 +179,12 @@ class Gateway:
             if current.targets:
                 return current
             route = current
-        self._record(route, None, 503, started, 0)
-        raise ApiError(
-            503,
+        raise self._unanswered(
+            route,
+            started,
             f"The endpoint `{route.name}` is starting a replica (from {route.state}) and none answered within "
             f"{settings.GATEWAY_COLD_START_TIMEOUT_SECONDS:g} s; retry in {NOT_READY_RETRY_AFTER} seconds.",
-            type="server_error",
             code="endpoint_waking",
-            headers=((b"retry-after", str(NOT_READY_RETRY_AFTER).encode()),),
         )
 
     async def _authenticate(self, scope: Scope) -> Grant:
@@ -309,22 +307,28 @@ class Gateway:
             finally:
                 target.outstanding -= 1
         if not route.targets:
-            self._record(route, None, 503, started, 0)
-            raise ApiError(
-                503,
+            raise self._unanswered(
+                route,
+                started,
                 f"The endpoint `{route.name}` has no replica ready yet (it is {route.state}); "
                 f"retry in {NOT_READY_RETRY_AFTER} seconds.",
-                type="server_error",
                 code="endpoint_not_ready",
-                headers=((b"retry-after", str(NOT_READY_RETRY_AFTER).encode()),),
             )
-        self._record(route, None, 503, started, 0)
-        raise ApiError(
-            503,
+        raise self._unanswered(
+            route,
+            started,
             f"No replica of `{route.name}` could take the request ({len(tried)} tried); retry shortly.",
-            type="server_error",
             code="replicas_unavailable",
-            headers=((b"retry-after", b"1"),),
+            retry_after=1,
+        )
+
+    def _unanswered(
+        self, route: Route, started: float, message: str, *, code: str, retry_after: int = NOT_READY_RETRY_AFTER
+    ) -> ApiError:
+        """No replica took the request: counted for the endpoint, and a 503 saying when to come back."""
+        self._record(route, None, 503, started, 0)
+        return ApiError(
+            503, message, type="server_error", code=code, headers=((b"retry-after", str(retry_after).encode()),)
         )
 
     async def _relay(self, response, body: bytes | None, headers: list[tuple[bytes, bytes]], send: Send) -> None:
