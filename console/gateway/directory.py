@@ -151,7 +151,7 @@ def _grant(raw_key: str) -> Grant | None:
 class Directory:
     def __init__(self, *, auth_ttl: float | None = None, routes_ttl: float | None = None, threads: int = 4) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway-db")
-        self._targets: dict[str, Target] = {}
+        self._targets: dict[str, dict[str, Target]] = {}  # organization -> its ready replicas, by id
         self._keys = _Cache(
             settings.GATEWAY_AUTH_CACHE_SECONDS if auth_ttl is None else auth_ttl, self._lookup_key, self._in_thread
         )
@@ -187,15 +187,16 @@ class Directory:
 
     def _lookup_routes(self, organization_id: str) -> dict[str, Route]:
         routes = {}
+        known, current = self._targets.get(organization_id, {}), {}
         for endpoint in endpoint_routes(organization_id=organization_id):
             targets = []
             for replica in endpoint["replicas"]:
-                target = self._targets.get(replica["id"])
+                target = known.get(replica["id"])
                 if target is None or target.address != replica["address"]:
                     target = Target(
                         id=replica["id"], address=replica["address"], secret=replica_secret(replica["id"]).encode()
                     )
-                    self._targets[replica["id"]] = target
+                current[replica["id"]] = target
                 targets.append(target)
             routes[endpoint["name"]] = Route(
                 endpoint_id=endpoint["id"],
@@ -204,6 +205,7 @@ class Directory:
                 created=endpoint["created"],
                 targets=tuple(targets),
             )
+        self._targets[organization_id] = current  # replicas no longer ready are forgotten with the routes
         return routes
 
     def eject(self, target: Target) -> None:
