@@ -57,7 +57,16 @@ from urllib.parse import urlsplit
 
 import psutil
 from database import accelerator_types_create, bench_database_url, database_recreate  # bench/database.py
-from stack import ROOT, Child, edge_site_create, machine_facts, machine_facts_end, median, tenant_create
+from stack import (
+    ROOT,
+    Child,
+    edge_site_create,
+    machine_facts,
+    machine_facts_end,
+    median,
+    results_write,
+    tenant_create,
+)
 
 BENCH = ROOT / "bench"
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/neocloud_autoscale_bench"
@@ -935,9 +944,7 @@ def main(argv=None) -> int:
                 say(f"----- {name} (last 3000 characters) -----\n{text}")
     machine_facts_end(results["machine"])
     suffix = "-quick" if args.quick else "-fast" if args.fast else ""
-    output = args.output or BENCH / "results" / f"autoscale-{datetime.now(UTC):%Y-%m-%d}{suffix}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    output = results_write(results, name="autoscale", output=args.output, suffix=suffix)
     print(report(results))
     say(f"Results written to {output}")
     return 0

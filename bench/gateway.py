@@ -57,13 +57,21 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
 from database import accelerator_types_create, bench_database_url, database_recreate  # bench/database.py
-from stack import ROOT, Child, edge_site_create, machine_facts, machine_facts_end, median, tenant_create
+from stack import (
+    ROOT,
+    Child,
+    edge_site_create,
+    machine_facts,
+    machine_facts_end,
+    median,
+    results_write,
+    tenant_create,
+)
 
 BENCH = ROOT / "bench"
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/neocloud_gateway_bench"
@@ -661,9 +669,7 @@ def main(argv=None) -> int:
             child.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     machine_facts_end(results["machine"])
-    output = args.output or BENCH / "results" / f"gateway-{datetime.now(UTC):%Y-%m-%d}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    output = results_write(results, name="gateway", output=args.output, suffix="")
     print(report(results))
     say(f"Results written to {output}")
     return 0

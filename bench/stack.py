@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,6 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the project is importable
     sys.path.insert(0, str(ROOT))
 from console.devservers import stop_process  # noqa: E402
+
+
+def results_write(results: dict, *, name: str, output: Path | None = None, suffix: str = "") -> Path:
+    """The run's JSON at ``output``, or bench/results/<name>-<date><suffix>.json; returns the path."""
+    output = output or ROOT / "bench" / "results" / f"{name}-{datetime.now(UTC):%Y-%m-%d}{suffix}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return output
 
 
 def median(values: list[float]) -> float | None:
