@@ -5,7 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from marketplace.api.views.billing import BalanceView, BillingNoticeView, InvoiceViewSet, SpendAlertViewSet, UsageView
-from marketplace.api.views.catalog import OfferViewSet
+from marketplace.api.views.catalog import ImageViewSet, OfferViewSet
 from marketplace.api.views.endpoints import EndpointViewSet, ServedModelViewSet
 from marketplace.api.views.reservations import ReservationViewSet
 from marketplace.api.views.tenancy import ApiKeyViewSet, MeView, SshKeyViewSet
@@ -16,6 +16,7 @@ router.include_root_view = False
 router.register("sites", SiteViewSet, basename="site")
 router.register("accelerator-types", AcceleratorTypeViewSet, basename="accelerator-type")
 router.register("offers", OfferViewSet, basename="offer")
+router.register("images", ImageViewSet, basename="image")
 router.register("api-keys", ApiKeyViewSet, basename="api-key")
 router.register("ssh-keys", SshKeyViewSet, basename="ssh-key")
 router.register("reservations", ReservationViewSet, basename="reservation")

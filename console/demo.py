@@ -16,25 +16,30 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from marketplace.choices import OfferShape, Role
-from marketplace.models import Endpoint, ModelTask, Offer, Organization, Reservation, ServedModel
+from marketplace.choices import OfferShape, ReservationState, Role
+from marketplace.models import Endpoint, Image, ModelTask, Offer, Organization, Reservation, ServedModel, SshKey
 from marketplace.money import cents, month_start
+from marketplace.selectors.access import reservation_access
 from marketplace.selectors.endpoints import endpoint_list
 from marketplace.selectors.tenancy import tenant_context_for_user
 from marketplace.services.billing.credits import credits_grant
 from marketplace.services.billing.invoicing import invoice_month
 from marketplace.services.billing.metering import usage_rate
 from marketplace.services.billing.spend import credit_limit_set, spend_alert_create
+from marketplace.services.catalog.images import image_default_set, image_save
 from marketplace.services.catalog.offers import offer_create
 from marketplace.services.endpoints.lifecycle import endpoint_base_url, endpoint_create
 from marketplace.services.endpoints.models import served_model_create
 from marketplace.services.reservations import lifecycle
 from marketplace.services.tenancy.api_keys import InvalidApiKey, api_key_authenticate, api_key_create
 from marketplace.services.tenancy.members import membership_set, organization_create, user_create
+from marketplace.services.tenancy.ssh_keys import ssh_key_add
 from marketplace.tenant_context import TenantContext
 from provisioning.agent.credentials import FILENAME, NotEnrolled, load_credentials
 from provisioning.choices import NodeState, Purpose, SiteKind, Vendor
@@ -272,8 +277,66 @@ def seed_demo() -> bool:
             threshold=threshold,
         )
     seed_demo_latencies()
+    seed_demo_images()
     _seed_slices()
     return True
+
+
+# The demo's image catalog: (slug, name, description, the vendor it suits, default for it, steps). Their
+# steps name what a real host would run; the simulated driver walks them for their seconds.
+IMAGES = [
+    (
+        "ubuntu-22.04-cuda-12.4-pytorch-2.5",
+        "Ubuntu 22.04 · CUDA 12.4 · PyTorch 2.5",
+        "Driver 550, CUDA 12.4, cuDNN 9, NCCL 2.21, Python 3.11 and PyTorch 2.5 in a venv at ~/venv.",
+        Vendor.NVIDIA,
+        True,
+        [
+            {"name": "fetch base image", "seconds": 1.5},
+            {"name": "install NVIDIA driver 550", "seconds": 1.0},
+            {"name": "install CUDA 12.4 and NCCL", "seconds": 1.0},
+            {"name": "install PyTorch 2.5", "seconds": 0.5},
+        ],
+    ),
+    (
+        "ubuntu-22.04-cuda-12.4",
+        "Ubuntu 22.04 · CUDA 12.4",
+        "Driver 550 and CUDA 12.4 only: bring your own frameworks.",
+        Vendor.NVIDIA,
+        False,
+        [
+            {"name": "fetch base image", "seconds": 1.5},
+            {"name": "install NVIDIA driver 550", "seconds": 1.0},
+            {"name": "install CUDA 12.4 and NCCL", "seconds": 1.0},
+        ],
+    ),
+    (
+        "ubuntu-22.04-rocm-6.2-pytorch-2.5",
+        "Ubuntu 22.04 · ROCm 6.2 · PyTorch 2.5",
+        "ROCm 6.2, RCCL and PyTorch 2.5 for ROCm in a venv at ~/venv.",
+        Vendor.AMD,
+        True,
+        [
+            {"name": "fetch base image", "seconds": 1.5},
+            {"name": "install ROCm 6.2", "seconds": 1.5},
+            {"name": "install PyTorch 2.5 (ROCm)", "seconds": 0.5},
+        ],
+    ),
+]
+
+
+def seed_demo_images() -> int:
+    """The image catalog, through its services (once: an image already there is left as it is)."""
+    made = 0
+    for slug, name, description, vendor, default, steps in IMAGES:
+        if Image.objects.filter(slug=slug).exists():
+            continue
+        types = list(AcceleratorType.objects.filter(vendor=vendor))
+        image = image_save(accelerator_types=types, slug=slug, name=name, description=description, steps=steps)
+        made += 1
+        for accelerator_type in types if default else ():
+            image_default_set(accelerator_type=accelerator_type, image=image)
+    return made
 
 
 def measured_rtts(path: Path = CITY_RTT_CSV) -> dict[tuple[str, str], Decimal]:
@@ -484,6 +547,79 @@ def demo_endpoint() -> DemoEndpoint | None:
     if endpoint is None:
         return None
     return DemoEndpoint(name=endpoint.name, model=endpoint.model.name, base_url=endpoint_base_url(endpoint))
+
+
+# A reservation made in the demo that a new user can log into: Acme AI's member's 1-GPU H100 slice in
+# Frankfurt, with a key pair the demo made (its private half in the data directory, mode 0600).
+DEMO_SSH_KEY_NAME = "make demo"
+DEMO_SSH_HOURS = 24
+
+
+def demo_ssh_key_write(path: Path) -> SshKey | None:
+    """The demo's SSH key pair: the private key in ``path`` (0600), the public one in ``path``.pub and on
+    Acme AI's member's keys. One there whose public half the member has is kept."""
+    tenant = _demo_member()
+    if tenant is None:
+        return None
+    public_path = path.with_name(path.name + ".pub")
+    if path.exists() and public_path.exists():
+        public = public_path.read_text().split()[:2]
+        known = SshKey.objects.filter(organization=tenant.organization, owner=tenant.user, public_key=" ".join(public))
+        if known.exists():
+            return known.first()
+    private_key = ed25519.Ed25519PrivateKey.generate()
+    private = private_key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
+    public = private_key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # ssh refuses a private key others can read
+    with os.fdopen(descriptor, "wb") as key_file:
+        key_file.write(private)
+    public_path.write_text(f"{public} {DEMO_SSH_KEY_NAME}\n")
+    return ssh_key_add(tenant=tenant, public_key=public, name=f"{DEMO_SSH_KEY_NAME} ({path})")
+
+
+def seed_demo_access(key_file: Path) -> Reservation | None:
+    """A reservation of Acme AI's member that lets the demo's key in: the one still running, else a new
+    one starting now. None outside the demo world."""
+    tenant = _demo_member()
+    key = demo_ssh_key_write(key_file)
+    if tenant is None or key is None:
+        return None
+    running = key.reservations.filter(state__in=(ReservationState.PROVISIONING, ReservationState.ACTIVE)).first()
+    if running is not None:
+        return running
+    offer = Offer.objects.get(
+        site__slug="fra-hall-1", accelerator_type__slug="h100-sxm-80gb", shape=OfferShape.NODE, gpus_per_instance=1
+    )
+    return lifecycle.reservation_create(
+        tenant=tenant,
+        offer=offer,
+        quantity=1,
+        start=None,
+        end=None,
+        duration_hours=DEMO_SSH_HOURS,
+        ssh_keys=[key.pk],
+    )
+
+
+def demo_connect_lines(key_file: Path) -> list[str] | None:
+    """The connect command of the demo's reservation once every node of it is ready, else None."""
+    tenant = _demo_member()
+    if tenant is None or not key_file.exists():
+        return None
+    reservation = (
+        Reservation.objects.filter(organization=tenant.organization, ssh_keys__name__startswith=DEMO_SSH_KEY_NAME)
+        .filter(state=ReservationState.ACTIVE)
+        .order_by("-created_at")
+        .first()
+    )
+    if reservation is None:
+        return None
+    access = reservation_access(reservation=reservation)
+    if access["status"] != "ready":
+        return None
+    return [f"{node['command'].replace('ssh ', f'ssh -i {key_file} ', 1)}" for node in access["nodes"] if node["ready"]]
 
 
 def demo_credentials() -> list[tuple[str, str, str]]:

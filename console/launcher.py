@@ -23,6 +23,8 @@ from console.devservers import Stop, data_stores, raise_stop_on_signals, stop_pr
 logger = logging.getLogger("console.launcher")
 ROOT = Path(__file__).resolve().parent.parent
 CELERY_QUEUES = "default,provisioning,billing,telemetry"
+SSH_KEY_FILE = "demo-ssh-key"  # in the data directory: the private key that logs into Acme AI's demo slice
+CONNECT_WAIT_SECONDS = 180
 API_KEY_FILE = "demo-api-key"  # in the data directory: Acme AI's key for the demo endpoint (seed_demo writes it)
 
 
@@ -196,6 +198,8 @@ def _run(args: argparse.Namespace, stores: dict[str, str], processes: dict[str, 
             str(data_dir / "agents"),
             "--api-key-file",
             str(data_dir / API_KEY_FILE),
+            "--ssh-key-file",
+            str(data_dir / SSH_KEY_FILE),
         )
     for name, command in _children(args.host, args.port, args.server, data_dir, args.gateway_port).items():
         _start(processes, name, command, env)
@@ -230,11 +234,26 @@ def _run(args: argparse.Namespace, stores: dict[str, str], processes: dict[str, 
 
     django.setup()
     print(_banner(base, data_dir), flush=True)
+    connect_by = time.monotonic() + CONNECT_WAIT_SECONDS
     while True:
         for name, process in processes.items():
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}; stopping everything")
+        if connect_by and time.monotonic() < connect_by:
+            connect_by = 0 if _print_connect(data_dir / SSH_KEY_FILE) else connect_by
         time.sleep(0.5)
+
+
+def _print_connect(key_file: Path) -> bool:
+    """Once the demo's SSH reservation is active: how to log into it (a real SSH server on this machine)."""
+    from console.demo import demo_connect_lines  # after django.setup(), as in _banner
+
+    lines = demo_connect_lines(key_file)
+    if not lines:
+        return False
+    print("SSH into Acme AI's demo slice (a real SSH server on this machine; its sessions see their GPU only):")
+    print("\n".join(f"  {line}" for line in lines), "\n", flush=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@ class MarketplaceConfig(AppConfig):
         # models, which cannot load before the app registry is populated.
         from marketplace.selectors.capacity import node_gpu_holdings
         from marketplace.services.endpoints import replicas
+        from marketplace.services.reservations import access
         from marketplace.services.reservations import provisioning as provisioning_flow
+        from marketplace.services.tenancy import ssh_keys
         from provisioning import hooks
 
         hooks.on_command_finished(provisioning_flow.on_command_finished)
@@ -23,3 +25,5 @@ class MarketplaceConfig(AppConfig):
         provisioning_flow.on_provision_params(replicas.serve_params)
         hooks.on_command_finished(replicas.on_command_finished)
         hooks.on_workload_reported(replicas.on_workload_reported)  # a replica's server stopped answering
+        # Deleted SSH keys (by their owner, or with a leaving member) leave the reservations that had them.
+        ssh_keys.on_keys_removed(access.keys_removed)

@@ -110,3 +110,12 @@ class ReplicaState(models.TextChoices):
 
 
 LIVE_REPLICA_STATES = frozenset({ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY})
+
+
+class AccessStatus(models.TextChoices):
+    """Whether a reservation can be logged into (marketplace.selectors.access)."""
+
+    NONE = "none", "No SSH access"  # an endpoint's replica
+    WAITING = "waiting", "Not set up yet"
+    READY = "ready", "Ready"
+    ENDED = "ended", "Ended"

@@ -31,6 +31,7 @@ class CommandKind(models.TextChoices):
     PROVISION = "provision", "Provision"
     RELEASE = "release", "Release"
     HEALTH_CHECK = "health_check", "Health check"
+    ACCESS = "access", "Update access"
 
 
 class CommandState(models.TextChoices):

@@ -15,11 +15,13 @@ from console.portal.forms import ReserveForm, refused_field
 from marketplace.api.filters import OfferFilter
 from marketplace.choices import OfferKind
 from marketplace.money import cents, term_price
+from marketplace.selectors.access import image_for, image_list
 from marketplace.selectors.billing import (
     spendable,
 )
 from marketplace.selectors.capacity import availability_by_hour, availability_window
 from marketplace.selectors.catalog import instance_sizes, offer_get, offer_list, price_in_force
+from marketplace.selectors.tenancy import ssh_key_list
 from marketplace.services.idempotency import idempotent
 from marketplace.services.reservations.lifecycle import (
     quote_check,
@@ -85,8 +87,20 @@ def _term_choices(offer) -> list[tuple]:
 def reserve(request, offer_id):
     """Reserve from an offer: fill in, see the price and the hold, confirm."""
     offer = offer_get(offer_id=offer_id)
-    form = ReserveForm(request.POST or None, initial={"idempotency_key": uuid.uuid4().hex})
+    images = list(image_list(accelerator_type_id=offer.accelerator_type_id))
+    default_image = image_for(offer=offer, slug=None)
+    keys = list(ssh_key_list(tenant=request.tenant))
+    initial = {
+        "idempotency_key": uuid.uuid4().hex,
+        "image": default_image.slug if default_image else "",
+        "ssh_keys": [str(key.pk) for key in keys if key.owner_id == request.tenant.user.pk],
+    }
+    form = ReserveForm(request.POST or None, initial=initial)
     form.fields["term_months"].choices = _term_choices(offer)
+    form.fields["image"].choices = [(image.slug, image.name) for image in images]
+    form.fields["ssh_keys"].choices = [
+        (str(key.pk), f"{key.name} · {key.fingerprint[:20]}…{'' if key.owner_id else ' (shared)'}") for key in keys
+    ]
     quote, status = None, 200
     if offer.kind != OfferKind.NODE:  # one slice or one whole rack per reservation (reservation_quote says so)
         form.fields["quantity"].widget = forms.HiddenInput()
@@ -123,6 +137,8 @@ def reserve(request, offer_id):
                         duration_hours=hours,
                         term_months=term,
                         idempotency_key=key,
+                        image=data["image"] or None,
+                        ssh_keys=data["ssh_keys"],
                     )
                     return 201, {"id": str(made.id)}
 
@@ -156,6 +172,7 @@ def reserve(request, offer_id):
             "can_confirm": quote is not None and status == 200 and request.tenant.can_spend,
             "term_chosen": form.is_bound and bool(form.data.get("term_months")),
             "insufficient": status == 402,
+            "has_keys": bool(keys),
         },
         status=status,
     )

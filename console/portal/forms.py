@@ -66,6 +66,11 @@ class ReserveForm(forms.Form):
         widget=forms.Select(attrs={"data-term-select": ""}),
     )
     idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
+    # Choices set by the view: the images suiting the offer, the keys the tenant may install.
+    image = forms.ChoiceField(choices=[], required=False, label="Image")
+    ssh_keys = forms.MultipleChoiceField(
+        choices=[], required=False, label="SSH keys", widget=forms.CheckboxSelectMultiple
+    )
 
     def clean(self):
         data = super().clean()

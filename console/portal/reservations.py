@@ -10,6 +10,7 @@ from console.portal.billing import money, running_cost, wallet_of
 from console.portal.catalog import per_instance_hour
 from console.portal.forms import ExtendForm, refused_field
 from marketplace.choices import ReservationState
+from marketplace.selectors.access import reservation_access
 from marketplace.selectors.billing import (
     hold_remaining,
 )
@@ -21,6 +22,8 @@ from marketplace.selectors.reservations import (
     reservation_list,
     reservation_progress,
 )
+from marketplace.selectors.tenancy import ssh_key_get, ssh_key_list
+from marketplace.services.reservations.access import reservation_key_add, reservation_key_remove
 from marketplace.services.reservations.lifecycle import (
     reservation_cancel,
     reservation_extend,
@@ -68,11 +71,15 @@ def reservation_detail(request, reservation_id):
     status = 200
     if request.method == "POST":
         try:
-            if request.POST.get("action") == "cancel":
+            action = request.POST.get("action")
+            if action in ("key_add", "key_remove"):
+                _change_keys(request, reservation, action)
+                return redirect("portal:reservation", reservation_id=reservation.pk)
+            if action == "cancel":
                 reservation_cancel(tenant=request.tenant, reservation=reservation)
                 messages.success(request, "Cancelled." if reservation.state == "cancelled" else "Releasing its nodes.")
                 return redirect("portal:reservation", reservation_id=reservation.pk)
-            if request.POST.get("action") == "extend":
+            if action == "extend":
                 extend_form = ExtendForm(request.POST)
                 if extend_form.is_valid():
                     reservation_extend(
@@ -95,6 +102,8 @@ def reservation_detail(request, reservation_id):
     now = timezone.now()
     wallet = wallet_of(request.tenant, now=now)
     active = reservation.state == ReservationState.ACTIVE
+    access = reservation_access(reservation=reservation)
+    installed = {key["id"] for key in access["keys"]}
     return render(
         request,
         "portal/reservation.html",
@@ -103,6 +112,8 @@ def reservation_detail(request, reservation_id):
             "reservation": reservation,
             "extend_form": extend_form,
             "progress": reservation_progress(reservation=reservation),
+            "access": access,
+            "keys_to_add": [key for key in ssh_key_list(tenant=request.tenant) if str(key.pk) not in installed],
             "telemetry_gpus": reservation_gpus_now(reservation=reservation),
             "energy_kwh": reservation_energy_kwh(reservation=reservation),
             "can_cancel": reservation.can_cancel,
@@ -115,3 +126,15 @@ def reservation_detail(request, reservation_id):
         },
         status=status,
     )
+
+
+def _change_keys(request, reservation, action: str) -> None:
+    """Let a key in, or take one out (services.reservations.access); its nodes follow within seconds."""
+    key_id = request.POST.get("key", "")
+    if action == "key_add":
+        key = ssh_key_get(tenant=request.tenant, key_id=key_id)
+        reservation_key_add(tenant=request.tenant, reservation=reservation, key=key)
+        messages.success(request, f"{key.name} is let in; its nodes take it within seconds.")
+    else:
+        reservation_key_remove(tenant=request.tenant, reservation=reservation, key_id=key_id)
+        messages.success(request, "Key taken out; its nodes refuse it within seconds (open sessions stay).")

@@ -220,6 +220,9 @@ SPECTACULAR_SETTINGS = {
         "OfferKindEnum": "marketplace.choices.OfferKind",
         "EndpointStateEnum": "marketplace.models.endpoints.EndpointState",
         "ReplicaStateEnum": "marketplace.choices.ReplicaState",
+        "AccessStatusEnum": "marketplace.choices.AccessStatus",
+        "InvoiceStatusEnum": "marketplace.models.billing.InvoiceStatus",
+        "ApiKeyStatusEnum": ["active", "expired", "revoked"],
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -268,6 +271,8 @@ AGENT_MISSED_BEATS = env_int("AGENT_MISSED_BEATS", 3)  # then the node is marked
 AGENT_MAX_FRAME_BYTES = env_int("AGENT_MAX_FRAME_BYTES", 256 * 1024)
 BOOTSTRAP_TOKEN_HOURS = env_int("BOOTSTRAP_TOKEN_HOURS", 24)
 PROVISION_TIMEOUT_SECONDS = env_int("PROVISION_TIMEOUT_SECONDS", 600)
+# A reservation's new key list: an agent applies it in milliseconds; one offline longer gets the next list.
+ACCESS_TIMEOUT_SECONDS = env_int("ACCESS_TIMEOUT_SECONDS", 120)
 RELEASE_TIMEOUT_SECONDS = env_int("RELEASE_TIMEOUT_SECONDS", 300)
 RECONCILE_SECONDS = env_int("RECONCILE_SECONDS", 15)
 CELERY_BEAT_SCHEDULE["provisioning-reconcile"] = {

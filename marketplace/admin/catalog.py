@@ -1,13 +1,22 @@
-"""Operators' view of the catalog: offers and their term discounts, written through
-marketplace.services.catalog; prices through the billing price book (marketplace.admin.billing)."""
+"""Operators' view of the catalog: offers and their term discounts, and the images nodes boot into,
+written through marketplace.services.catalog; prices through the billing price book (marketplace.admin.billing)."""
 
 from django.contrib import admin
 
 from console.kernel.admin import ServiceAdmin, ServiceInline, values
 from marketplace.admin.billing import OfferPriceAddInline, OfferPriceHistoryInline
 from marketplace.models import (
+    Image,
+    ImageDefault,
     Offer,
     OfferTermDiscount,
+)
+from marketplace.services.catalog.images import (
+    IMAGE_FIELDS,
+    image_default_remove,
+    image_default_set,
+    image_delete,
+    image_save,
 )
 from marketplace.services.catalog.offers import (
     offer_create,
@@ -86,3 +95,51 @@ class OfferAdmin(ServiceAdmin):
 
     def delete(self, request, obj):
         offer_delete(offer=obj)
+
+
+class ImageDefaultInline(ServiceInline, admin.TabularInline):
+    model = ImageDefault
+    extra = 0
+    verbose_name = "default for"
+    verbose_name_plural = "default for (reservations of these types that name no image get it)"
+
+    def create(self, request, parent, form):
+        return image_default_set(accelerator_type=form.cleaned_data["accelerator_type"], image=parent)
+
+    def update(self, request, obj, form):
+        if form.cleaned_data["accelerator_type"] != obj.accelerator_type:
+            image_default_remove(accelerator_type=obj.accelerator_type)
+        return image_default_set(accelerator_type=form.cleaned_data["accelerator_type"], image=obj.image)
+
+    def delete(self, request, obj):
+        image_default_remove(accelerator_type=obj.accelerator_type)
+
+
+@admin.register(Image)
+class ImageAdmin(ServiceAdmin):
+    """The catalog of what nodes boot into. ``steps`` is a JSON list of ``{"name", "run", "seconds"}``
+    (docs/access.md)."""
+
+    list_display = ["name", "slug", "is_active", "created_at"]
+    list_filter = ["is_active", "accelerator_types"]
+    search_fields = ["name", "slug", "description"]
+    list_editable = ["is_active"]
+    filter_horizontal = ["accelerator_types"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [ImageDefaultInline]
+
+    def create(self, request, form):
+        data = form.cleaned_data
+        return image_save(accelerator_types=data["accelerator_types"], **values(None, form, IMAGE_FIELDS))
+
+    def update(self, request, obj, form):
+        types = form.cleaned_data.get("accelerator_types", obj.accelerator_types.all())
+        return image_save(image=obj, accelerator_types=types, **values(obj, form, IMAGE_FIELDS))
+
+    def delete(self, request, obj):
+        image_delete(image=obj)
+
+    def save_related(self, request, form, formsets, change):
+        # The service set the accelerator types; only the inline's rows are left (through their hooks).
+        for formset in formsets:
+            self.save_formset(request, form, formset, change=change)

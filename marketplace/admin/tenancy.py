@@ -13,6 +13,7 @@ from marketplace.models import (
     Membership,
     Organization,
     Quota,
+    SshKey,
     User,
 )
 from marketplace.services.tenancy.api_keys import api_keys_revoke_as_operator
@@ -25,6 +26,7 @@ from marketplace.services.tenancy.members import (
     quota_remove,
     quota_set,
 )
+from marketplace.services.tenancy.ssh_keys import ssh_keys_remove_as_operator
 
 
 class MembershipInline(ServiceInline, admin.TabularInline):
@@ -153,6 +155,27 @@ class MembershipAdmin(ServiceAdmin):
 
     def delete(self, request, obj):
         membership_remove(organization=obj.organization, user=obj.user)
+
+
+@admin.register(SshKey)
+class SshKeyAdmin(ReadOnlyAdmin):
+    """Keys are added by members (portal, API); operators look, and remove one (a leaked key) from every
+    reservation it lets into."""
+
+    list_display = ["name", "fingerprint", "key_type", "bits", "organization", "owner", "created_at"]
+    list_filter = ["key_type", "organization"]
+    search_fields = ["name", "fingerprint", "organization__name", "owner__email"]
+    list_select_related = ["organization", "owner"]
+    readonly_fields = ["id", "organization", "owner", "name", "key_type", "bits", "public_key", "fingerprint"]
+    actions = ["remove"]
+
+    def has_remove_permission(self, request):
+        return request.user.has_perm("marketplace.delete_sshkey")
+
+    @admin.action(description="Remove selected keys (from every reservation too)", permissions=["remove"])
+    def remove(self, request, queryset):
+        count = ssh_keys_remove_as_operator(keys=queryset, actor=request.user.email)
+        self.message_user(request, f"Removed {count} key(s).", messages.SUCCESS)
 
 
 @admin.register(ApiKey)

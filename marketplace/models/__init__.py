@@ -11,7 +11,7 @@ from .billing import (
     SpendAlert,
     UsageRecord,
 )
-from .catalog import Offer, OfferTermDiscount
+from .catalog import Image, ImageDefault, Offer, OfferTermDiscount
 from .endpoints import (
     ENDPOINT_TRANSITIONS,
     LATENCY_BUCKETS_MS,
@@ -69,6 +69,8 @@ __all__ = [
     "Allocation",
     "ApiKey",
     "IdempotencyRecord",
+    "Image",
+    "ImageDefault",
     "Membership",
     "Offer",
     "OfferTermDiscount",

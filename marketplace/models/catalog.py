@@ -1,7 +1,7 @@
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
 from marketplace.choices import OfferKind, OfferShape, TermMonths
@@ -133,3 +133,76 @@ class OfferTermDiscount(models.Model):
     @property
     def price_per_gpu_hour(self) -> Decimal:
         return term_price(self.offer.price_per_gpu_hour, self.percent_off)
+
+
+IMAGE_SLUG = RegexValidator(
+    r"^[a-z0-9][a-z0-9._-]*$", "Lower-case letters, digits, dots, dashes and underscores, from a letter or digit."
+)
+MAX_IMAGE_STEPS = 32
+MAX_STEP_SECONDS = 600
+
+
+def image_steps_check(steps) -> None:
+    """ValueError saying what is wrong with an image's steps (the agent checks them again)."""
+    if not isinstance(steps, list) or len(steps) > MAX_IMAGE_STEPS:
+        raise ValueError(f"Steps are a list of at most {MAX_IMAGE_STEPS} objects.")
+    for number, step in enumerate(steps, start=1):
+        if not isinstance(step, dict) or set(step) - {"name", "run", "seconds"}:
+            raise ValueError(f"Step {number} must be an object of name, run (optional) and seconds (optional).")
+        name = step.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 80 or not name.isprintable():
+            raise ValueError(f"Step {number} needs a name of 1 to 80 printable characters.")
+        run = step.get("run")
+        if run is not None and (not isinstance(run, list) or not run or not all(isinstance(a, str) for a in run)):
+            raise ValueError(f"Step {number} ({name}): run is a program and its arguments (strings).")
+        seconds = step.get("seconds", 1)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= MAX_STEP_SECONDS:
+            raise ValueError(f"Step {number} ({name}): seconds is a number from 0 to {MAX_STEP_SECONDS}.")
+
+
+class Image(models.Model):
+    """What a node or a slice boots into, kept by operators: e.g. "Ubuntu 22.04 · CUDA 12.4 · PyTorch 2.5".
+    ``steps`` are what a host driver runs to prepare it, in order: ``{"name", "run" (argv, optional),
+    "seconds" (how long the simulated driver pretends it takes, optional)}`` (docs/access.md). It suits
+    the accelerator types it names; a reservation of another type cannot take it."""
+
+    slug = models.CharField(
+        max_length=64,
+        unique=True,
+        validators=[IMAGE_SLUG],
+        help_text="Lower-case letters, digits, dots, dashes: e.g. ubuntu-22.04-cuda-12.4.",
+    )
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    accelerator_types = models.ManyToManyField(
+        AcceleratorType, related_name="images", help_text="The accelerators it is built for."
+    )
+    steps = models.JSONField(default=list, blank=True, help_text="What a host driver runs to prepare it.")
+    is_active = models.BooleanField(default=True, help_text="Inactive images are hidden and cannot be chosen.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        try:
+            image_steps_check(self.steps)
+        except ValueError as error:
+            raise ValidationError({"steps": str(error)}) from None
+
+
+class ImageDefault(models.Model):
+    """The image a reservation of an accelerator type gets when it names none: one per type."""
+
+    accelerator_type = models.OneToOneField(AcceleratorType, on_delete=models.CASCADE, related_name="default_image")
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="defaults")
+
+    class Meta:
+        ordering = ["accelerator_type"]
+
+    def __str__(self) -> str:
+        return f"{self.accelerator_type}: {self.image}"

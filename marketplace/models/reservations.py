@@ -15,8 +15,8 @@ from marketplace.choices import FINISHED_STATES, HOLDING_STATES, OfferShape, Res
 from marketplace.money import SECONDS_PER_HOUR, cents, cost, seconds_between
 from provisioning.models import AcceleratorType, Node, Rack
 
-from .catalog import Offer
-from .tenancy import Organization
+from .catalog import Image, Offer
+from .tenancy import Organization, SshKey
 
 S = ReservationState
 
@@ -116,6 +116,13 @@ class Reservation(models.Model):
     # A reserved term is a commitment: released by its tenant before its end, its nodes are freed at
     # once but the rest of the term, [released_early_at, end), is still billed (docs/billing.md).
     released_early_at = models.DateTimeField(null=True, blank=True)
+    # A way in (docs/access.md): what its nodes boot into, and the keys its SSH access lets in. An
+    # endpoint's replica has no access (``has_access`` false): only the gateway reaches it.
+    has_access = models.BooleanField(default=False)
+    image = models.ForeignKey(Image, on_delete=models.PROTECT, null=True, blank=True, related_name="reservations")
+    ssh_keys = models.ManyToManyField(SshKey, blank=True, related_name="reservations")
+    # Bumped with every change of its keys, under its row lock; agents apply a key list only if newer.
+    access_version = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]

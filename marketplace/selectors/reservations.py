@@ -10,6 +10,7 @@ from console.kernel.errors import NotFound
 from marketplace.choices import ReservationState
 from marketplace.models import Allocation, Reservation, UsageRecord
 from marketplace.tenant_context import TenantContext
+from provisioning.choices import CommandKind
 from provisioning.models import NodeCommand
 from provisioning.selectors.telemetry import (
     Holding,
@@ -46,7 +47,7 @@ def reservation_billed(*, reservation: Reservation) -> Decimal | None:
 def reservation_list(*, tenant: TenantContext, state: str | None = None) -> QuerySet[Reservation]:
     reservations = billed_of(
         Reservation.objects.filter(organization=tenant.organization, replica__isnull=True)  # replicas: endpoints'
-        .select_related("offer__site", "offer__accelerator_type", "created_by", "rack")
+        .select_related("offer__site", "offer__accelerator_type", "created_by", "rack", "image")
         .prefetch_related(
             Prefetch(
                 "allocations", queryset=Allocation.objects.select_related("node__rack__site").order_by("node__hostname")
@@ -88,7 +89,9 @@ def reservation_progress(*, reservation: Reservation) -> list[dict]:
     """Per node, the latest command provisioning or releasing it: what the agent reported."""
     latest: dict[int, NodeCommand] = {}
     for command in (
-        NodeCommand.objects.filter(correlation_id=reservation.pk).select_related("node").order_by("created_at")
+        NodeCommand.objects.filter(correlation_id=reservation.pk, kind__in=(CommandKind.PROVISION, CommandKind.RELEASE))
+        .select_related("node")
+        .order_by("created_at")
     ):
         latest[command.node_id] = command
     return [

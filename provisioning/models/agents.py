@@ -81,9 +81,11 @@ class NodeCommand(models.Model):
         ordering = ["created_at"]
         verbose_name = "node command"
         constraints = [
+            # One provision and one release per (reservation, node); a reservation's key lists
+            # (``access``) are sent as often as they change.
             models.UniqueConstraint(
                 fields=["correlation_id", "node", "kind"],
-                condition=models.Q(correlation_id__isnull=False),
+                condition=models.Q(correlation_id__isnull=False) & ~models.Q(kind=CommandKind.ACCESS),
                 name="command_once_per_subject",
             ),
             models.CheckConstraint(condition=models.Q(state__in=CommandState.values), name="command_state_valid"),

@@ -253,10 +253,11 @@ def _push(command: NodeCommand) -> None:
 
 @transaction.atomic
 def node_command_issue(
-    *, node_id: int, kind: str, params: dict, correlation_id=None, timeout_seconds: int
+    *, node_id: int, kind: str, params: dict, correlation_id=None, timeout_seconds: int, once: bool = True
 ) -> NodeCommand:
-    """A command for a node's agent, made once per (correlation, node, kind) and pushed after commit."""
-    if correlation_id is not None:
+    """A command for a node's agent, made once per (correlation, node, kind) and pushed after commit;
+    ``once=False`` for kinds sent again and again for one correlation (a reservation's key lists)."""
+    if correlation_id is not None and once:
         existing = NodeCommand.objects.filter(correlation_id=correlation_id, node_id=node_id, kind=kind).first()
         if existing is not None:
             return existing

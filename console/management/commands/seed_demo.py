@@ -8,6 +8,7 @@ from console.demo import (
     demo_api_key_write,
     demo_credentials,
     seed_demo,
+    seed_demo_access,
     seed_demo_endpoint,
     seed_demo_latencies,
     seed_past_month,
@@ -24,8 +25,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--api-key-file", type=Path, help="Write an API key of Acme AI here (mode 0600), to call its endpoint."
         )
+        parser.add_argument(
+            "--ssh-key-file",
+            type=Path,
+            help="Write an SSH key pair of Acme AI's member here (private key 0600); reserve a slice it logs into.",
+        )
 
-    def handle(self, *args, agent_tokens=None, agent_state=None, api_key_file=None, **options):
+    def handle(self, *args, agent_tokens=None, agent_state=None, api_key_file=None, ssh_key_file=None, **options):
         created = seed_demo()
         self.stdout.write("Seeded the demo world." if created else "The database already has a fleet; left as is.")
         if not created and seed_demo_latencies():  # an older demo database: its sites' round trips
@@ -44,6 +50,16 @@ class Command(BaseCommand):
                 )
         except DomainError as error:  # no room or no balance left in an older demo database: go on without
             self.stdout.write(f"Left out the demo's inference endpoint: {error.message}")
+        if ssh_key_file:
+            try:
+                reservation = seed_demo_access(ssh_key_file)
+                if reservation is not None:
+                    self.stdout.write(
+                        f"Acme AI's reservation {reservation.pk} lets the key {ssh_key_file} in: its connect command "
+                        "is printed once it is active."
+                    )
+            except DomainError as error:  # no room or no balance left in an older demo database
+                self.stdout.write(f"Left out the demo's SSH reservation: {error.message}")
         if api_key_file and demo_api_key_write(api_key_file):
             self.stdout.write(f"Wrote a new API key of Acme AI to {api_key_file}.")
         for who, email, password in demo_credentials():

@@ -4,7 +4,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.choices import OfferKind
-from marketplace.models import Offer, OfferTermDiscount
+from marketplace.models import Image, Offer, OfferTermDiscount
 from provisioning.api.serializers import AcceleratorTypeSerializer, SiteSummarySerializer
 
 
@@ -88,3 +88,22 @@ class OfferAvailabilitySerializer(serializers.Serializer):
 class AvailabilityQuerySerializer(serializers.Serializer):
     start = serializers.DateTimeField(required=False, help_text="Default: this hour.")
     end = serializers.DateTimeField(required=False, help_text="Default: 24 hours after start; at most 14 days.")
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    """What a node or slice boots into, and the steps its host driver runs to prepare it."""
+
+    accelerator_types = serializers.SlugRelatedField(slug_field="slug", many=True, read_only=True)
+    default_for = serializers.SerializerMethodField(help_text="The accelerator types that get it when none is named.")
+    steps = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Image
+        fields = ["slug", "name", "description", "accelerator_types", "default_for", "steps"]
+        read_only_fields = fields
+
+    def get_default_for(self, image: Image) -> list[str]:
+        return sorted(default.accelerator_type.slug for default in image.defaults.all())
+
+    def get_steps(self, image: Image) -> list[str]:
+        return [step["name"] for step in image.steps]

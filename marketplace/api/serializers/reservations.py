@@ -6,8 +6,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.api.fields import MoneyField
-from marketplace.choices import OfferKind, TermMonths
+from marketplace.choices import AccessStatus, OfferKind, TermMonths
 from marketplace.models import Reservation
+from marketplace.selectors.access import reservation_access
 from marketplace.selectors.billing import reservation_cost
 from marketplace.selectors.reservations import reservation_billed, reservation_energy_kwh, reservation_progress
 from marketplace.services.reservations.lifecycle import MAX_DURATION_HOURS
@@ -52,6 +53,46 @@ class OfferRefSerializer(serializers.Serializer):
     gpus_per_instance = serializers.IntegerField()
 
 
+class NodeAccessSerializer(serializers.Serializer):
+    node = serializers.CharField()
+    ready = serializers.BooleanField(
+        help_text="Its SSH server is up; until then host, port, user and command are null."
+    )
+    host = serializers.CharField(allow_null=True)
+    port = serializers.IntegerField(allow_null=True)
+    user = serializers.CharField(allow_null=True)
+    command = serializers.CharField(allow_null=True, help_text="`ssh -p <port> <user>@<host>`, to copy.")
+    host_key = serializers.CharField(
+        allow_null=True, help_text="The SHA256 fingerprint of its SSH server's host key, to check on first connect."
+    )
+    message = serializers.CharField()
+
+
+class InstalledKeySerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    fingerprint = serializers.CharField()
+    owner = serializers.EmailField(allow_null=True, help_text="Null: shared by the organization.")
+
+
+class ImageRefSerializer(serializers.Serializer):
+    slug = serializers.CharField()
+    name = serializers.CharField()
+
+
+class AccessSerializer(serializers.Serializer):
+    """How to get into a reservation (docs/access.md)."""
+
+    status = serializers.ChoiceField(
+        choices=AccessStatus.choices,
+        help_text="none: no SSH access (an endpoint's replica); waiting: not set up yet; ready; ended.",
+    )
+    message = serializers.CharField()
+    image = ImageRefSerializer(allow_null=True)
+    keys = InstalledKeySerializer(many=True, help_text="The keys its SSH access lets in.")
+    nodes = NodeAccessSerializer(many=True, help_text="Per node, once provisioning has started.")
+
+
 class ReservationSerializer(serializers.ModelSerializer):
     offer = OfferRefSerializer(read_only=True)
     start = serializers.DateTimeField(source="period.lower", read_only=True)
@@ -60,6 +101,9 @@ class ReservationSerializer(serializers.ModelSerializer):
     price = serializers.SerializerMethodField()
     allocations = AllocationSerializer(many=True, read_only=True)
     created_by = serializers.EmailField(source="created_by.email", allow_null=True, read_only=True)
+    image = serializers.CharField(
+        source="image.slug", allow_null=True, read_only=True, help_text="What its nodes boot into (GET /images/)."
+    )
     ended_at = serializers.DateTimeField(
         read_only=True,
         allow_null=True,
@@ -91,6 +135,7 @@ class ReservationSerializer(serializers.ModelSerializer):
             "term_months",
             "price",
             "allocations",
+            "image",
             "failure_reason",
             "idempotency_key",
             "created_by",
@@ -155,6 +200,7 @@ class ReservationDetailSerializer(ReservationSerializer):
     """A reservation with what its nodes' agents last reported, and the energy it has drawn."""
 
     progress = serializers.SerializerMethodField()
+    access = serializers.SerializerMethodField(help_text="How to connect to each node, once it is ready.")
     energy_kwh = serializers.SerializerMethodField()
     cost_so_far = serializers.SerializerMethodField(help_text="Its active seconds at its price, rated or not yet.")
 
@@ -167,8 +213,13 @@ class ReservationDetailSerializer(ReservationSerializer):
             "cost_so_far",
             "energy_kwh",
             "progress",
+            "access",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(AccessSerializer)
+    def get_access(self, reservation: Reservation) -> dict:
+        return AccessSerializer(reservation_access(reservation=reservation)).data
 
     @extend_schema_field(MoneyField())
     def get_cost_so_far(self, reservation: Reservation) -> str:
@@ -224,6 +275,18 @@ class ReservationCreateSerializer(serializers.Serializer):
         help_text="A reserved term at the offer's discount for it, instead of end or duration_hours. "
         "A commitment: cancel it free before it starts; released early, the rest of the term is still billed.",
     )
+    image = serializers.RegexField(
+        r"^[a-z0-9][a-z0-9._-]*$",
+        required=False,
+        max_length=64,
+        help_text="What its nodes boot into (GET /images/); omit for the default.",
+    )
+    ssh_keys = serializers.ListField(
+        child=serializers.UUIDField(),
+        required=False,
+        max_length=32,
+        help_text="Ids of the SSH keys to let in (yours or shared ones); omit for all of your own keys.",
+    )
 
     def validate(self, attrs):
         given = [name for name in ("end", "duration_hours", "term_months") if name in attrs]
@@ -231,6 +294,10 @@ class ReservationCreateSerializer(serializers.Serializer):
             message = "Give exactly one of end, duration_hours (on demand) or term_months (a reserved term)."
             raise serializers.ValidationError({name: [message] for name in given or ["end"]})
         return attrs
+
+
+class ReservationKeySerializer(serializers.Serializer):
+    key = serializers.UUIDField(help_text="The id of an SSH key (GET /ssh-keys/) to let in.")
 
 
 class ReservationExtendSerializer(serializers.Serializer):

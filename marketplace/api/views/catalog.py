@@ -1,4 +1,5 @@
-"""REST endpoints of the catalog: offers and their availability hour by hour. Thin: parse, call one selector, render."""
+"""REST endpoints of the catalog: offers and their availability hour by hour, and the images nodes boot
+into. Thin: parse, call one selector, render."""
 
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import viewsets
@@ -8,9 +9,11 @@ from console.kernel.api import error_responses, expensive_read_action
 from marketplace.api.filters import OfferFilter
 from marketplace.api.serializers.catalog import (
     AvailabilityQuerySerializer,
+    ImageSerializer,
     OfferAvailabilitySerializer,
     OfferSerializer,
 )
+from marketplace.selectors.access import image_list
 from marketplace.selectors.capacity import availability_by_hour, availability_window
 from marketplace.selectors.catalog import offer_get, offer_list
 
@@ -52,3 +55,16 @@ class OfferViewSet(viewsets.ReadOnlyModelViewSet):
                 }
             ).data
         )
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Images a node or slice can boot into", responses={200: ImageSerializer(many=True)}),
+    retrieve=extend_schema(summary="An image", responses={200: ImageSerializer, **error_responses(404)}),
+)
+class ImageViewSet(viewsets.ReadOnlyModelViewSet):
+    serializer_class = ImageSerializer
+    lookup_field = "slug"
+    lookup_value_regex = r"[a-z0-9][a-z0-9._-]*"
+
+    def get_queryset(self):
+        return image_list()

@@ -15,6 +15,7 @@ from marketplace.api.serializers.reservations import (
     ReservationCreateSerializer,
     ReservationDetailSerializer,
     ReservationExtendSerializer,
+    ReservationKeySerializer,
     ReservationSerializer,
     ReservationTelemetrySerializer,
     TelemetryQuerySerializer,
@@ -22,6 +23,8 @@ from marketplace.api.serializers.reservations import (
 from marketplace.models import Reservation
 from marketplace.selectors.catalog import offer_for_reservation
 from marketplace.selectors.reservations import reservation_get, reservation_list, reservation_telemetry
+from marketplace.selectors.tenancy import ssh_key_get
+from marketplace.services.reservations.access import reservation_key_add, reservation_key_remove
 from marketplace.services.reservations.lifecycle import (
     reservation_cancel,
     reservation_check,
@@ -75,6 +78,8 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
                 duration_hours=data.get("duration_hours"),
                 term_months=data.get("term_months"),
                 idempotency_key=idempotency_key(request),
+                image=data.get("image"),
+                ssh_keys=data.get("ssh_keys"),
             )
             return status.HTTP_201_CREATED, ReservationSerializer(
                 reservation_get(tenant=self.tenant, reservation_id=reservation.pk)
@@ -150,3 +155,30 @@ class ReservationViewSet(TenantRowsMixin, mixins.ListModelMixin, mixins.Retrieve
             duration_hours=params.validated_data.get("duration_hours"),
         )
         return Response(ReservationSerializer(reservation_get(tenant=self.tenant, reservation_id=reservation.pk)).data)
+
+    @extend_schema(
+        summary="Let one more SSH key in",
+        description="Reaches its running nodes within seconds (a command to each node's agent). Your own or a "
+        "shared key; admins may install any member's.",
+        request=ReservationKeySerializer,
+        responses={200: ReservationDetailSerializer, **error_responses(400, 403, 404, 409)},
+    )
+    @action(detail=True, methods=["post"], url_path="ssh-keys")
+    def ssh_keys(self, request, pk=None):
+        params = ReservationKeySerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        reservation = self.get_object()
+        key = ssh_key_get(tenant=self.tenant, key_id=params.validated_data["key"])
+        reservation_key_add(tenant=self.tenant, reservation=reservation, key=key)
+        return Response(ReservationDetailSerializer(reservation_get(tenant=self.tenant, reservation_id=pk)).data)
+
+    @extend_schema(
+        summary="Take an SSH key out",
+        description="Its running nodes refuse the key within seconds; sessions already open stay open.",
+        request=None,
+        responses={200: ReservationDetailSerializer, **error_responses(403, 404, 409)},
+    )
+    @action(detail=True, methods=["delete"], url_path=r"ssh-keys/(?P<key_id>[0-9a-fA-F-]{32,36})")
+    def ssh_key_remove(self, request, pk=None, key_id=None):
+        reservation_key_remove(tenant=self.tenant, reservation=self.get_object(), key_id=key_id)
+        return Response(ReservationDetailSerializer(reservation_get(tenant=self.tenant, reservation_id=pk)).data)

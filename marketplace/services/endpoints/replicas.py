@@ -122,6 +122,7 @@ def replica_start(*, endpoint: Endpoint, tenant: TenantContext | None = None) ->
                     start=None,
                     end=None,
                     duration_hours=settings.REPLICA_LEASE_HOURS,
+                    access=False,  # only the gateway reaches a replica
                 )
                 return Replica.objects.create(endpoint=endpoint, reservation=reservation)
         except CapacityUnavailable as refusal:

@@ -27,10 +27,12 @@ from marketplace.models import (
     Reservation,
 )
 from marketplace.money import SECONDS_PER_HOUR, add_months, cents, cost, seconds_between, term_price
+from marketplace.selectors.access import image_for
 from marketplace.selectors.capacity import MAX_ADVANCE, WHOLE_RACKS, earliest_fit
 from marketplace.selectors.catalog import price_in_force
 from marketplace.selectors.reservations import reservations_due_to_begin, reservations_due_to_end
 from marketplace.services.billing.ledger import hold_check, hold_place
+from marketplace.services.reservations.access import keys_for
 from marketplace.services.reservations.placement import (
     CapacityUnavailable,
     Placement,
@@ -332,12 +334,20 @@ def reservation_create(
     term_months: int | None = None,
     idempotency_key: str | None = None,
     now: datetime | None = None,
+    image: str | None = None,
+    ssh_keys: list | None = None,
+    access: bool = True,
 ) -> Reservation:
     """Hold whole nodes, one whole rack or a slice of a node of ``offer`` for [start, end) (or
     ``duration_hours`` from start, or a term), and the expected cost from the tenant's balance (402 when
     it cannot cover it). All or nothing. ``now`` is the clock the window is judged by: the real one,
-    except where history is written on purpose (the demo's past month)."""
+    except where history is written on purpose (the demo's past month).
+
+    With ``access`` (all but an endpoint's replicas) its nodes boot into ``image`` (a slug; default: the
+    accelerator's, services.reservations.access) and let in ``ssh_keys`` (ids; default: the creator's)."""
     tenant.require(Role.MEMBER, "reserving capacity")
+    chosen_image = image_for(offer=offer, slug=image) if access else None
+    keys = keys_for(tenant=tenant, key_ids=ssh_keys) if access else []
     quote = reservation_quote(
         offer=offer,
         quantity=quantity,
@@ -366,7 +376,10 @@ def reservation_create(
                 price_per_gpu_hour=quote.price_per_gpu_hour,
                 term_months=quote.term_months,
                 idempotency_key=idempotency_key,
+                has_access=access,
+                image=chosen_image,
             )
+            reservation.ssh_keys.set(keys)
             Allocation.objects.bulk_create(
                 [
                     Allocation(

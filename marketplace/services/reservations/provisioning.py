@@ -16,6 +16,7 @@ from console.kernel.lifecycle import IllegalTransition
 from console.kernel.tasks import enqueue_on_commit
 from marketplace.choices import ReservationState
 from marketplace.models import Allocation, Reservation
+from marketplace.services.reservations.access import access_params, access_provisioned
 from marketplace.services.reservations.lifecycle import (
     reservation_activate,
     reservation_cancel_as_operator,
@@ -41,7 +42,7 @@ def _commands(reservation: Reservation, kind: str):
 def reservation_provision_start(*, reservation_id) -> int:
     """Issue the provision commands a provisioning reservation still lacks; returns how many."""
     reservation = (
-        Reservation.objects.select_related("offer__accelerator_type")
+        Reservation.objects.select_related("offer__accelerator_type", "image")
         .filter(pk=reservation_id, state=S.PROVISIONING)
         .first()
     )
@@ -73,12 +74,14 @@ def on_provision_params(callback) -> None:
 
 def provision_params(reservation: Reservation, allocation) -> dict:
     """What the agent is told (docs/agent-protocol.md): the reservation, the GPU indices of the node it
-    may use -- the workload sees only those -- their vendor, which names the variables that say so, and
-    what the registered extras add."""
+    may use -- the workload sees only those -- their vendor, which names the variables that say so, the
+    image and the SSH keys of its access (services.reservations.access), and what the registered extras
+    add."""
     params = {
         "reservation": str(reservation.pk),
         "gpus": list(allocation.gpu_indices),
         "gpu_vendor": reservation.offer.accelerator_type.vendor,
+        **access_params(reservation),
     }
     for extra in _param_extras:
         params.update(extra(reservation) or {})
@@ -122,6 +125,7 @@ def _provision_finished(reservation: Reservation, command: NodeCommand) -> None:
         reason = f"{command.node.hostname}: {command.error or 'provisioning failed'}"
         reservation_fail(reservation_id=reservation.pk, reason=reason)  # its nodes are torn down (OnEnter)
         return
+    access_provisioned(reservation, command)
     done = _commands(reservation, CommandKind.PROVISION).filter(state=CommandState.SUCCEEDED).count()
     if done >= reservation.node_count:
         reservation_activate(reservation_id=reservation.pk)
@@ -152,7 +156,7 @@ def _send_to_maintenance(command: NodeCommand) -> None:
 
 def on_command_progress(command: NodeCommand) -> None:
     """Provisioning progress to the tenant's browsers."""
-    if command.correlation_id is None:
+    if command.correlation_id is None or command.kind not in (CommandKind.PROVISION, CommandKind.RELEASE):
         return
     organization_id = (
         Reservation.objects.filter(pk=command.correlation_id).values_list("organization_id", flat=True).first()

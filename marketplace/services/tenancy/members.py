@@ -7,6 +7,7 @@ from console.kernel.errors import Conflict, DomainError, delete_or_refuse
 from console.kernel.events import feeds_close_on_commit, member_group
 from marketplace.choices import Role
 from marketplace.models import Membership, Organization, Quota, User
+from marketplace.services.tenancy.ssh_keys import ssh_keys_of_member_remove
 from provisioning.models import AcceleratorType
 
 MAX_QUOTA_GPUS = 2**31 - 1  # what Quota.max_gpus holds
@@ -90,9 +91,11 @@ def membership_set(*, organization: Organization, user: User, role: str) -> Memb
 def membership_remove(*, organization: Organization, user: User) -> bool:
     """Take a user out of an organization; their live feeds of it close once this commits (their
     API keys of it stop working by themselves: a key acts only while its creator is a member).
+    Their SSH keys of it are deleted, so they leave the reservations they were let into within seconds.
     Returns whether there was a membership to remove."""
     deleted, _ = Membership.objects.filter(organization=organization, user=user).delete()
     if deleted:
+        ssh_keys_of_member_remove(organization_id=organization.pk, user_id=user.pk)
         feeds_close_on_commit(member_group(organization.pk, user.pk))
     return bool(deleted)
 

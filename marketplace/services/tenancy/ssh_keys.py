@@ -1,4 +1,4 @@
-"""SSH public keys: a member's own, or the organization's shared ones (issue 15, docs/ssh-keys.md).
+"""SSH public keys: a member's own, or the organization's shared ones (issue 15, docs/access.md).
 
 A key is pasted as OpenSSH writes it (``ssh-ed25519 AAAA… comment``) and parsed by ``cryptography``'s
 OpenSSH loader, not by hand. Accepted: ssh-ed25519, ecdsa-sha2-nistp256/384/521, and ssh-rsa of at least
@@ -20,10 +20,22 @@ from django.db import IntegrityError, transaction
 
 from console.kernel.errors import Conflict, DomainError, Forbidden
 from marketplace.choices import Role
-from marketplace.models import SshKey
+from marketplace.models import Reservation, SshKey
 from marketplace.tenant_context import TenantContext
 
 logger = logging.getLogger(__name__)
+
+# Who is told that keys were deleted, with the reservations that had them (services.reservations.access
+# sends those their new key lists). Registered in MarketplaceConfig.ready, so tenancy imports no
+# reservation service.
+_on_keys_removed: list = []
+
+
+def on_keys_removed(callback) -> None:
+    """Register ``callback(reservation_ids)``, called in the deleting transaction after the delete."""
+    if callback not in _on_keys_removed:
+        _on_keys_removed.append(callback)
+
 
 MIN_RSA_BITS = 3072
 MAX_KEY_CHARS = 16_384  # an RSA key of 16,384 bits is about 2,800 characters
@@ -128,4 +140,28 @@ def ssh_key_remove(*, tenant: TenantContext, key: SshKey) -> None:
     if not tenant.is_admin and key.owner_id != tenant.user.pk:
         raise Forbidden("Only admins and owners remove keys that are shared or someone else's.")
     logger.info("SSH key %s removed in %s by %s", key.fingerprint, tenant.organization.slug, tenant.user.email)
-    key.delete()
+    _keys_delete(SshKey.objects.filter(pk=key.pk))
+
+
+def ssh_keys_remove_as_operator(*, keys, actor: str) -> int:
+    """Operators (the admin): remove keys, e.g. one known to be leaked, from wherever they let someone in."""
+    fingerprints = sorted(keys.values_list("fingerprint", flat=True))
+    logger.warning("SSH keys %s removed by operator %s", ", ".join(fingerprints), actor)
+    return _keys_delete(keys)
+
+
+def ssh_keys_of_member_remove(*, organization_id, user_id) -> int:
+    """A member leaves: their own keys go with them, out of every reservation they were let into."""
+    return _keys_delete(SshKey.objects.filter(organization_id=organization_id, owner_id=user_id))
+
+
+@transaction.atomic
+def _keys_delete(keys) -> int:
+    """Delete ``keys``, and tell the reservations that had them (the callbacks of on_keys_removed)."""
+    reservation_ids = list(
+        Reservation.ssh_keys.through.objects.filter(sshkey__in=keys).values_list("reservation_id", flat=True)
+    )
+    deleted, _ = keys.delete()
+    for callback in _on_keys_removed:
+        callback(reservation_ids)
+    return deleted
