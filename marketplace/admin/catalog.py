@@ -1,6 +1,7 @@
 """Operators' view of the catalog: offers and their term discounts, and the images nodes boot into,
 written through marketplace.services.catalog; prices through the billing price book (marketplace.admin.billing)."""
 
+from django import forms
 from django.contrib import admin
 
 from console.kernel.admin import ServiceAdmin, ServiceInline, values
@@ -97,8 +98,18 @@ class OfferAdmin(ServiceAdmin):
         offer_delete(offer=obj)
 
 
+class ImageDefaultForm(forms.ModelForm):
+    class Meta:
+        model = ImageDefault
+        fields = ["accelerator_type"]
+
+    def validate_unique(self):
+        """A type that has another default gets this one instead (image_default_set moves it)."""
+
+
 class ImageDefaultInline(ServiceInline, admin.TabularInline):
     model = ImageDefault
+    form = ImageDefaultForm
     extra = 0
     verbose_name = "default for"
     verbose_name_plural = "default for (reservations of these types that name no image get it)"

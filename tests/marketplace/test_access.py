@@ -3,13 +3,16 @@
 member removed, a change while a node provisions), the connect command, the API and who may do what.
 The agent's half (a real sshd, a real ssh login) is tests/agent/test_access.py and tests/e2e."""
 
+import re
+
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from django.urls import reverse
 
 from console.kernel.errors import Conflict, DomainError, Forbidden, NotFound
 from marketplace.choices import ReservationState, Role
-from marketplace.models import Reservation
+from marketplace.models import Image, Reservation
 from marketplace.selectors.access import reservation_access
 from marketplace.services.catalog.images import image_default_set, image_save
 from marketplace.services.reservations.access import reservation_key_add, reservation_key_remove
@@ -22,6 +25,7 @@ from provisioning.choices import CommandKind, CommandState
 from provisioning.models import AcceleratorType, NodeCommand
 from provisioning.services.agents import node_command_acknowledged, node_command_finish
 from tests.conftest import key_client
+from tests.console.test_portal import signed_in
 from tests.factories import make_offer_with_nodes, make_tenant, make_user
 
 pytestmark = pytest.mark.django_db
@@ -273,3 +277,59 @@ def test_an_endpoints_replica_reservation_has_no_access(world):
     assert "access" not in command.params and "image" not in command.params
     assert command.state == CommandState.QUEUED
     assert reservation_access(reservation=reservation)["status"] == "none"
+
+
+def test_the_portal_reserves_with_an_image_and_keys_and_shows_how_to_connect(world):
+    tenant = world["tenant"]
+    browser = signed_in(tenant)
+    offer = world["offer"]
+    page = browser.get(f"/offers/{offer.id}/reserve/").content.decode()
+    assert '<option value="cuda-12-4" selected>CUDA 12.4</option>' in page
+    assert re.search(rf'value="{world["key"].pk}"[^>]*checked', page)  # the creator's keys, ticked
+    form = {"quantity": 1, "duration_hours": "1", "image": "cuda-12-4", "ssh_keys": [str(world["key"].pk)]}
+    made = browser.post(f"/offers/{offer.id}/reserve/", {**form, "confirm": "1"})
+    reservation = Reservation.objects.get()
+    assert made["Location"] == f"/reservations/{reservation.pk}/"
+    assert list(reservation.ssh_keys.all()) == [world["key"]] and reservation.image == world["image"]
+    waiting = browser.get(made["Location"]).content.decode()
+    assert "Connect" in waiting and "Access is set up when its nodes are provisioned" in waiting
+    provisioned(reservation)
+    ready = browser.get(made["Location"]).content.decode()
+    assert "ssh -p 40100 nc-abc@10.0.0.7" in ready and 'data-copy="#connect-1"' in ready
+    other = ssh_key_add(tenant=tenant, public_key=public_key(), name="desktop")
+    browser.post(made["Location"], {"action": "key_add", "key": str(other.pk)})
+    assert reservation.ssh_keys.count() == 2 and access_commands(reservation)[-1].params["version"] == 1
+    browser.post(made["Location"], {"action": "key_remove", "key": str(world["key"].pk)})
+    assert list(reservation.ssh_keys.all()) == [other]
+    refused = browser.post(made["Location"], {"action": "key_add", "key": str(other.pk)}, follow=True)
+    assert "already installed" in refused.content.decode()
+
+
+def test_operators_keep_the_catalog_and_remove_a_leaked_key_in_the_admin(world, operator_client):
+    accelerator = world["offer"].accelerator_type
+    data = {
+        "slug": "ubuntu-22.04-cuda-12.6",
+        "name": "Ubuntu 22.04 · CUDA 12.6",
+        "description": "",
+        "accelerator_types": [accelerator.pk],
+        "steps": '[{"name": "install CUDA 12.6", "seconds": 1}]',
+        "is_active": "on",
+        "defaults-TOTAL_FORMS": "1",
+        "defaults-INITIAL_FORMS": "0",
+        "defaults-0-accelerator_type": accelerator.pk,
+    }
+    saved = operator_client.post(reverse("admin:marketplace_image_add"), data)
+    assert saved.status_code == 302, saved.context["inline_admin_formsets"][0].formset.errors
+    image = Image.objects.get(slug="ubuntu-22.04-cuda-12.6")
+    assert image.defaults.get().accelerator_type == accelerator and reserve(world).image == image
+    refused = operator_client.post(
+        reverse("admin:marketplace_image_add"), {**data, "slug": "x", "steps": '[{"name": ""}]'}
+    )
+    assert refused.status_code == 200 and "name of 1 to 80" in refused.content.decode()
+
+    reservation = reserve(world)
+    provisioned(reservation)
+    changelist = reverse("admin:marketplace_sshkey_changelist")
+    removed = operator_client.post(changelist, {"action": "remove", "_selected_action": [str(world["key"].pk)]})
+    assert removed.status_code == 302 and not reservation.ssh_keys.exists()
+    assert access_commands(reservation)[-1].params == {"reservation": str(reservation.pk), "keys": [], "version": 1}
