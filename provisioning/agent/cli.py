@@ -2,7 +2,9 @@
 
     neocloud-agent enroll --server URL --token TOKEN [--hostname H] --state-dir DIR
     neocloud-agent run --server URL --state-dir DIR [--backend nvml|simulated] [--driver process|simulated]
+                       [--access-listen ADDRESS] [--access-host HOST]
     neocloud-agent fleet --server URL --tokens FILE --state-dir DIR [--speed 1.0] [--fail-rate 0]
+                         [--access-listen ADDRESS] [--access-host HOST]
     neocloud-agent gpu-check [--backend nvml]
 
 Exit status: 0 done or stopped by SIGINT/SIGTERM; 1 failed (enrolment refused, not enrolled, state
@@ -64,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     simulation.add_argument("--speed", type=float, default=1.0, help="simulated provisioning speed factor")
     simulation.add_argument("--fail-rate", type=float, default=0.0, help="share of simulated provisionings that fail")
 
+    access = argparse.ArgumentParser(add_help=False)
+    access.add_argument(
+        "--access-listen",
+        metavar="ADDRESS",
+        help="the address reservations' SSH servers listen on (process driver: 0.0.0.0; simulated: 127.0.0.1)",
+    )
+    access.add_argument(
+        "--access-host",
+        metavar="HOST",
+        help="the address tenants are told to connect to (process driver: this host's FQDN; simulated: 127.0.0.1)",
+    )
+
     enroll_cmd = commands.add_parser("enroll", help="trade a bootstrap token for this node's secret")
     enroll_cmd.add_argument("--server", type=_server, required=True, help="the console, http(s)://host[:port]")
     enroll_cmd.add_argument("--token", required=True, help="the one-time bootstrap token")
@@ -71,14 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     enroll_cmd.add_argument("--state-dir", type=Path, required=True)
     enroll_cmd.set_defaults(handler=_enroll)
 
-    run_cmd = commands.add_parser("run", parents=[simulation], help="run this node's agent")
+    run_cmd = commands.add_parser("run", parents=[simulation, access], help="run this node's agent")
     run_cmd.add_argument("--server", type=_server, required=True)
     run_cmd.add_argument("--state-dir", type=Path, required=True)
     run_cmd.add_argument("--backend", choices=sorted(BACKENDS), default="nvml")
     run_cmd.add_argument("--driver", choices=sorted(DRIVERS), default="process")
     run_cmd.set_defaults(handler=_run)
 
-    fleet_cmd = commands.add_parser("fleet", parents=[simulation], help="run many simulated nodes in one process")
+    fleet_cmd = commands.add_parser(
+        "fleet", parents=[simulation, access], help="run many simulated nodes in one process"
+    )
     fleet_cmd.add_argument("--server", type=_server, required=True)
     fleet_cmd.add_argument(
         "--tokens",
@@ -116,12 +132,25 @@ def _backend(args: argparse.Namespace, hostname: str, member: FleetMember | None
 
 def _driver(args: argparse.Namespace, state_dir: Path, seed: str, backend: GpuBackend) -> HostDriver:
     """The host driver, told how many GPUs the backend sees so it refuses GPUs the host does not have. The
-    simulated one gets the state directory too: it runs replicas' servers (``params.serve``) for real."""
-    gpu_count = len(backend.inventory().gpus)
+    simulated one gets the state directory too: it runs replicas' servers (``params.serve``) and SSH
+    access for real; and the GPUs themselves, which its sessions' stand-in nvidia-smi lists."""
+    inventory = backend.inventory().gpus
+    access = {
+        option: value
+        for option, value in (("access_listen", args.access_listen), ("access_host", args.access_host))
+        if value is not None
+    }
     if args.driver == "process":
-        return get_driver("process", state_dir=state_dir, gpu_count=gpu_count)
+        return get_driver("process", state_dir=state_dir, gpu_count=len(inventory), **access)
     return get_driver(
-        "simulated", gpu_count=gpu_count, speed=args.speed, fail_rate=args.fail_rate, seed=seed, state_dir=state_dir
+        "simulated",
+        gpu_count=len(inventory),
+        speed=args.speed,
+        fail_rate=args.fail_rate,
+        seed=seed,
+        state_dir=state_dir,
+        inventory=inventory,
+        **access,
     )
 
 

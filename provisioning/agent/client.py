@@ -124,7 +124,7 @@ class NodeAgent:
         self._journal: Journal | None = None
         self._connection: ClientConnection | None = None
         self._applying: dict[str, asyncio.Task[None]] = {}
-        self._driver_lock = asyncio.Lock()  # provision and release of one host never interleave
+        self._driver_lock = asyncio.Lock()  # provision, release and access of one host never interleave
         self._beats = 0
         self.state = "stopped"
         self.heartbeat_seconds = DEFAULT_HEARTBEAT_S
@@ -380,12 +380,14 @@ class NodeAgent:
     async def _execute(self, kind: str, params: Params, progress: ProgressCallback) -> dict[str, Any]:
         if kind == "health_check":
             return {"backend": self._backend.name, "gpus": [asdict(gpu) for gpu in self._backend.health()]}
-        if kind not in ("provision", "release"):
+        if kind not in ("provision", "release", "access"):
             raise DriverError(f"unknown command kind {kind!r}")
         async with self._driver_lock:
             try:
                 if kind == "provision":
                     return await self._driver.provision(params, progress)
+                if kind == "access":
+                    return await self._driver.update_access(params, progress)
                 return await self._driver.release(params, progress)
             finally:  # busy: the GPUs of the reservations still provisioned, whatever this one's outcome
                 self._backend.set_load(self._driver.gpus_in_use())

@@ -25,10 +25,17 @@ def ensure_state_dir(path: Path) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Replace ``path`` with ``data`` as JSON, all or nothing, readable by the owner only."""
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")))
+
+
+def write_text_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``text``, all or nothing; readable by the owner only unless ``mode`` says
+    otherwise (set before the text is written, so no reader ever sees it under other permissions)."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            json.dump(data, tmp, separators=(",", ":"))
+            tmp.write(text)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)

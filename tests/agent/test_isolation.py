@@ -1,5 +1,6 @@
-"""The agent installs alone on a GPU host: it imports only the standard library, websockets and (lazily)
-pynvml, and nothing of Django or the rest of the project. Its model server (``serving``) needs the
+"""The agent installs alone on a GPU host: it imports only the standard library, websockets, asyncssh (and
+cryptography, which asyncssh needs: the SSH access of reservations) and (lazily) pynvml, and nothing of
+Django or the rest of the project. Its model server (``serving``) needs the
 ``serving`` extra (torch and the rest), which the agent itself never imports: it reads only the names
 in the serving package's ``__init__``."""
 
@@ -14,7 +15,7 @@ import provisioning.agent
 AGENT = Path(provisioning.agent.__file__).parent
 ROOT = AGENT.parent.parent
 SERVING = AGENT / "serving"
-THIRD_PARTY = {"pynvml", "websockets"}
+THIRD_PARTY = {"asyncssh", "cryptography", "pynvml", "websockets"}
 SERVING_THIRD_PARTY = {"numpy", "sentence_transformers", "torch", "transformers", "uvicorn"}
 FORBIDDEN = ("django", "rest_framework", "channels", "console", "marketplace")
 
@@ -74,7 +75,7 @@ def allowed(module: str, path: Path) -> bool:
     return top in sys.stdlib_module_names or top in THIRD_PARTY or module.startswith("provisioning.agent")
 
 
-def test_agent_files_import_only_the_standard_library_pynvml_websockets_and_the_agent():
+def test_agent_files_import_only_the_standard_library_their_dependencies_and_the_agent():
     """The model server's files may also import the serving extra's packages; no other file of the
     agent imports the model server's modules."""
     offending = {

@@ -10,8 +10,10 @@ knows how many GPUs its host has (``gpu_count``, from the backend's inventory, w
 
 A driver that runs servers (the process driver, with ``params.serve``) also says how each of them does
 (``check_workloads``), which the agent polls and reports to the console as ``workload`` frames; the
-agent calls ``shutdown`` as it stops."""
+agent calls ``shutdown`` as it stops. A driver that sets up SSH access to a reservation
+(``params.access``, drivers.access) replaces its keys on the ``access`` command (``update_access``)."""
 
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +58,10 @@ class HostDriver(ABC):
     def gpus_in_use(self) -> set[int]:
         return {index for gpus in self.holdings().values() for index in gpus}
 
+    async def update_access(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
+        """The ``access`` command: replace the authorized keys of a reservation's SSH access."""
+        raise DriverError("this node's driver sets up no access")
+
     async def check_workloads(self) -> dict[str, WorkloadHealth]:
         """The health of each server provisioned here and not released, by reservation id; one being
         started or stopped right now is left out (it is neither up nor down yet). A driver that runs no
@@ -69,11 +75,40 @@ class HostDriver(ABC):
         return None
 
 
+async def no_progress(step: str, percent: int) -> None:
+    """The progress of work nobody follows, such as the teardown of a provisioning that failed."""
+
+
+def progress_between(progress: ProgressCallback, start: int, end: int) -> ProgressCallback:
+    """``progress`` for one part of a command's work, which reports 0 to 100 of its own: as the share
+    ``start`` to ``end`` of the whole."""
+
+    async def report(step: str, percent: int) -> None:
+        await progress(step, start + round((end - start) * percent / 100))
+
+    return report
+
+
+def progress_parts(progress: ProgressCallback, count: int) -> list[ProgressCallback]:
+    """``progress`` for ``count`` parts of a command's work done one after the other, each reporting 0 to
+    100 of its own: each as its equal share of the whole."""
+    return [progress_between(progress, 100 * n // count, 100 * (n + 1) // count) for n in range(count)]
+
+
 def reservation_of(params: Params) -> str:
     reservation = params.get("reservation")
     if not isinstance(reservation, str) or not reservation:
         raise DriverError("params.reservation is missing")
     return reservation
+
+
+def reservation_uuid_of(params: Params) -> str:
+    """The reservation, where it names a directory: a UUID, and nothing that could climb out of it."""
+    reservation = reservation_of(params)
+    try:
+        return str(uuid.UUID(reservation))
+    except ValueError:
+        raise DriverError(f"params.reservation is not a UUID: {reservation!r}") from None
 
 
 def _is_index(value: Any) -> bool:

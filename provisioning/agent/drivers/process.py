@@ -18,6 +18,15 @@ waits for its health route to answer 200 before the provisioning succeeds, with 
 ``address`` in the result; a replica that exits or is not ready within its startup timeout fails the
 provisioning, and its group is stopped. Its port is recorded with its group, so ``check_workloads``
 (the agent's periodic health check) finds it after an agent restart too.
+
+A reservation may instead, or as well, be logged into (``params.access``, drivers.access): the driver
+makes its account, runs the image's steps (``params.image``: each ``run`` as the account, in its home,
+with only its GPUs visible; one that fails fails the provisioning with its last output line), installs
+its keys and starts its SSH server; ``params.command`` is then optional (a node rented to log into runs
+no workload of its own). Its release ends the access too. Access outlives an agent restart, as
+workloads do. Sessions see the reservation's GPUs through the same variables as workloads; the host's
+real ``nvidia-smi`` ignores them and lists every GPU: device cgroups (which this driver does not set up)
+are what would hide the others from it.
 """
 
 import asyncio
@@ -25,11 +34,12 @@ import contextlib
 import os
 import signal
 import sysconfig
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provisioning.agent.drivers.access import SshAccess, access_of
+from provisioning.agent.drivers.access.accounts import MARKER, Account, account_environment
 from provisioning.agent.drivers.base import (
     DriverError,
     Gpus,
@@ -40,8 +50,12 @@ from provisioning.agent.drivers.base import (
     ensure_free,
     gpu_vendor_of,
     gpus_of,
-    reservation_of,
+    no_progress,
+    progress_between,
+    progress_parts,
+    reservation_uuid_of,
 )
+from provisioning.agent.drivers.image import Image, image_of
 from provisioning.agent.drivers.replica import HOST, ServeSpec, free_port, health_status, serve_of
 from provisioning.agent.drivers.visibility import visibility_environment
 from provisioning.agent.serving import SECRET_ENV
@@ -59,6 +73,8 @@ READY_POLL_S = 0.2
 PROBE_TIMEOUT_S = 2.0  # one health check; a replica this slow to say "ok" is not serving either
 UNHEALTHY_AFTER = 2  # failed checks in a row before a running replica counts as unhealthy
 OUTPUT_TAIL_BYTES = 4096
+IMAGE_STEP_TIMEOUT_S = 3600.0  # a step that hangs would hold the node's commands back for good
+ACCESS_LISTEN = "0.0.0.0"  # noqa: S104 - a real host's tenants connect to its SSH servers from outside
 
 
 @dataclass(frozen=True)
@@ -76,52 +92,105 @@ class Workload:
 class ProcessDriver(HostDriver):
     name = "process"
 
-    def __init__(self, *, state_dir: Path, gpu_count: int, grace_s: float = GRACE_S) -> None:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        gpu_count: int,
+        grace_s: float = GRACE_S,
+        access_listen: str = ACCESS_LISTEN,
+        access_host: str | None = None,
+        ssh_server: str = "auto",
+    ) -> None:
+        """``access_listen``: the address SSH servers listen on; ``access_host``: the one tenants are told
+        to connect to (None: this host's FQDN); ``ssh_server``: ``auto``, ``openssh`` or ``asyncssh``."""
         self._state_dir = state_dir
         self._gpu_count = gpu_count
         self._grace = grace_s
         self._children: dict[str, asyncio.subprocess.Process] = {}  # reaped by asyncio's child watcher
         self._busy: set[str] = set()  # reservations being started or stopped: not checked meanwhile
         self._failed_checks: dict[str, int] = {}
+        self.access = SshAccess(
+            state_dir=state_dir, listen=access_listen, host=access_host, ssh_server=ssh_server, grace_s=grace_s
+        )
 
     async def provision(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
-        reservation = _reservation_id(params)
+        reservation = reservation_uuid_of(params)
         serve = serve_of(params)
-        command = serve.program if serve is not None else _command_of(params)
+        image = image_of(params)
+        keys = access_of(params)
+        if serve is not None and keys is not None:
+            raise DriverError("a replica is not logged into: give params.serve or params.access, not both")
+        command = serve.program if serve is not None else _command_of(params, optional=keys is not None)
         gpus = gpus_of(params, gpu_count=self._gpu_count)
         visibility = visibility_environment(gpu_vendor_of(params), gpus)
-        registry = self._registry()
-        running = registry.get(reservation)
+        running = self._registry().get(reservation)
+        live = self.access.live(reservation)
+        access = {} if live is None else {"access": live}
         if running is not None and _group_alive(running.group):
             detail = {"reservation": reservation, "pid": running.group, "gpus": list(running.gpus)}
             if running.address is not None:
                 detail["address"] = running.address
-            return {**detail, "already_running": True}
-        ensure_free(reservation=reservation, gpus=gpus, holdings=self._live(registry))
+            return {**detail, **access, "already_running": True}
+        if command is None and live is not None:
+            return {"reservation": reservation, "gpus": list(gpus), **access, "already_running": True}
+        ensure_free(reservation=reservation, gpus=gpus, holdings=self.holdings())
         if serve is not None:
             return await self._provision_server(reservation, serve, gpus, visibility, progress)
+        shares = progress_parts(progress, sum(part is not None for part in (image, keys, command)))
+        detail: dict[str, Any] = {"reservation": reservation, "gpus": list(gpus)}
+        try:
+            account = None if keys is None else await self.access.prepare(reservation, gpus)
+            if image is not None:
+                await self._prepare_image(reservation, image, account, visibility, shares.pop(0))
+                detail["image"] = image.slug
+            if account is not None and keys is not None:
+                detail["access"] = await self.access.open(reservation, account, keys, visibility, shares.pop(0))
+            if command is not None:
+                detail.update(await self._provision_workload(reservation, command, gpus, visibility, shares.pop(0)))
+        except Exception:
+            if keys is not None:  # nothing of an access that never opened is left
+                await self.access.close(reservation, no_progress)
+            raise
+        return detail
+
+    async def _provision_workload(
+        self, reservation: str, command: list[str], gpus: Gpus, visibility: dict[str, str], progress: ProgressCallback
+    ) -> dict[str, Any]:
         await progress(STEP, 0)
         process = await self._start(reservation, command, visibility)
         self._children[reservation] = process
-        self._save({**registry, reservation: Workload(group=process.pid, gpus=gpus)})
+        self._save({**self._registry(), reservation: Workload(group=process.pid, gpus=gpus)})
         await progress(STEP, 100)
-        return {"reservation": reservation, "pid": process.pid, "gpus": list(gpus), "command": command}
+        return {"pid": process.pid, "command": command}
+
+    async def update_access(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
+        return await self.access.update(params, progress)
 
     async def release(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
-        reservation = _reservation_id(params)
-        if reservation not in self._registry():
-            return {"reservation": reservation, "stopped": False, "gpus": []}
-        await progress("stop workload", 0)
-        self._busy.add(reservation)
-        try:
-            workload, stopped = await self._stop(reservation)
-        finally:
-            self._busy.discard(reservation)
-        await progress("stop workload", 100)
-        return {"reservation": reservation, "stopped": stopped, "gpus": list(workload.gpus) if workload else []}
+        """Stop the reservation's workload, then end its access; either may be all it had."""
+        reservation = reservation_uuid_of(params)
+        has_workload, has_access = reservation in self._registry(), self.access.records(reservation)
+        gpus, stopped = self.access.holdings().get(reservation, ()), False
+        if has_workload:
+            share = progress_between(progress, 0, 50 if has_access else 100)
+            await share("stop workload", 0)
+            self._busy.add(reservation)
+            try:
+                workload, stopped = await self._stop(reservation)
+            finally:
+                self._busy.discard(reservation)
+            await share("stop workload", 100)
+            gpus = workload.gpus if workload is not None else gpus
+        if has_access:
+            ended = await self.access.close(reservation, progress_between(progress, 50 if has_workload else 0, 100))
+            stopped = stopped or ended
+        return {"reservation": reservation, "stopped": stopped, "gpus": list(gpus)}
 
     def holdings(self) -> dict[str, Gpus]:
-        return self._live(self._registry())
+        """A workload holds its GPUs while it runs, an access until its release (a tenant logged in
+        may use them at any moment)."""
+        return {**self.access.holdings(), **self._live(self._registry())}
 
     def records(self, reservation: str) -> bool:
         """Whether a workload of ``reservation`` is recorded here (running or not, until its release)."""
@@ -172,6 +241,66 @@ class ProcessDriver(HostDriver):
             f"GET {workload.health_path} on {workload.address} {answer} ({failed} checks in a row, "
             f"{PROBE_TIMEOUT_S:g} s each at most)",
         )
+
+    # --- Image (params.image) ---
+
+    async def _prepare_image(
+        self,
+        reservation: str,
+        image: Image,
+        account: Account | None,
+        visibility: dict[str, str],
+        progress: ProgressCallback,
+    ) -> None:
+        """Run the image's steps one after the other: as the reservation's account in its home when it is
+        logged into, else where and as its workload runs."""
+        if account is None:
+            workdir = ensure_state_dir(self._workdir(reservation))
+            identity: dict[str, Any] = {}
+            environment = {"PATH": WORKLOAD_PATH, "HOME": str(workdir), "LANG": "C.UTF-8", **visibility}
+            environment[MARKER] = reservation
+        else:
+            workdir, identity = account.home, account.identity()
+            environment = account_environment(account, reservation, visibility)
+        for number, step in enumerate(image.steps):
+            await progress(step.progress_step, 100 * number // len(image.steps))
+            if step.run is not None:
+                await self._run_step(step.name, step.run, workdir, environment, identity)
+        if image.steps:
+            await progress(image.steps[-1].progress_step, 100)
+
+    async def _run_step(
+        self, name: str, argv: tuple[str, ...], workdir: Path, environment: dict[str, str], identity: dict[str, Any]
+    ) -> None:
+        """Run one step; DriverError with its last line of output when it fails or hangs (then its
+        process group is stopped)."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=workdir,
+                env=environment,
+                start_new_session=True,
+                **identity,
+            )
+        except OSError as exc:
+            raise DriverError(f"image step {name!r} cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+        tail = b""
+        try:
+            async with asyncio.timeout(IMAGE_STEP_TIMEOUT_S):
+                while chunk := await process.stdout.read(OUTPUT_TAIL_BYTES):
+                    tail = (tail + chunk)[-OUTPUT_TAIL_BYTES:]
+                returncode = await process.wait()
+        except TimeoutError:
+            await _stop_group(process.pid, self._grace)
+            await process.wait()
+            raise DriverError(
+                f"image step {name!r} did not finish within {IMAGE_STEP_TIMEOUT_S:g} s{_last_line(tail)}"
+            ) from None
+        if returncode != 0:
+            raise DriverError(f"image step {name!r} {_exit_status(returncode)}{_last_line(tail)}")
 
     # --- Servers (params.serve) ---
 
@@ -260,10 +389,9 @@ class ProcessDriver(HostDriver):
             with open(self._workdir(reservation) / "output.log", "rb") as output:
                 output.seek(0, os.SEEK_END)
                 output.seek(max(0, output.tell() - OUTPUT_TAIL_BYTES))
-                lines = output.read().decode("utf-8", "replace").strip().splitlines()
+                return _last_line(output.read())
         except OSError:
             return ""
-        return f"; its last output: {lines[-1][-300:]!r}" if lines else ""
 
     # --- Processes ---
 
@@ -342,20 +470,19 @@ class ProcessDriver(HostDriver):
         write_json_atomic(self._state_dir / REGISTRY, recorded)
 
 
-def _reservation_id(params: Params) -> str:
-    """The reservation names a directory, so it must be a UUID and nothing that could climb out of it."""
-    reservation = reservation_of(params)
-    try:
-        return str(uuid.UUID(reservation))
-    except ValueError:
-        raise DriverError(f"params.reservation is not a UUID: {reservation!r}") from None
-
-
-def _command_of(params: Params) -> list[str]:
+def _command_of(params: Params, *, optional: bool) -> list[str] | None:
+    """``params.command``; it may be absent (``optional``) when the reservation is logged into."""
     command = params.get("command")
+    if command is None and optional:
+        return None
     if not isinstance(command, list) or not command or not all(isinstance(arg, str) for arg in command):
         raise DriverError("params.command must be a non-empty list of strings")
     return command
+
+
+def _last_line(output: bytes) -> str:
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    return f"; its last output: {lines[-1][-300:]!r}" if lines else ""
 
 
 def _exit_status(returncode: int) -> str:

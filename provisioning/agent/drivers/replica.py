@@ -74,11 +74,13 @@ def serve_of(params: Params) -> ServeSpec | None:
     )
 
 
-def free_port() -> int:
-    """A TCP port of the loopback that nothing listens on now. Another program may take it before the
-    replica binds it; the replica then exits at once and the provisioning fails with its output."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
+def free_port(host: str = HOST) -> int:
+    """A TCP port of ``host`` (the loopback, by default) that nothing listens on now. Another program may
+    take it before the replica binds it; the replica then exits at once and the provisioning fails with
+    its output."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
