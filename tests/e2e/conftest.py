@@ -1,6 +1,7 @@
 """Real processes for end-to-end tests: daphne, a Celery worker, Celery beat and node agents, all on
 the test database and the test Redis, on this machine's loopback."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,8 @@ import redis
 from django.conf import settings
 
 from console.devservers import free_port, stop_process
+from provisioning.agent.drivers.access.manager import SshAccess
+from provisioning.agent.drivers.base import no_progress
 
 ROOT = Path(settings.BASE_DIR)
 
@@ -200,6 +203,11 @@ class Stack:
                     group = entry if isinstance(entry, int) else entry["group"]
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(group, signal.SIGKILL)
+            # The same for SSH access a failed test left set up: its servers, sessions and accounts.
+            for registry in state_dir.glob("**/access.json"):
+                access = SshAccess(state_dir=registry.parent, listen="127.0.0.1", host=None, grace_s=1)
+                for reservation in json.loads(registry.read_text() or "{}"):
+                    asyncio.run(access.close(reservation, no_progress))
 
 
 def purge_celery_queues() -> None:
