@@ -43,5 +43,11 @@ lock:
 		| sed -E 's/^(torch==[^+]+)\+.*$$/\1/' > requirements.lock
 	rm -rf .lock-venv
 
+# The demo's agents leave accounts and processes outside .demo (SSH access made as root): they are torn
+# down first, while the agent is still installed to do it. A clean goes on whatever the teardown says.
 clean:
+	-@if [ -x $(VENV)/bin/neocloud-agent ] && [ -d .demo/agents ]; then \
+		$(VENV)/bin/neocloud-agent teardown --state-dir .demo/agents \
+			|| echo "make clean: the demo's agents were not torn down (see above); removing their files all the same"; \
+	fi
 	rm -rf $(VENV) .demo staticfiles .pytest_cache

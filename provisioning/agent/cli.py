@@ -1,4 +1,5 @@
-"""``neocloud-agent``: enrol a host, run its agent, run a simulated fleet, or check the GPUs.
+"""``neocloud-agent``: enrol a host, run its agent, run a simulated fleet, check the GPUs, or tear down
+what agents left on a host.
 
     neocloud-agent enroll --server URL --token TOKEN [--hostname H] --state-dir DIR
     neocloud-agent run --server URL --state-dir DIR [--backend nvml|simulated] [--driver process|simulated]
@@ -6,10 +7,11 @@
     neocloud-agent fleet --server URL --tokens FILE --state-dir DIR [--speed 1.0] [--fail-rate 0]
                          [--access-listen ADDRESS] [--access-host HOST]
     neocloud-agent gpu-check [--backend nvml]
+    neocloud-agent teardown --state-dir DIR
 
 Exit status: 0 done or stopped by SIGINT/SIGTERM; 1 failed (enrolment refused, not enrolled, state
-directory busy); 2 bad usage or the GPU backend is unavailable on this host; 3 the console refused this
-node's secret (enrol again).
+directory busy, something a teardown could not remove); 2 bad usage or the GPU backend is unavailable
+on this host; 3 the console refused this node's secret (enrol again).
 """
 
 import argparse
@@ -27,10 +29,11 @@ from provisioning.agent import __version__
 from provisioning.agent.backends import BACKENDS, BackendUnavailable, GpuBackend, get_backend
 from provisioning.agent.client import AgentRefused, NodeAgent
 from provisioning.agent.credentials import NotEnrolled, load_credentials
-from provisioning.agent.drivers import DRIVERS, HostDriver, get_driver
+from provisioning.agent.drivers import DRIVERS, DriverError, HostDriver, get_driver
 from provisioning.agent.enrollment import EnrollmentError, enroll, websocket_url
 from provisioning.agent.fleet import FleetMember, load_members, run_fleet
 from provisioning.agent.state import StateDirBusy
+from provisioning.agent.teardown import locked, state_dirs_under, teardown
 
 logger = logging.getLogger("neocloud-agent")
 
@@ -112,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     check_cmd.add_argument("--gpus", type=int, default=8, help="GPUs of the simulated backend")
     check_cmd.add_argument("--calls", type=int, default=200, help="calls per reading when measuring costs")
     check_cmd.set_defaults(handler=_gpu_check)
+
+    teardown_cmd = commands.add_parser(
+        "teardown", help="stop every workload and release every SSH access the agents under a directory recorded"
+    )
+    teardown_cmd.add_argument(
+        "--state-dir", type=Path, required=True, help="an agent's state directory, or a fleet's (one per node)"
+    )
+    teardown_cmd.set_defaults(handler=_teardown)
     return parser
 
 
@@ -243,6 +254,32 @@ def _gpu_check(args: argparse.Namespace) -> int:
         backend.close()
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _teardown(args: argparse.Namespace) -> int:
+    """One line per thing torn down; a second run finds nothing left."""
+    if not args.state_dir.is_dir():
+        raise _Failure(f"{args.state_dir} is not a directory")
+    state_dirs = state_dirs_under(args.state_dir)
+    try:
+        with locked(state_dirs):
+            torn_down = asyncio.run(_teardown_printed(state_dirs))
+    except StateDirBusy as exc:
+        raise _Failure(f"{exc}: stop it first (nothing was torn down)") from None
+    except (DriverError, OSError) as exc:  # OSError: a state directory this user may not change (root's)
+        raise _Failure(f"the teardown stopped: {exc}") from None
+    if not torn_down:
+        print(f"nothing to tear down under {args.state_dir}")
+    return 0
+
+
+async def _teardown_printed(state_dirs: Sequence[Path]) -> int:
+    count = 0
+    for state_dir in state_dirs:
+        async for line in teardown(state_dir):
+            print(line, flush=True)
+            count += 1
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:

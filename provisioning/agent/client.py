@@ -143,6 +143,7 @@ class NodeAgent:
             self._journal = Journal(self._state_dir / JOURNAL_FILENAME)
             self._backend.set_load(self._driver.gpus_in_use())  # workloads that outlived a restart
             try:
+                await self._start_driver()
                 await self._connect_forever()
             finally:
                 await self._abandon_applies()
@@ -151,6 +152,12 @@ class NodeAgent:
                 except Exception:  # the agent stops all the same; what was left running is in the log
                     logger.exception("%s: stopping the driver's workloads failed", self.node)
                 self._set_state("stopped")
+
+    async def _start_driver(self) -> None:
+        try:
+            await self._driver.start()  # a pretend host's SSH servers, stopped with its agent
+        except Exception:  # the agent serves all the same; what did not start again is in the log
+            logger.exception("%s: starting the driver's servers again failed", self.node)
 
     async def _connect_forever(self) -> None:
         while True:

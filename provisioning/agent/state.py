@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+LOCK = "agent.lock"
+
 
 class StateDirBusy(Exception):
     """Another agent process already runs on this state directory."""
@@ -66,7 +68,7 @@ def _fsync_directory(path: Path) -> None:
 def state_lock(state_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the state directory for the life of one agent."""
     ensure_state_dir(state_dir)
-    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(state_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

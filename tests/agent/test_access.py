@@ -17,7 +17,9 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +34,7 @@ from provisioning.agent.drivers.access.accounts import account_name
 from provisioning.agent.drivers.base import DriverError
 from provisioning.agent.drivers.process import ProcessDriver
 from provisioning.agent.drivers.simulated import SimulatedDriver
+from provisioning.agent.state import state_lock
 from tests.agent.harness import FakeConsole, enrolled, make_agent, running
 from tests.agent.test_drivers import Progress
 
@@ -492,6 +495,97 @@ async def test_a_simulated_host_stops_its_ssh_servers_with_its_agent_and_keeps_t
     assert ROOT is False or not account_exists(access["user"])
 
 
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_simulated_nodes_ssh_servers_come_back_with_its_agent_on_their_ports_with_their_host_keys(
+    access_dir, tmp_path, server
+):
+    state_dir = enrolled(access_dir / "state")
+    key, public = client_key(tmp_path, "alice")
+    params = provision([public])
+    first = simulated(state_dir, ssh_server=server)
+    access = (await first.provision(params, Progress()))["access"]
+    host_key = await host_key_seen_by_the_client(access["port"])
+    await first.shutdown()
+    while_stopped, _ = await ssh(access, key, "true")
+
+    async with FakeConsole() as console:
+        backend = SimulatedBackend(hostname="n1", gpus=NODE_GPUS, seed=1)
+        async with running(make_agent(console.url, state_dir, driver=simulated(state_dir), backend=backend)):
+            await console.next_frame()  # hello: the servers are started before the agent connects
+            logged_in = await ssh(access, key, "echo $CUDA_VISIBLE_DEVICES; nvidia-smi -L; id -un")
+            host_key_again = await host_key_seen_by_the_client(access["port"])
+            reprovisioned = await simulated(state_dir).provision(params, Progress())
+    after_the_agent, _ = await ssh(access, key, "true")
+    await simulated(state_dir).release(params, Progress())
+
+    assert while_stopped == 255
+    assert logged_in == (0, "".join(f"{line}\n" for line in ["4,5", *nvidia_smi_lines([4, 5]), access["user"]]))
+    assert host_key_again == host_key == access["host_key"], "the host key the console shows is still right"
+    assert reprovisioned["already_running"] is True and reprovisioned["access"] == access
+    assert after_the_agent == 255, "and they stop with it again"
+
+
+def recorded_pid(state_dir: Path, reservation: str) -> int:
+    return json.loads((state_dir / "access.json").read_text())[reservation]["pid"]
+
+
+def servers_of(state_dir: Path, reservation: str) -> list[int]:
+    """The reservation's SSH servers: what runs with its directory on its command line (sessions do not)."""
+    return processes_of(set(), set(), state_dir / "access" / reservation)
+
+
+async def test_a_real_hosts_agent_starting_leaves_a_running_ssh_server_alone_and_starts_a_dead_one_again(
+    access_dir, tmp_path
+):
+    state_dir = access_dir / "state"
+    key, public = client_key(tmp_path, "alice")
+    params = provision([public])
+    reservation = params["reservation"]
+    access = (await real(state_dir).provision(params, Progress()))["access"]
+    host_key = await host_key_seen_by_the_client(access["port"])
+    first = recorded_pid(state_dir, reservation)
+
+    await real(state_dir).start()  # an agent restarted while the server runs
+    servers_after_a_restart = servers_of(state_dir, reservation)
+    os.kill(first, signal.SIGKILL)
+    for _ in range(100):
+        if first not in servers_of(state_dir, reservation):
+            break
+        await asyncio.sleep(0.02)
+    await real(state_dir).start()
+    second = recorded_pid(state_dir, reservation)
+    logged_in = await ssh(access, key, "echo back")
+    host_key_again = await host_key_seen_by_the_client(access["port"])
+    await real(state_dir).release(params, Progress())
+
+    assert servers_after_a_restart == [first], "no second server"
+    assert second != first and servers_of(state_dir, reservation) == []
+    assert logged_in == (0, "back\n") and host_key_again == host_key
+
+
+async def test_a_server_whose_port_was_taken_meanwhile_is_left_down_with_a_warning(access_dir, tmp_path, caplog):
+    state_dir = access_dir / "state"
+    _, public = client_key(tmp_path, "alice")
+    params = provision([public])
+    first = simulated(state_dir)
+    access = (await first.provision(params, Progress()))["access"]
+    await first.shutdown()
+
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", access["port"]))
+        squatter.listen()
+        await simulated(state_dir).start()
+        servers = servers_of(state_dir, params["reservation"])
+    await simulated(state_dir).release(params, Progress())
+
+    assert servers == [], "nothing was started on another port"
+    assert (
+        f"the SSH server of reservation {params['reservation']} cannot start again: its port {access['port']} on "
+        "127.0.0.1 is not free (Address already in use)"
+    ) in caplog.messages
+
+
 async def test_gpus_a_reservation_logged_into_holds_are_refused_to_another(access_dir, tmp_path):
     driver = real(access_dir / "state")
     _, public = client_key(tmp_path, "alice")
@@ -705,3 +799,78 @@ async def test_the_fleets_nodes_tell_tenants_the_access_host_and_list_the_backen
     gpu = backend.inventory().gpus[1]
     assert access["host"] == "fleet-host.example"
     assert (status, output) == (0, f"GPU 1: NVIDIA A100-SXM4-40GB (UUID: {gpu.uuid})\n")
+
+
+# --- Tearing down what agents left (``neocloud-agent teardown``, ``make clean``) ---
+
+
+async def teardown_command(state_dir: Path) -> tuple[int, str, str]:
+    command = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "provisioning.agent.cli",
+        "teardown",
+        "--state-dir",
+        str(state_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    output, errors = await command.communicate()
+    return command.returncode, output.decode(), errors.decode()
+
+
+def released_line(state_dir: Path, reservation: str, access: dict, *, ran: bool) -> str:
+    who = f"the account {access['user']} removed" if ROOT else f"as {access['user']}"
+    ended = ", what still ran ended" if ran else ""
+    return f"{state_dir}: released the SSH access of reservation {reservation} ({who}, port {access['port']}{ended})"
+
+
+async def test_teardown_removes_what_a_fleets_agents_left_and_refuses_while_one_runs(access_dir, tmp_path):
+    fleet = access_dir / "agents"
+    pretend, real_host = fleet / "n1", fleet / "n2"
+    key, public = client_key(tmp_path, "alice")
+    logged_into, logged_into_too = provision([public]), provision([public])
+    working = {"reservation": str(uuid.uuid4()), "gpus": [6], "command": ["sleep", "600"]}
+    stopped_node = simulated(pretend)
+    pretend_access = (await stopped_node.provision(logged_into, Progress()))["access"]
+    await stopped_node.shutdown()  # its agent stopped: the server with it, the account left
+    host = real(real_host)
+    real_access = (await host.provision(logged_into_too, Progress()))["access"]
+    group = (await host.provision(working, Progress()))["pid"]
+    reservations = {logged_into["reservation"], working["reservation"], logged_into_too["reservation"]}
+
+    with state_lock(real_host):
+        refused = await teardown_command(fleet)
+    still_in = await ssh(real_access, key, "echo still")
+    account_kept = ROOT is False or account_exists(pretend_access["user"])
+    status, output, errors = await teardown_command(fleet)
+    again = await teardown_command(fleet)
+
+    assert refused == (
+        1,
+        "",
+        f"neocloud-agent: another agent is running on {real_host}: stop it first (nothing was torn down)\n",
+    )
+    assert still_in == (0, "still\n") and account_kept, "nothing was torn down"
+    assert (status, errors) == (0, "")
+    assert output.splitlines() == [
+        released_line(pretend, logged_into["reservation"], pretend_access, ran=False),
+        f"{real_host}: stopped the workload of reservation {working['reservation']} (process group {group})",
+        released_line(real_host, logged_into_too["reservation"], real_access, ran=True),
+    ]
+    assert processes_of(reservations, set(), fleet) == [], "no server, session or workload is left"
+    assert ROOT is False or not any(account_exists(access["user"]) for access in (pretend_access, real_access))
+    assert list((pretend / "access").iterdir()) == list((real_host / "access").iterdir()) == [], "nor any file"
+    assert again == (0, f"nothing to tear down under {fleet}\n", "")
+
+
+async def test_teardown_takes_a_single_agents_state_directory_too(access_dir, tmp_path):
+    state_dir = access_dir / "state"
+    _, public = client_key(tmp_path, "alice")
+    params = provision([public])
+    access = (await real(state_dir).provision(params, Progress()))["access"]
+
+    status, output, _ = await teardown_command(state_dir)
+
+    assert (status, output) == (0, released_line(state_dir, params["reservation"], access, ran=True) + "\n")
+    assert real(state_dir).holdings() == {} and processes_of({params["reservation"]}, set(), state_dir) == []

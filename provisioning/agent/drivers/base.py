@@ -10,8 +10,9 @@ knows how many GPUs its host has (``gpu_count``, from the backend's inventory, w
 
 A driver that runs servers (the process driver, with ``params.serve``) also says how each of them does
 (``check_workloads``), which the agent polls and reports to the console as ``workload`` frames; the
-agent calls ``shutdown`` as it stops. A driver that sets up SSH access to a reservation
-(``params.access``, drivers.access) replaces its keys on the ``access`` command (``update_access``)."""
+agent calls ``start`` before it first connects and ``shutdown`` as it stops. A driver that sets up SSH
+access to a reservation (``params.access``, drivers.access) replaces its keys on the ``access`` command
+(``update_access``)."""
 
 import uuid
 from abc import ABC, abstractmethod
@@ -67,6 +68,12 @@ class HostDriver(ABC):
         started or stopped right now is left out (it is neither up nor down yet). A driver that runs no
         servers has none."""
         return {}
+
+    async def start(self) -> None:
+        """The agent is starting (holding the state directory), before it connects: a driver starts
+        again here what should run and does not (a pretend host's SSH servers, which its ``shutdown``
+        stopped; a real host's that died). Nothing by default."""
+        return None
 
     async def shutdown(self) -> None:
         """The agent is stopping. A real host's workloads outlive their agent (an upgrade of the agent

@@ -24,9 +24,10 @@ makes its account, runs the image's steps (``params.image``: each ``run`` as the
 with only its GPUs visible; one that fails fails the provisioning with its last output line), installs
 its keys and starts its SSH server; ``params.command`` is then optional (a node rented to log into runs
 no workload of its own). Its release ends the access too. Access outlives an agent restart, as
-workloads do. Sessions see the reservation's GPUs through the same variables as workloads; the host's
-real ``nvidia-smi`` ignores them and lists every GPU: device cgroups (which this driver does not set up)
-are what would hide the others from it.
+workloads do; an agent starting starts again a server that died meanwhile (``SshAccess.resume``).
+Sessions see the reservation's GPUs through the same variables as workloads; the host's real
+``nvidia-smi`` ignores them and lists every GPU: device cgroups (which this driver does not set up) are
+what would hide the others from it.
 """
 
 import asyncio
@@ -34,6 +35,7 @@ import contextlib
 import os
 import signal
 import sysconfig
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,22 @@ class ProcessDriver(HostDriver):
             if process is not None:
                 await process.wait()
         return [reservation for reservation, ran in zip(registry, stopped, strict=True) if ran]
+
+    async def start(self) -> None:
+        await self.access.resume()
+
+    async def teardown(self) -> AsyncIterator[str]:
+        """Stop every recorded workload and release every recorded access, as their releases would; a
+        line for each, saying what it was. For a host whose agent is gone for good (``neocloud-agent
+        teardown``)."""
+        for reservation, workload in self._registry().items():
+            _, ran = await self._stop(reservation)
+            yield (
+                f"stopped the workload of reservation {reservation} (process group {workload.group}"
+                f"{'' if ran else ', which had exited'})"
+            )
+        async for line in self.access.teardown():
+            yield line
 
     async def check_workloads(self) -> dict[str, WorkloadHealth]:
         """One health check of every recorded server at once (a hung one costs PROBE_TIMEOUT_S, not one

@@ -18,7 +18,8 @@ Access (``params.access``, drivers.access) is real too, as on a real host: after
 image's own in place of "flash image"), the reservation gets its account, keys and SSH server, whose
 sessions see only its GPUs: their variables, and a stand-in ``nvidia-smi`` that lists them as the real
 one would, with the names and UUIDs of the backend's inventory (what the console's telemetry shows).
-Its servers stop with the agent, as replicas do."""
+Its servers stop with the agent, as replicas do, and start again with it: on their ports, with their
+host keys, so what the console tells the tenant stays right (``SshAccess.resume``)."""
 
 import asyncio
 import random
@@ -187,6 +188,10 @@ class SimulatedDriver(HostDriver):
 
     async def check_workloads(self) -> dict[str, WorkloadHealth]:
         return {} if self._servers is None else await self._servers.check_workloads()
+
+    async def start(self) -> None:
+        if self._servers is not None:
+            await self._servers.start()
 
     async def shutdown(self) -> None:
         if self._servers is not None:

@@ -9,6 +9,10 @@ the server. It is recorded (``access.json`` in the state directory) before anyth
 one. The record holds the reservation's GPUs until it is released: a tenant logged in may use them at
 any moment.
 
+When an agent starts, ``resume`` starts again every recorded server that does not run (a simulated
+host's agent stopped them; on a real host one may have died), as it was: the console still tells the
+tenant that port and that host key. ``teardown`` releases every access, for a host given up for good.
+
 Files, under ``<state-dir>/access/<reservation>/``: the server's configuration, host key, log and pid
 file, ``authorized_keys`` (root's, 0644: the server reads it as the account at each login, and the
 tenant cannot change it: the console owns the key list), ``home/`` (the account's, 0700) and, on a
@@ -16,10 +20,12 @@ simulated node, ``bin/nvidia-smi`` (root's), a stand-in that lists the reservati
 """
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +49,10 @@ from provisioning.agent.drivers.access.servers import (
     Server,
     Setup,
     host_key_make,
+    port_unavailable,
     server_for,
     server_ready,
+    server_restart,
     server_start,
 )
 from provisioning.agent.drivers.base import (
@@ -57,6 +65,8 @@ from provisioning.agent.drivers.base import (
 )
 from provisioning.agent.drivers.replica import free_port
 from provisioning.agent.state import ensure_state_dir, read_json, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 REGISTRY = "access.json"
 GRACE_S = 5.0
@@ -116,10 +126,9 @@ class SshAccess:
     def live(self, reservation: str) -> dict[str, Any] | None:
         """The access of ``reservation`` as its provisioning reported it, while its server runs."""
         record = self._registry().get(reservation)
-        if record is None or record.pid is None or record.host_key is None:
+        if record is None or record.host_key is None or not self._running(reservation, record):
             return None
-        running = reservation_processes(reservation, None, self._directory(reservation))
-        return record.detail() if record.pid in running else None
+        return record.detail()
 
     async def prepare(self, reservation: str, gpus: Gpus) -> Account:
         """The reservation's account and directory (a former access of it that no longer runs, say after
@@ -180,7 +189,7 @@ class SshAccess:
         self._processes[reservation] = process
         record = replace(record, pid=process.pid, port=setup.port)
         self._save({**self._registry(), reservation: record})
-        await server_ready(process, setup)
+        await server_ready(process, listen=self._listen, port=setup.port, directory=directory)
         record = replace(record, host=self._host or socket.getfqdn(), host_key=fingerprint(host_key))
         self._save({**self._registry(), reservation: record})
         await progress("start access", 100)
@@ -226,6 +235,59 @@ class SshAccess:
         await progress("remove account", 100)
         return ran
 
+    async def resume(self) -> None:
+        """Start again, all at once, the server of every access that was opened (it has a host key)
+        and whose server does not run now: on its recorded port, from the configuration of its first
+        start (host key, keys file, sessions' environment), so the connect command and host key the
+        console shows stay right. One that cannot come back is left down, with a warning."""
+        await asyncio.gather(
+            *(
+                self._resume(reservation, record, record.port)
+                for reservation, record in self._registry().items()
+                if record.host_key is not None and record.port is not None and not self._running(reservation, record)
+            )
+        )
+
+    async def _resume(self, reservation: str, record: AccessRecord, port: int) -> None:
+        why_not = port_unavailable(self._listen, port)
+        if why_not is not None:
+            # Another port would do, but the console cannot be told of it yet: the tenant would be sent
+            # to the program that holds this one. Left down until its port is free and the agent restarts.
+            logger.warning(
+                "the SSH server of reservation %s cannot start again: its port %s on %s is not free (%s)",
+                reservation,
+                port,
+                self._listen,
+                why_not,
+            )
+            return
+        directory = self._directory(reservation)
+        try:
+            process = await server_restart(record.server, directory, reservation)
+        except DriverError as exc:
+            logger.warning("the SSH server of reservation %s cannot start again: %s", reservation, exc)
+            return
+        self._processes[reservation] = process
+        self._save({**self._registry(), reservation: replace(record, pid=process.pid)})
+        try:
+            await server_ready(process, listen=self._listen, port=port, directory=directory)
+        except DriverError as exc:
+            with contextlib.suppress(ProcessLookupError):  # hung: a server that lets no one in is not kept
+                process.kill()
+            await process.wait()
+            logger.warning("the SSH server of reservation %s did not start again: %s", reservation, exc)
+            return
+        logger.info("the SSH server of reservation %s listens again on port %s", reservation, port)
+
+    async def teardown(self) -> AsyncIterator[str]:
+        """Release every access (``close``); a line for each, saying what it was."""
+        for reservation, record in self._registry().items():
+            ran = await self.close(reservation, no_progress)
+            what = [f"the account {record.user} removed" if record.made else f"as {record.user}"]
+            what += [] if record.port is None else [f"port {record.port}"]
+            what += ["what still ran ended"] if ran else []
+            yield f"released the SSH access of reservation {reservation} ({', '.join(what)})"
+
     async def stop_servers(self) -> None:
         """End every reservation's server and sessions now, keeping accounts and records: for a host
         whose processes must not outlive its agent (a simulated one)."""
@@ -239,6 +301,13 @@ class SshAccess:
         if process is not None:
             await process.wait()
         return ran
+
+    def _running(self, reservation: str, record: AccessRecord) -> bool:
+        """Whether the recorded server runs (its pid is one of the reservation's processes: a pid the
+        host gave to another program since is not)."""
+        return record.pid is not None and record.pid in reservation_processes(
+            reservation, None, self._directory(reservation)
+        )
 
     def _port(self) -> int:
         try:

@@ -9,12 +9,16 @@ makes it when it runs as root; a user cannot, so a non-root agent takes sshd onl
 
 A server is up once its port answers with an SSH banner (not merely accepts: another program may have
 taken the port since the agent picked it). One that exits first, or is not up within READY_TIMEOUT_S,
-fails the provisioning with the last line of its log."""
+fails the provisioning with the last line of its log.
+
+A server is started again (``server_restart``) from the configuration written at its first start, so
+it comes back on the same port, with the same host key, keys file and sessions' environment."""
 
 import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,15 +89,24 @@ class Setup:
     def authorized_keys(self) -> Path:
         return self.directory / "authorized_keys"
 
-    @property
-    def log(self) -> Path:
-        return self.directory / "server.log"
 
-    @property
-    def connect_host(self) -> str:
-        """Where the agent reaches the server itself: the loopback when it listens on every address."""
-        every_address = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - read, not bound
-        return every_address.get(self.listen, self.listen)
+def connect_host(listen: str) -> str:
+    """Where the agent reaches a server listening on ``listen``: the loopback when it is every address."""
+    every_address = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - read, not bound
+    return every_address.get(listen, listen)
+
+
+def port_unavailable(listen: str, port: int) -> str | None:
+    """Why nothing can listen on ``port`` of ``listen`` now (another program does, most likely), or
+    None. Connections closed lately (TIME_WAIT) do not count: the servers bind with SO_REUSEADDR too."""
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((listen, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def host_key_make(directory: Path) -> str:
@@ -162,35 +175,52 @@ def asyncssh_config(setup: Setup) -> dict[str, object]:
     }
 
 
+def _config(server: Server, directory: Path) -> Path:
+    return directory / ("sshd_config" if server == "openssh" else "asyncssh.json")
+
+
+def _log(directory: Path) -> Path:
+    return directory / "server.log"
+
+
 async def server_start(server: Server, setup: Setup) -> asyncio.subprocess.Process:
-    """Start the server in its own process group, its output appended to its log. It runs with the
-    reservation's marker, so ending the reservation's processes ends it too."""
+    """Write the server's configuration and start it (``server_restart``)."""
+    if server == "openssh":
+        write_text_atomic(_config(server, setup.directory), sshd_config(setup))
+    else:
+        write_json_atomic(_config(server, setup.directory), asyncssh_config(setup))
+    return await server_restart(server, setup.directory, setup.reservation)
+
+
+async def server_restart(server: Server, directory: Path, reservation: str) -> asyncio.subprocess.Process:
+    """Start the server from the configuration in ``directory``, in its own process group, its output
+    appended to its log. It runs with the reservation's marker, so ending the reservation's processes
+    ends it too."""
+    config = _config(server, directory)
+    if not config.is_file():
+        raise DriverError(f"the SSH server's configuration is missing ({config})")
     if server == "openssh":
         sshd, why_not = usable_sshd()
         if sshd is None:
             raise DriverError(f"this node cannot run OpenSSH for access: {why_not}")
-        config = setup.directory / "sshd_config"
-        write_text_atomic(config, sshd_config(setup))
         argv = [sshd, "-D", "-e", "-f", str(config)]  # sshd re-executes itself: an absolute path
     else:
-        config = setup.directory / "asyncssh.json"
-        write_json_atomic(config, asyncssh_config(setup))
         argv = [sys.executable, "-m", ASYNCSSH_MODULE, str(config)]
     environment = {
         "PATH": SERVER_PATH,
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(PACKAGE_ROOT),
-        "NEOCLOUD_RESERVATION": setup.reservation,
+        "NEOCLOUD_RESERVATION": reservation,
     }
-    with open(setup.log, "ab") as log:
-        os.chmod(setup.log, 0o600)
+    with open(_log(directory), "ab") as log:
+        os.fchmod(log.fileno(), 0o600)
         try:
             return await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
-                cwd=setup.directory,
+                cwd=directory,
                 env=environment,
                 start_new_session=True,
             )
@@ -198,19 +228,19 @@ async def server_start(server: Server, setup: Setup) -> asyncio.subprocess.Proce
             raise DriverError(f"cannot start the SSH server {argv[0]!r}: {exc.strerror or exc}") from exc
 
 
-async def server_ready(process: asyncio.subprocess.Process, setup: Setup) -> None:
+async def server_ready(process: asyncio.subprocess.Process, *, listen: str, port: int, directory: Path) -> None:
     """Until the server answers on its port with an SSH banner; DriverError when it exits first or
     does not within READY_TIMEOUT_S."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT_S
-    while not await _banner(setup.connect_host, setup.port):
+    while not await _banner(connect_host(listen), port):
         if process.returncode is not None:
             raise DriverError(
-                f"the SSH server exited with status {process.returncode} before it listened{last_log_line(setup)}"
+                f"the SSH server exited with status {process.returncode} before it listened{last_log_line(directory)}"
             )
         if loop.time() >= deadline:
             raise DriverError(
-                f"the SSH server did not listen on port {setup.port} within {READY_TIMEOUT_S:g} s{last_log_line(setup)}"
+                f"the SSH server did not listen on port {port} within {READY_TIMEOUT_S:g} s{last_log_line(directory)}"
             )
         await asyncio.sleep(READY_POLL_S)
 
@@ -231,10 +261,10 @@ async def _banner(host: str, port: int) -> bool:
                     await writer.wait_closed()
 
 
-def last_log_line(setup: Setup) -> str:
-    """``; its last output: '...'`` from the server's log, or nothing."""
+def last_log_line(directory: Path) -> str:
+    """``; its last output: '...'`` from the log of the server in ``directory``, or nothing."""
     try:
-        with open(setup.log, "rb") as log:
+        with open(_log(directory), "rb") as log:
             log.seek(0, os.SEEK_END)
             log.seek(max(0, log.tell() - LOG_TAIL_BYTES))
             lines = log.read().decode("utf-8", "replace").strip().splitlines()
