@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -205,9 +206,21 @@ class Stack:
                         os.killpg(group, signal.SIGKILL)
             # The same for SSH access a failed test left set up: its servers, sessions and accounts.
             for registry in state_dir.glob("**/access.json"):
-                access = SshAccess(state_dir=registry.parent, listen="127.0.0.1", host=None, grace_s=1)
-                for reservation in json.loads(registry.read_text() or "{}"):
-                    asyncio.run(access.close(reservation, no_progress))
+                _close_every_access(registry)
+
+
+def _close_every_access(registry: Path) -> None:
+    """Close what an agent's access records hold, in a thread of its own: a browser test's page runs an
+    event loop in this one."""
+    access = SshAccess(state_dir=registry.parent, listen="127.0.0.1", host=None, grace_s=1)
+
+    async def close_all():
+        for reservation in json.loads(registry.read_text() or "{}"):
+            await access.close(reservation, no_progress)
+
+    closing = threading.Thread(target=asyncio.run, args=(close_all(),))
+    closing.start()
+    closing.join()
 
 
 def purge_celery_queues() -> None:

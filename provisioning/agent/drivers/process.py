@@ -103,6 +103,7 @@ class ProcessDriver(HostDriver):
         access_listen: str = ACCESS_LISTEN,
         access_host: str | None = None,
         ssh_server: str = "auto",
+        access_dir: Path | None = None,
     ) -> None:
         """``access_listen``: the address SSH servers listen on; ``access_host``: the one tenants are told
         to connect to (None: this host's FQDN); ``ssh_server``: ``auto``, ``openssh`` or ``asyncssh``."""
@@ -113,7 +114,12 @@ class ProcessDriver(HostDriver):
         self._busy: set[str] = set()  # reservations being started or stopped: not checked meanwhile
         self._failed_checks: dict[str, int] = {}
         self.access = SshAccess(
-            state_dir=state_dir, listen=access_listen, host=access_host, ssh_server=ssh_server, grace_s=grace_s
+            state_dir=state_dir,
+            listen=access_listen,
+            host=access_host,
+            ssh_server=ssh_server,
+            grace_s=grace_s,
+            access_dir=access_dir,
         )
 
     async def provision(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:

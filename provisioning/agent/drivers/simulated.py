@@ -22,6 +22,8 @@ Its servers stop with the agent, as replicas do, and start again with it: on the
 host keys, so what the console tells the tenant stays right (``SshAccess.resume``)."""
 
 import asyncio
+import hashlib
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 
 from provisioning.agent.backends.base import GpuInfo
 from provisioning.agent.drivers.access import Keys, access_of
+from provisioning.agent.drivers.access.manager import reachable_by_accounts
 from provisioning.agent.drivers.base import (
     DriverError,
     Gpus,
@@ -106,6 +109,7 @@ class SimulatedDriver(HostDriver):
                 access_listen=access_listen,
                 access_host=access_host,
                 ssh_server=ssh_server,
+                access_dir=simulated_access_dir(state_dir),
             )
 
     async def provision(self, params: Params, progress: ProgressCallback) -> dict[str, Any]:
@@ -228,3 +232,22 @@ def _steps(image: Image | None, keys: Keys | None) -> Steps:
     for the runtime when the access is set up for real instead."""
     flash = (FLASH_IMAGE,) if image is None else tuple((step.progress_step, step.seconds) for step in image.steps)
     return (WIPE_DISKS, *flash, CONFIGURE_NETWORK, *(() if keys is not None else (START_RUNTIME,)))
+
+
+PRETEND_ACCESS_ROOT = Path("/run/neocloud-agent")
+
+
+def simulated_access_dir(state_dir: Path) -> Path | None:
+    """Where a simulated node's accesses keep their files: under its state directory (None, the
+    default) where accounts can reach them, else -- a root agent whose state directory lies under a
+    directory sshd would not trust, as a test's temporary one or a demo cloned into a home does -- a
+    directory of its own under /run, named after the state directory so a restarted agent finds it. A
+    real host's agent is not moved: its tenants' homes must outlive a reboot, so it refuses instead."""
+    if os.geteuid() != 0:
+        return None
+    existing = state_dir.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if reachable_by_accounts(existing):
+        return None
+    return PRETEND_ACCESS_ROOT / f"access-{hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]}"

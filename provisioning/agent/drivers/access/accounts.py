@@ -17,6 +17,7 @@ directory on their command line (sshd writes its process title over its environm
 cannot be read back; its command line names its configuration file, in that directory)."""
 
 import asyncio
+import hashlib
 import os
 import pwd
 import signal
@@ -81,10 +82,21 @@ def own_account() -> Account:
     return Account(user=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=Path(entry.pw_dir), made=False)
 
 
-async def account_make(reservation: str, home: Path) -> Account:
-    """The reservation's account, made with its home; one made for it before (a provisioning cut off by an
-    agent restart) is taken again, but never an account that is not this reservation's."""
-    user = account_name(reservation)
+def account_choose(reservation: str, home: Path) -> str:
+    """The name of the reservation's account here: ``account_name``, unless another home has it (several
+    simulated nodes of one fleet share a machine, and a reservation of several of them gets an account on
+    each), then one named after this home too."""
+    base = account_name(reservation)
+    taken = _home_of(base)
+    if taken is None or taken == str(home):
+        return base
+    return base[:11] + hashlib.sha256(str(home).encode()).hexdigest()[:4]
+
+
+async def account_make(reservation: str, home: Path, user: str) -> Account:
+    """The reservation's account ``user`` (account_choose), made with its home; one made for it before (a
+    provisioning cut off by an agent restart) is taken again, but never an account that is not this
+    reservation's."""
     status, output = await _tool(
         ["useradd", "--system", "--user-group", "--shell", SHELL, "--home-dir", str(home), "--no-create-home"]
         + ["--password", "*", user]

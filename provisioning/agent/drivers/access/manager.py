@@ -34,8 +34,8 @@ from provisioning.agent.drivers.access.accounts import (
     MARKER,
     SESSION_PATH,
     Account,
+    account_choose,
     account_make,
-    account_name,
     account_remove,
     accounts_made_here,
     own_account,
@@ -90,6 +90,7 @@ class AccessRecord:
     port: int | None = None
     host: str | None = None
     host_key: str | None = None
+    directory: str | None = None  # its files; None (recorded before there was a choice): <state-dir>/access/<id>
 
     def detail(self) -> dict[str, Any]:
         return {
@@ -106,11 +107,21 @@ class SshAccess:
     the one the provisioning's result tells tenants to connect to (None: this host's FQDN)."""
 
     def __init__(
-        self, *, state_dir: Path, listen: str, host: str | None, ssh_server: str = "auto", grace_s: float = GRACE_S
+        self,
+        *,
+        state_dir: Path,
+        listen: str,
+        host: str | None,
+        ssh_server: str = "auto",
+        grace_s: float = GRACE_S,
+        access_dir: Path | None = None,
     ) -> None:
+        """``access_dir``: where new accesses keep their files (default ``<state-dir>/access``); each
+        access records its own, so one made under another default is still found."""
         if ssh_server not in SERVER_CHOICES:
             raise ValueError(f"ssh_server must be one of {', '.join(SERVER_CHOICES)}")
         self._state_dir = state_dir
+        self._access_dir = access_dir or state_dir / "access"
         self._listen = listen
         self._host = host
         self._ssh_server = ssh_server
@@ -136,21 +147,22 @@ class SshAccess:
         server = server_for(self._ssh_server)
         made = accounts_made_here()
         await self.close(reservation, no_progress)
-        directory = self._directory(reservation)
+        directory = self._access_dir / reservation
         own = None if made else own_account()
         record = AccessRecord(
-            user=account_name(reservation) if own is None else own.user,
+            user=account_choose(reservation, directory / "home") if own is None else own.user,
             home=str(directory / "home" if own is None else own.home),
             made=made,
             gpus=gpus,
             server=server,
+            directory=str(directory),
         )
         self._save({**self._registry(), reservation: record})  # before it exists: a release finds it
         self._directories(directory, made)
         if own is not None:
             return own
         _check_reachable(directory)
-        return await account_make(reservation, directory / "home")
+        return await account_make(reservation, directory / "home", record.user)
 
     async def open(
         self,
@@ -316,13 +328,17 @@ class SshAccess:
             raise DriverError(f"the SSH server cannot listen on {self._listen}: {exc.strerror or exc}") from exc
 
     def _directory(self, reservation: str) -> Path:
+        record = self._registry().get(reservation)
+        if record is not None and record.directory is not None:
+            return Path(record.directory)
         return self._state_dir / "access" / reservation
 
     def _directories(self, directory: Path, made: bool) -> None:
-        """The reservation's directory. For an account the state directory and ``access/`` become 0711,
-        so the account can pass through to its home and its keys: the files in them stay 0600, the node
-        secret among them, so it can read none of them."""
-        for path in (self._state_dir, directory.parent, directory):
+        """The reservation's directory. For an account the directories down to it (the state directory
+        and ``access/``, by default) become 0711, so the account can pass through to its home and its
+        keys: the files in them stay 0600, the node secret among them, so it can read none of them."""
+        chain = [self._state_dir] if self._access_dir.is_relative_to(self._state_dir) else []
+        for path in (*chain, self._access_dir, directory):
             ensure_state_dir(path)
             if made:
                 path.chmod(0o711)
@@ -359,6 +375,15 @@ class SshAccess:
             self._state_dir / REGISTRY,
             {reservation: {**asdict(record), "gpus": list(record.gpus)} for reservation, record in registry.items()},
         )
+
+
+def reachable_by_accounts(directory: Path) -> bool:
+    """Whether accounts could be made under ``directory`` (see _check_reachable)."""
+    try:
+        _check_reachable(directory)
+    except DriverError:
+        return False
+    return True
 
 
 def _check_reachable(directory: Path) -> None:
