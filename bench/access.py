@@ -67,9 +67,9 @@ from urllib.parse import urlsplit
 
 from database import accelerator_types_create, bench_database_url, database_recreate  # bench/database.py
 from stack import (
-    ROOT,
     Child,
     edge_site_create,
+    environment_configure,
     machine_facts,
     machine_facts_end,
     median,
@@ -111,25 +111,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # --- Environment and the world -------------------------------------------------------------------
-
-
-def configure_environment(database_url: str, redis_url: str) -> dict[str, str]:
-    """Settings for this process and every child (the project reads them from the environment)."""
-    os.environ.update(
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "DJANGO_SETTINGS_MODULE": "console.settings.development",
-            "DEBUG": "false",
-            "LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(ROOT),  # this tree, not whichever one the venv has installed
-            "PYTHONUNBUFFERED": "1",
-            # What is measured is the access path, not the API's budget: it never refuses here.
-            "API_THROTTLE_READ": "1000000/min",
-            "API_THROTTLE_WRITE": "1000000/min",
-        }
-    )
-    return dict(os.environ)
 
 
 def world_build() -> dict:
@@ -323,7 +304,8 @@ def bare_sshd_start(directory: Path) -> float:
     host_key_make(directory)
     config = directory / "sshd_config"
     config.write_text(sshd_config(setup))
-    with open(setup.log, "ab") as log:
+    log_path = directory / "server.log"
+    with open(log_path, "ab") as log:
         started = time.monotonic()
         server = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -332,9 +314,9 @@ def bare_sshd_start(directory: Path) -> float:
     try:
         while not banner_answered(setup.port):
             if server.poll() is not None:
-                raise RuntimeError(f"the bare sshd exited with {server.returncode}: {setup.log.read_text()[-500:]}")
+                raise RuntimeError(f"the bare sshd exited with {server.returncode}: {log_path.read_text()[-500:]}")
             if time.monotonic() > started + 10:
-                raise RuntimeError(f"the bare sshd did not listen within 10 s: {setup.log.read_text()[-500:]}")
+                raise RuntimeError(f"the bare sshd did not listen within 10 s: {log_path.read_text()[-500:]}")
             time.sleep(BANNER_POLL_S)
         return time.monotonic() - started
     finally:
@@ -747,7 +729,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     database_url = bench_database_url(args.database_url or os.environ.get("DATABASE_URL"), DEFAULT_DATABASE_URL)
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-    env = configure_environment(database_url, redis_url)
+    # What is measured is the access path, not the API's budget: it never refuses here.
+    env = environment_configure(
+        database_url, redis_url, log_level="INFO", API_THROTTLE_READ="1000000/min", API_THROTTLE_WRITE="1000000/min"
+    )
     say(f"Recreating {urlsplit(database_url).path.lstrip('/')} and migrating")
     database_recreate(database_url)
     import django

@@ -61,6 +61,7 @@ from stack import (
     ROOT,
     Child,
     edge_site_create,
+    environment_configure,
     machine_facts,
     machine_facts_end,
     median,
@@ -103,20 +104,14 @@ def ts(value) -> float | None:
 
 
 def configure_environment(args, database_url: str, redis_url: str) -> dict[str, str]:
-    """Settings for this process and every child (the project reads them from the environment)."""
-    os.environ.update(
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "DJANGO_SETTINGS_MODULE": "console.settings.development",
-            "DEBUG": "false",
-            "LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(ROOT),  # this tree, not whichever one the venv has installed
-            "PYTHONUNBUFFERED": "1",
-            # What is measured is the autoscaler, not the per-key budget: it never refuses here.
-            "GATEWAY_KEY_REQUESTS_PER_SECOND": "1000000000",
-            "GATEWAY_KEY_BURST": "1000000000",
-        }
+    """The bench's settings (stack.environment_configure), with the project's windows unless --fast."""
+    # What is measured is the autoscaler, not the per-key budget: it never refuses here.
+    environment_configure(
+        database_url,
+        redis_url,
+        log_level="INFO",
+        GATEWAY_KEY_REQUESTS_PER_SECOND="1000000000",
+        GATEWAY_KEY_BURST="1000000000",
     )
     for name in FAST_WINDOWS:
         os.environ.pop(name, None)  # the defaults are the project's own, unless --fast

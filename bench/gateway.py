@@ -66,6 +66,7 @@ from stack import (
     ROOT,
     Child,
     edge_site_create,
+    environment_configure,
     machine_facts,
     machine_facts_end,
     median,
@@ -89,23 +90,6 @@ from console.launcher import _gateway_command  # noqa: E402 - the gateway exactl
 from provisioning.agent.serving import SECRET_ENV, SECRET_HEADER  # noqa: E402 - the replica's (no Django)
 
 # --- Environment and the world -------------------------------------------------------------------
-
-
-def configure_environment(database_url: str, redis_url: str) -> dict[str, str]:
-    """Settings for this process, the gateway and the replicas (the project reads them from the env)."""
-    os.environ.update(
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "DJANGO_SETTINGS_MODULE": "console.settings.development",
-            "DEBUG": "false",
-            "LOG_LEVEL": "WARNING",  # no per-request log lines in the measurement
-            # The gateway's cost is measured, not the per-key budget: it never refuses here.
-            "GATEWAY_KEY_REQUESTS_PER_SECOND": "1000000000",
-            "GATEWAY_KEY_BURST": "1000000000",
-        }
-    )
-    return dict(os.environ)
 
 
 def django_setup() -> None:
@@ -611,7 +595,10 @@ def main(argv=None) -> int:
         say("This benchmark needs wrk: apt-get install wrk (Debian/Ubuntu) or brew install wrk.")
         return 2
     database_url = bench_database_url(args.database_url or os.environ.get("DATABASE_URL"), DEFAULT_DATABASE_URL)
-    env = configure_environment(database_url, args.redis_url)
+    # The gateway's cost is measured, not the per-key budget: it never refuses here.
+    env = environment_configure(
+        database_url, args.redis_url, GATEWAY_KEY_REQUESTS_PER_SECOND="1000000000", GATEWAY_KEY_BURST="1000000000"
+    )
     say(f"Recreating {urlsplit(database_url).path.lstrip('/')} and migrating")
     database_recreate(database_url)
     django_setup()

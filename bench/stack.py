@@ -25,6 +25,25 @@ if str(ROOT) not in sys.path:  # run as a script: the project is importable
 from console.devservers import stop_process  # noqa: E402
 
 
+def environment_configure(database_url: str, redis_url: str, *, log_level: str = "WARNING", **extra: str) -> dict:
+    """Settings for this process and every child it starts (the project reads them from the environment):
+    the bench's database and Redis, development settings without DEBUG (which would keep every statement
+    in memory), this tree first on the path, and ``extra``; returns the environment for the children."""
+    os.environ.update(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "DJANGO_SETTINGS_MODULE": "console.settings.development",
+            "DEBUG": "false",
+            "LOG_LEVEL": log_level,
+            "PYTHONPATH": str(ROOT),  # this tree, not whichever one the venv has installed
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+    )
+    return dict(os.environ)
+
+
 def results_write(results: dict, *, name: str, output: Path | None = None, suffix: str = "") -> Path:
     """The run's JSON at ``output``, or bench/results/<name>-<date><suffix>.json; returns the path."""
     output = output or ROOT / "bench" / "results" / f"{name}-{datetime.now(UTC):%Y-%m-%d}{suffix}.json"
