@@ -381,7 +381,10 @@ class NodeAgent:
             logger.exception("%s: command %s (%s) crashed", self.node, command_id, kind)
             result = {"ok": False, "detail": {}, "error": f"agent error: {exc!r}"}
         self._require_journal().finish(command_id, result)
-        logger.info("%s: command %s (%s) %s", self.node, command_id, kind, "succeeded" if result["ok"] else "failed")
+        if result["ok"]:
+            logger.info("%s: command %s (%s) succeeded", self.node, command_id, kind)
+        else:  # the error is the driver's sentence, written for the tenant: no secret in it
+            logger.warning("%s: command %s (%s) failed: %s", self.node, command_id, kind, result["error"])
         await self._send(_result_frame(command_id, result))
 
     async def _execute(self, kind: str, params: Params, progress: ProgressCallback) -> dict[str, Any]:

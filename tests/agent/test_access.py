@@ -874,3 +874,21 @@ async def test_teardown_takes_a_single_agents_state_directory_too(access_dir, tm
 
     assert (status, output) == (0, released_line(state_dir, params["reservation"], access, ran=True) + "\n")
     assert real(state_dir).holdings() == {} and processes_of({params["reservation"]}, set(), state_dir) == []
+
+
+@pytest.mark.skipif(not ROOT, reason="accounts are made only by an agent run as root")
+async def test_two_simulated_nodes_on_one_machine_set_up_one_reservation_at_once(access_dir, tmp_path):
+    """A fleet's nodes share this machine's accounts: provisioned and released together, a reservation
+    of two of them gets an account on each, both let the tenant in, and nothing is left."""
+    key, public = client_key(tmp_path, "alice")
+    params = provision([public])
+    reservation = params["reservation"]
+    nodes = [simulated(access_dir / f"node-{n}") for n in (1, 2)]
+    details = await asyncio.gather(*(node.provision(params, Progress()) for node in nodes))
+    users = [detail["access"]["user"] for detail in details]
+    assert len(set(users)) == 2 and account_name(reservation) in users
+    for detail in details:
+        assert (await ssh(detail["access"], key, "id -un"))[1].strip() == detail["access"]["user"]
+    release = {"reservation": reservation}
+    await asyncio.gather(*(node.release(release, Progress()) for node in nodes))
+    assert not any(account_exists(user) for user in users)

@@ -22,6 +22,7 @@ import os
 import pwd
 import signal
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,37 @@ def _home_of(user: str) -> str | None:
         return None
 
 
+# useradd's and userdel's statuses when they could not update /etc/passwd or /etc/group: another one
+# held their lock. The simulated nodes of a fleet share a machine and release together; other agents or
+# an operator's tools may hold it too. Retried a few times, and this process's own are taken in turn.
+FILE_BUSY = (1, 10)
+BUSY_RETRIES = 8
+BUSY_WAIT_S = 0.1
+_tools_locks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
+_naming_locks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
+def accounts_naming() -> asyncio.Lock:
+    """Held while an account is named (account_choose) and made, one at a time in this process."""
+    return _naming_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+
 async def _tool(argv: list[str]) -> tuple[int, str]:
-    """Run an account tool; its status and the last line it wrote."""
+    """Run an account tool, one at a time in this process, again while the account files are busy; its
+    status and the last line it wrote."""
+    lock = _tools_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())  # a lock serves one loop
+    async with lock:
+        for attempt in range(BUSY_RETRIES):
+            status, last = await _tool_once(argv)
+            if status not in FILE_BUSY:
+                break
+            await asyncio.sleep(BUSY_WAIT_S * (attempt + 1))
+    return status, last
+
+
+async def _tool_once(argv: list[str]) -> tuple[int, str]:
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,

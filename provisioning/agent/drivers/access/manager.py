@@ -38,6 +38,7 @@ from provisioning.agent.drivers.access.accounts import (
     account_make,
     account_remove,
     accounts_made_here,
+    accounts_naming,
     own_account,
     processes_end,
     reservation_processes,
@@ -149,20 +150,23 @@ class SshAccess:
         await self.close(reservation, no_progress)
         directory = self._access_dir / reservation
         own = None if made else own_account()
-        record = AccessRecord(
-            user=account_choose(reservation, directory / "home") if own is None else own.user,
-            home=str(directory / "home" if own is None else own.home),
-            made=made,
-            gpus=gpus,
-            server=server,
-            directory=str(directory),
-        )
-        self._save({**self._registry(), reservation: record})  # before it exists: a release finds it
-        self._directories(directory, made)
-        if own is not None:
-            return own
-        _check_reachable(directory)
-        return await account_make(reservation, directory / "home", record.user)
+        # Named and made in one go: the simulated nodes of a fleet, in this process, make accounts of one
+        # reservation at the same moment, and must not both pick the free name.
+        async with accounts_naming():
+            record = AccessRecord(
+                user=account_choose(reservation, directory / "home") if own is None else own.user,
+                home=str(directory / "home" if own is None else own.home),
+                made=made,
+                gpus=gpus,
+                server=server,
+                directory=str(directory),
+            )
+            self._save({**self._registry(), reservation: record})  # before it exists: a release finds it
+            self._directories(directory, made)
+            if own is not None:
+                return own
+            _check_reachable(directory)
+            return await account_make(reservation, directory / "home", record.user)
 
     async def open(
         self,
