@@ -59,8 +59,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -86,6 +84,7 @@ CEILING_LOGINS = 5  # logins (and refused ones) a round, to the server already r
 BANNER_POLL_S = 0.002  # the bare sshd's port, tried this often (the agent tries every 50 ms)
 WAIT_S = 60.0  # at most, for anything to happen
 
+from console.devservers import ApiClient as Api  # noqa: E402
 from console.devservers import free_port  # noqa: E402 - bench/stack.py made the project importable
 from console.kernel.progress import say  # noqa: E402
 from console.launcher import _children  # noqa: E402 - the processes exactly as the launcher runs them
@@ -95,6 +94,7 @@ from provisioning.agent.drivers.access.manager import SshAccess  # noqa: E402
 from provisioning.agent.drivers.access.servers import SSHD, Setup, host_key_make, sshd_config  # noqa: E402
 from provisioning.agent.drivers.base import no_progress  # noqa: E402
 from provisioning.agent.drivers.visibility import visibility_environment  # noqa: E402
+from provisioning.choices import CommandKind, NodeState  # noqa: E402 - choices need no django.setup()
 
 
 def ts(value) -> float | None:
@@ -139,32 +139,6 @@ def celery_queues_purge(redis_url: str) -> None:
     import redis
 
     redis.Redis.from_url(redis_url).delete(*CELERY_KEYS)
-
-
-class Api:
-    """The console's API with the tenant's key, as a tenant's client calls it."""
-
-    def __init__(self, base: str, key: str):
-        self.base, self.key = base, key
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(  # noqa: S310 - loopback only
-            f"{self.base}{path}",
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"{}")
-
-    def expect(self, status: int, method: str, path: str, body: dict | None = None) -> dict:
-        got, answer = self.call(method, path, body)
-        if got != status:
-            raise RuntimeError(f"{method} {path} answered {got}, not {status}: {answer}")
-        return answer
 
 
 # --- Processes -------------------------------------------------------------------------------------
@@ -365,7 +339,7 @@ def account_tools(home: Path) -> dict[str, float]:
 
 def row_wait(reservation: str, states: tuple[str, ...], stack: Stack) -> tuple[float, object]:
     """Read the reservation's row every POLL_S until it is in one of ``states``; when the bench saw it."""
-    from marketplace.models import Reservation
+    from marketplace.models import Reservation  # models: after django.setup(), once the database is chosen
 
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -379,7 +353,7 @@ def row_wait(reservation: str, states: tuple[str, ...], stack: Stack) -> tuple[f
 
 def command_of(reservation: str, kind: str, *, after: float | None = None):
     """The reservation's last command of ``kind`` (made after ``after``)."""
-    from provisioning.models import NodeCommand
+    from provisioning.models import NodeCommand  # models: after django.setup(), once the database is chosen
 
     commands = NodeCommand.objects.filter(correlation_id=reservation, kind=kind).order_by("-created_at")
     command = commands.first()
@@ -424,8 +398,6 @@ def key_add(api: Api, key: Path, name: str) -> str:
 
 def reachable(api: Api, stack: Stack, world: dict, key: Path, key_id: str) -> dict:
     """From the reservation's POST to the first login with its key."""
-    from provisioning.choices import CommandKind
-
     posted = time.time()
     body = {"offer": world["offer"], "duration_hours": 1, "ssh_keys": [key_id]}
     reservation = api.expect(201, "POST", "/api/v1/reservations/", body)["id"]
@@ -467,8 +439,6 @@ def reachable(api: Api, stack: Stack, world: dict, key: Path, key_id: str) -> di
 def key_change(api: Api, reservation: str, access: dict, *, path: str, method: str, body: dict | None,
                key: Path, logged_in: bool) -> dict:  # fmt: skip
     """From the API call that changes the keys to the first login (``logged_in``) or refusal with ``key``."""
-    from provisioning.choices import CommandKind
-
     posted = time.time()
     api.expect(200, method, path, body)
     answered = time.time()
@@ -769,8 +739,7 @@ def main(argv=None) -> int:
     try:
         say("Starting daphne, a Celery worker and beat, and the simulated agent")
         results["daphne_startup_s"] = stack.start(world["token"])
-        from provisioning.choices import NodeState
-        from provisioning.models import Node
+        from provisioning.models import Node  # models: after django.setup(), once the database is chosen
 
         deadline = time.monotonic() + 90
         while not Node.objects.filter(pk=world["node"], state=NodeState.AVAILABLE).exists():

@@ -11,6 +11,7 @@ stopped when the context exits, whatever the reason.
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -18,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +31,33 @@ logger = logging.getLogger("console.devservers")
 DATABASE_NAME = "neocloud"
 # PostgreSQL refuses to run as root; as root we run it as this system user (created if missing).
 POSTGRES_SYSTEM_USER = "embedded_postgres"
+
+
+class ApiClient:
+    """The console's REST API with a tenant's key, as a tenant's script calls it: what end-to-end tests
+    and benchmarks drive a running console with."""
+
+    def __init__(self, base: str, key: str, *, timeout: float = 30):
+        self.base, self.key, self.timeout = base, key, timeout
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(  # noqa: S310 - the console's own URL
+            f"{self.base}{path}",
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - as above
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def expect(self, status: int, method: str, path: str, body: dict | None = None) -> dict:
+        got, answer = self.call(method, path, body)
+        if got != status:
+            raise RuntimeError(f"{method} {path} answered {got}, not {status}: {answer}")
+        return answer
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ import pytest
 import redis
 from django.conf import settings
 
+from console.devservers import ApiClient as Api  # noqa: F401 - the e2e tests import it from here
 from console.devservers import free_port, stop_process
 from provisioning.agent.drivers.access.manager import SshAccess
 from provisioning.agent.drivers.base import no_progress
@@ -241,21 +242,3 @@ def stack(tmp_path, transactional_db):
             text = running.log(name)
             if text:
                 print(f"----- {name} (last 3000 chars) -----\n{text[-3000:]}")
-
-
-class Api:
-    def __init__(self, base: str, key: str):
-        self.base, self.key = base, key
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(  # noqa: S310 - loopback only
-            f"{self.base}{path}",
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"{}")
