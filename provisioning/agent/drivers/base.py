@@ -14,10 +14,13 @@ agent calls ``start`` before it first connects and ``shutdown`` as it stops. A d
 access to a reservation (``params.access``, drivers.access) replaces its keys on the ``access`` command
 (``update_access``)."""
 
+import asyncio
+import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from provisioning.agent.drivers.visibility import DEFAULT_VENDOR, VISIBILITY
@@ -169,3 +172,25 @@ def ensure_free(*, reservation: str, gpus: Sequence[int], holdings: Mapping[str,
     taken = sorted(held_by_others.intersection(gpus))
     if taken:
         raise DriverError(f"GPU {', '.join(map(str, taken))} of this node is held by another reservation")
+
+
+async def spawn_logged(
+    argv: Sequence[str], *, log: Path, cwd: Path, env: Mapping[str, str], what: str
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` reading nothing, its output and errors appended to ``log`` (the owner's only), in
+    its own session and so its own process group (stopped as one, whatever it forks); DriverError
+    naming ``what`` (``the workload``, ``the SSH server``) when it cannot start."""
+    with open(log, "ab") as output:
+        os.fchmod(output.fileno(), 0o600)
+        try:
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise DriverError(f"cannot start {what} {argv[0]!r}: {exc.strerror or exc}") from exc

@@ -56,6 +56,7 @@ from provisioning.agent.drivers.base import (
     progress_between,
     progress_parts,
     reservation_uuid_of,
+    spawn_logged,
 )
 from provisioning.agent.drivers.image import Image, image_of
 from provisioning.agent.drivers.replica import HOST, ServeSpec, free_port, health_status, serve_of
@@ -449,22 +450,12 @@ class ProcessDriver(HostDriver):
         workdir = ensure_state_dir(self._workdir(reservation))
         path = WORKLOAD_PATH if secret is None else f"{sysconfig.get_path('scripts')}:{WORKLOAD_PATH}"
         environment = {"PATH": path, "HOME": str(workdir), "LANG": "C.UTF-8", **visibility}
-        environment["NEOCLOUD_RESERVATION"] = reservation
+        environment[MARKER] = reservation
         if secret is not None:
             environment[SECRET_ENV] = secret
-        with open(workdir / "output.log", "ab") as output:
-            try:
-                return await asyncio.create_subprocess_exec(
-                    *command,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=asyncio.subprocess.STDOUT,
-                    cwd=workdir,
-                    env=environment,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise DriverError(f"cannot start the workload {command[0]!r}: {exc.strerror or exc}") from exc
+        return await spawn_logged(
+            command, log=workdir / "output.log", cwd=workdir, env=environment, what="the workload"
+        )
 
     def _registry(self) -> dict[str, Workload]:
         """The recorded workloads. One recorded by an agent before GPU slices is a bare group id: its

@@ -27,8 +27,8 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from provisioning.agent.drivers.access.accounts import Account
-from provisioning.agent.drivers.base import DriverError
+from provisioning.agent.drivers.access.accounts import MARKER, Account
+from provisioning.agent.drivers.base import DriverError, spawn_logged
 from provisioning.agent.state import write_json_atomic, write_text_atomic
 
 Server = Literal["openssh", "asyncssh"]
@@ -210,22 +210,9 @@ async def server_restart(server: Server, directory: Path, reservation: str) -> a
         "PATH": SERVER_PATH,
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(PACKAGE_ROOT),
-        "NEOCLOUD_RESERVATION": reservation,
+        MARKER: reservation,
     }
-    with open(_log(directory), "ab") as log:
-        os.fchmod(log.fileno(), 0o600)
-        try:
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=directory,
-                env=environment,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise DriverError(f"cannot start the SSH server {argv[0]!r}: {exc.strerror or exc}") from exc
+    return await spawn_logged(argv, log=_log(directory), cwd=directory, env=environment, what="the SSH server")
 
 
 async def server_ready(process: asyncio.subprocess.Process, *, listen: str, port: int, directory: Path) -> None:
