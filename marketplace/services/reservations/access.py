@@ -147,8 +147,9 @@ def _sync(reservation: Reservation) -> int:
     Reservation.objects.filter(pk=reservation.pk).update(access_version=reservation.access_version)
     sent = 0
     if reservation.state in (S.PROVISIONING, S.ACTIVE):
+        keys = _key_lines(reservation)  # once: every node gets the same list
         for node_id in _provisioned_nodes(reservation):
-            _send(reservation, node_id)
+            _send(reservation, node_id, keys)
             sent += 1
     publish_on_commit(
         tenant_group(reservation.organization_id),
@@ -167,14 +168,14 @@ def _provisioned_nodes(reservation: Reservation) -> list[int]:
     )
 
 
-def _send(reservation: Reservation, node_id: int) -> None:
+def _send(reservation: Reservation, node_id: int, keys: list[str]) -> None:
     node_command_issue(
         node_id=node_id,
         kind=CommandKind.ACCESS,
         correlation_id=reservation.pk,
         params={
             "reservation": str(reservation.pk),
-            "keys": _key_lines(reservation),
+            "keys": keys,
             "version": reservation.access_version,
         },
         timeout_seconds=settings.ACCESS_TIMEOUT_SECONDS,
@@ -190,4 +191,4 @@ def access_provisioned(reservation: Reservation, command: NodeCommand) -> None:
         return
     reservation = _locked(reservation.pk)
     if reservation.access_version > sent_version:
-        _send(reservation, command.node_id)
+        _send(reservation, command.node_id, _key_lines(reservation))
