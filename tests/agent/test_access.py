@@ -40,14 +40,17 @@ from tests.agent.test_drivers import Progress
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ssh") is None or shutil.which("ssh-keygen") is None,
-    reason="the OpenSSH client (ssh, ssh-keygen) is not installed: logins cannot be tried",
+    reason="the OpenSSH client (ssh, ssh-keygen) is not installed: logins cannot be tried (.ci/run installs it)",
 )
 
 ROOT = os.geteuid() == 0
 NODE_GPUS = 8
 GRACE_S = 0.5
 SSHD, SSHD_MISSING = servers.usable_sshd()
-OPENSSH = pytest.param("openssh", marks=pytest.mark.skipif(SSHD is None, reason=f"no usable sshd: {SSHD_MISSING}"))
+OPENSSH = pytest.param(
+    "openssh",
+    marks=pytest.mark.skipif(SSHD is None, reason=f"no usable sshd: {SSHD_MISSING} (.ci/run installs openssh-server)"),
+)
 SERVERS = [OPENSSH, "asyncssh"]
 IMAGE = {
     "slug": "ubuntu-22.04-cuda-12.4",
@@ -323,7 +326,7 @@ async def test_without_a_usable_sshd_the_agents_own_server_lets_the_tenant_in(ac
     assert (status, output.strip()) == (0, tenant_user(params["reservation"]))
 
 
-@pytest.mark.skipif(not ROOT, reason="a tenant is an account of its own only when the agent runs as root")
+@pytest.mark.skipif(not ROOT, reason="a tenant is an account of its own only when the agent runs as root (as CI does)")
 @pytest.mark.parametrize("server", SERVERS)
 async def test_the_tenant_cannot_change_its_keys_nor_read_the_nodes_secrets(access_dir, tmp_path, server):
     state_dir = enrolled(access_dir / "state")
@@ -876,7 +879,7 @@ async def test_teardown_takes_a_single_agents_state_directory_too(access_dir, tm
     assert real(state_dir).holdings() == {} and processes_of({params["reservation"]}, set(), state_dir) == []
 
 
-@pytest.mark.skipif(not ROOT, reason="accounts are made only by an agent run as root")
+@pytest.mark.skipif(not ROOT, reason="accounts are made only by an agent run as root (as CI does)")
 async def test_two_simulated_nodes_on_one_machine_set_up_one_reservation_at_once(access_dir, tmp_path):
     """A fleet's nodes share this machine's accounts: provisioned and released together, a reservation
     of two of them gets an account on each, both let the tenant in, and nothing is left."""
